@@ -1,0 +1,1 @@
+"""Llama-family transformer as pure functions over a declared params pytree."""

@@ -1,0 +1,217 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, Qwen3) as pure functions.
+
+    hidden = forward(params, tokens, positions, segment_ids, cfg)          # [B, T, D], final-normed
+    logits = lm_logits(params, hidden, cfg)                                 # [B, T, V], vocab-sharded
+    scores = score_head(params, hidden)                                     # [B, T, A] (reward / value)
+
+Layers are stacked on a leading "layers" axis and run with ``lax.scan``. ``segment_ids`` (0 = padding)
+keep packed examples from attending to each other. A KV cache (see ``init_cache``) turns the same
+function into the prefill / decode step used by ``jalign.generate``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from jalign.config import ModelConfig
+from jalign.models.attention import attend
+from jalign.models.params import DTYPES, ParamDecl
+from sharding.rules import constrain
+
+
+# ---- declaration --------------------------------------------------------------------------------
+def declare_params(cfg: ModelConfig, *, lm_head: bool = True, score_outputs: int = 0) -> dict:
+    """The one declaration of every parameter: shape, logical axes and initializer.
+
+    ``lm_head``: keep the language-model head (policy / reference). ``score_outputs``: add a linear
+    head with that many outputs on the final hidden state (reward model attributes, critic value).
+    """
+    D, F, L, V = cfg.hidden, cfg.mlp, cfg.layers, cfg.vocab_size
+    H, KV, hd = cfg.heads, cfg.kv_heads, cfg.resolved_head_dim
+    std = cfg.init_std
+    out_std = std / math.sqrt(2 * L)  # GPT-2 style scaled init of residual projections
+    layers = {
+        "attn_norm": ParamDecl((L, D), ("layers", "norm"), "ones"),
+        "q": ParamDecl((L, D, H, hd), ("layers", "embed", "heads", "head_dim"), std=std),
+        "k": ParamDecl((L, D, KV, hd), ("layers", "embed", "kv_heads", "head_dim"), std=std),
+        "v": ParamDecl((L, D, KV, hd), ("layers", "embed", "kv_heads", "head_dim"), std=std),
+        "o": ParamDecl((L, H, hd, D), ("layers", "heads", "head_dim", "embed"), std=out_std),
+        "mlp_norm": ParamDecl((L, D), ("layers", "norm"), "ones"),
+        "gate": ParamDecl((L, D, F), ("layers", "embed", "mlp"), std=std),
+        "up": ParamDecl((L, D, F), ("layers", "embed", "mlp"), std=std),
+        "down": ParamDecl((L, F, D), ("layers", "mlp", "embed"), std=out_std),
+    }
+    if cfg.qkv_bias:
+        layers["q_bias"] = ParamDecl((L, H, hd), ("layers", "heads", "head_dim"), "zeros")
+        layers["k_bias"] = ParamDecl((L, KV, hd), ("layers", "kv_heads", "head_dim"), "zeros")
+        layers["v_bias"] = ParamDecl((L, KV, hd), ("layers", "kv_heads", "head_dim"), "zeros")
+    if cfg.qk_norm:
+        layers["q_norm"] = ParamDecl((L, hd), ("layers", "head_dim"), "ones")
+        layers["k_norm"] = ParamDecl((L, hd), ("layers", "head_dim"), "ones")
+    decls = {
+        "embed": ParamDecl((V, D), ("vocab", "embed"), std=std),
+        "layers": layers,
+        "final_norm": ParamDecl((D,), ("norm",), "ones"),
+    }
+    if lm_head and not cfg.tie_embeddings:
+        decls["lm_head"] = ParamDecl((D, V), ("embed", "vocab"), std=std)
+    if score_outputs:
+        decls["score"] = ParamDecl((D, score_outputs), ("embed", "attributes"), std=1.0 / math.sqrt(D + 1))
+        decls["score_bias"] = ParamDecl((score_outputs,), ("attributes",), "zeros")
+    return decls
+
+
+# ---- building blocks ----------------------------------------------------------------------------
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """y = x / sqrt(mean(x^2) + eps) * w, statistics in float32."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y.astype(x.dtype) * weight.astype(x.dtype)).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    """Inverse frequencies theta^(-2i/d), with Llama-3 (or linear) scaling when configured."""
+    hd = cfg.resolved_head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    if s.type == "linear":
+        return inv / s.factor
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate in between.
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    interp = (1 - smooth) * inv / s.factor + smooth * inv
+    return jnp.where(wavelen > low_wavelen, inv / s.factor, jnp.where(wavelen < high_wavelen, inv, interp))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (Hugging Face layout). x: [B, T, N, hd], positions: [B, T]."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+def _remat_policy(name: str):
+    return {
+        "full": jax.checkpoint_policies.nothing_saveable,
+        "dots_saveable": jax.checkpoint_policies.dots_saveable,
+        "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    }[name]
+
+
+# ---- the layer ----------------------------------------------------------------------------------
+def _layer(cfg: ModelConfig, x, p, positions, q_seg, kv_seg, q_idx, kv_idx, inv_freq, cache_kv, cache_index):
+    dtype = DTYPES[cfg.dtype]
+    w = lambda name: p[name].astype(dtype)  # noqa: E731
+    h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+    q = jnp.einsum("btd,dhk->bthk", h, w("q"))
+    k = jnp.einsum("btd,dhk->bthk", h, w("k"))
+    v = jnp.einsum("btd,dhk->bthk", h, w("v"))
+    if cfg.qkv_bias:
+        q, k, v = q + w("q_bias"), k + w("k_bias"), v + w("v_bias")
+    if cfg.qk_norm:
+        q, k = rms_norm(q, p["q_norm"], cfg.norm_eps), rms_norm(k, p["k_norm"], cfg.norm_eps)
+    q = constrain(apply_rope(q, positions, inv_freq), ("batch", "seq", "heads", "head_dim"))
+    k = constrain(apply_rope(k, positions, inv_freq), ("batch", "seq", "kv_heads", "head_dim"))
+    v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
+    new_cache = None
+    if cache_kv is not None:
+        ck, cv = cache_kv
+        ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
+        cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+        new_cache = (ck, cv)
+        k, v = ck.astype(dtype), cv.astype(dtype)
+    attn = attend(q, k, v, q_seg, kv_seg, q_idx, kv_idx, impl=cfg.attention)
+    x = x + constrain(jnp.einsum("bthk,hkd->btd", attn, w("o")), ("batch", "seq", "act_embed"))
+    h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+    gate = constrain(jnp.einsum("btd,df->btf", h, w("gate")), ("batch", "seq", "mlp"))
+    up = constrain(jnp.einsum("btd,df->btf", h, w("up")), ("batch", "seq", "mlp"))
+    x = x + constrain(jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w("down")), ("batch", "seq", "act_embed"))
+    return x, new_cache
+
+
+def forward(params: dict, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, cfg: ModelConfig,
+            *, cache: Optional[dict] = None, cache_index=None):
+    """Final-normed hidden states [B, T, D].
+
+    tokens, positions, segment_ids: [B, T] int32; segment_ids 0 marks padding, equal ids attend to
+    each other causally (by index within the row). With ``cache`` (from ``init_cache``), the new k/v
+    are written at slot ``cache_index`` and attention covers every valid cache slot up to the query;
+    returns ``(hidden, new_cache)`` in that case.
+    """
+    dtype = DTYPES[cfg.dtype]
+    x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
+    x = constrain(x, ("batch", "seq", "act_embed"))
+    inv_freq = rope_inv_freq(cfg)
+    B, T = tokens.shape
+    idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    q_seg, q_idx = segment_ids, idx
+    if cache is None:
+        kv_seg, kv_idx = segment_ids, idx
+    else:
+        q_idx = idx + cache_index
+        kv_seg = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, cache_index, axis=1)
+        S = kv_seg.shape[1]
+        kv_idx = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+
+    def body(carry, xs):
+        if cache is None:
+            p, ckv = xs, None
+        else:
+            p, ck, cv = xs
+            ckv = (ck, cv)
+        y, new_kv = _layer(cfg, carry, p, positions, q_seg, kv_seg, q_idx, kv_idx, inv_freq, ckv, cache_index)
+        return y, new_kv
+
+    if cfg.remat != "none":
+        body = jax.checkpoint(body, policy=_remat_policy(cfg.remat), prevent_cse=False)
+    xs = params["layers"] if cache is None else (params["layers"], cache["k"], cache["v"])
+    x, new_kv = jax.lax.scan(body, x, xs)
+    hidden = rms_norm(x, params["final_norm"], cfg.norm_eps)
+    if cache is None:
+        return hidden
+    return hidden, {"k": new_kv[0], "v": new_kv[1], "segment_ids": kv_seg}
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
+    """Empty KV cache: k/v [L, B, S, KV, hd] and per-slot segment ids (0 = empty)."""
+    dtype = dtype or DTYPES[cfg.dtype]
+    shape = (cfg.layers, batch, length, cfg.kv_heads, cfg.resolved_head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "segment_ids": jnp.zeros((batch, length), jnp.int32)}
+
+
+CACHE_AXES = {"k": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+              "v": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+              "segment_ids": ("batch", "cache_seq")}
+
+
+def unembed_matrix(params: dict, cfg: ModelConfig) -> jax.Array:
+    """[D, V] output projection (the transposed embedding when tied)."""
+    if "lm_head" in params:
+        return params["lm_head"]
+    return params["embed"].T
+
+
+def lm_logits(params: dict, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """[B, T, V] logits in float32, left sharded over the vocabulary."""
+    w = unembed_matrix(params, cfg).astype(DTYPES[cfg.dtype])
+    logits = jnp.einsum("btd,dv->btv", hidden, w, preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", "seq", "vocab"))
+
+
+def score_head(params: dict, hidden: jax.Array) -> jax.Array:
+    """[B, T, A] float32 scores (reward attributes or critic values) at every position."""
+    return jnp.einsum("btd,da->bta", hidden.astype(jnp.float32), params["score"].astype(jnp.float32)) + params[
+        "score_bias"
+    ].astype(jnp.float32)
