@@ -187,7 +187,7 @@ class Config:
 # YAML with line numbers
 # --------------------------------------------------------------------------------------------------
 def _node_to_python(node: yaml.Node, path: tuple, lines: dict, loader: yaml.SafeLoader):
-    lines[path] = node.start_mark.line + 1
+    lines.setdefault(path, node.start_mark.line + 1)  # a key's own line wins over its value's
     if isinstance(node, yaml.MappingNode):
         out = {}
         for key_node, value_node in node.value:
@@ -380,7 +380,7 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) ->
     algo_cls = _algorithm_class(data, where)
     hints = dict(typing.get_type_hints(Config))
     hints["algorithm"] = algo_cls
-    names = [f.name for f in dataclasses.fields(Config)]
+    names = [f.name for f in dataclasses.fields(Config) if f.name != "source"]
     kwargs = {}
     for key, value in data.items():
         if key not in names:

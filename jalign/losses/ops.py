@@ -81,3 +81,16 @@ def sequence_logps(token_logps_: jax.Array, mask: jax.Array, average: bool = Fal
     if average:
         return safe_divide(total, jnp.sum(mask, axis=-1))
     return total
+
+
+def _valid_and_count(valid, shape, count=None):
+    """(float32 validity mask of ``shape``, divisor): the divisor is ``count`` if given (the *global*
+    number of valid items in the optimizer batch) else sum(valid) of this batch."""
+    v = jnp.ones(shape, jnp.float32) if valid is None else jnp.broadcast_to(jnp.asarray(valid, jnp.float32), shape)
+    n = jnp.sum(v) if count is None else jnp.asarray(count, jnp.float32)
+    return v, n
+
+
+def _wsum(x, w):
+    """sum(x * w) with x zeroed where w == 0 (so NaN/inf in padded entries cannot leak)."""
+    return jnp.sum(jnp.where(w > 0, x, 0.0) * w)

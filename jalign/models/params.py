@@ -9,8 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import zlib
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sharding import rules as rules_lib
@@ -25,43 +28,71 @@ class ParamDecl:
     init: str = "normal"  # "normal" (std), "zeros", "ones"
     std: float = 0.02
 
-    def initialize(self, key, dtype) -> jax.Array:
+    def initialize(self, seed: int, path: str, dtype) -> np.ndarray:
+        """Host-side init (NumPy), seeded by (seed, path): no XLA compile, identical on every process."""
         if self.init == "zeros":
-            return jnp.zeros(self.shape, dtype)
+            return np.zeros(self.shape, dtype)
         if self.init == "ones":
-            return jnp.ones(self.shape, dtype)
-        return (self.std * jax.random.normal(key, self.shape, jnp.float32)).astype(dtype)
+            return np.ones(self.shape, dtype)
+        rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
+        return (self.std * rng.standard_normal(self.shape, np.float32)).astype(dtype)
 
 
 def is_decl(x) -> bool:
     return isinstance(x, ParamDecl)
 
 
-def flatten_decls(decls) -> dict[str, ParamDecl]:
-    """{"layers/attn/q": decl, ...}; the path string is also the name used in errors and checkpoints."""
+def flatten(tree) -> dict:
+    """Nested dicts -> {"layers/attn/q": leaf, ...}; the path string is also the name used in errors."""
     flat = {}
 
     def walk(node, prefix):
-        if is_decl(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}/{k}" if prefix else k)
+        else:
             flat[prefix] = node
-            return
-        for k, v in node.items():
-            walk(v, f"{prefix}/{k}" if prefix else k)
 
-    walk(decls, "")
+    walk(tree, "")
     return flat
 
 
-def init_params(decls, key: jax.Array, dtype=jnp.float32):
-    """Random parameters; each leaf gets a key folded from its path so adding a param changes no other."""
+def unflatten(flat: dict) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        node = out
+        parts = path.split("/")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = v
+    return out
+
+
+flatten_decls = flatten
+
+
+def init_params(decls, seed, dtype=jnp.float32, shardings=None):
+    """Random parameters, each leaf seeded from (seed, its path) so adding a parameter changes no other.
+
+    Generated on the host with NumPy (random init through XLA costs seconds of compile per tensor on
+    CPU) and placed with ``make_array_from_callback``, so each device receives only its own shard.
+    ``seed`` may be an int or a JAX key.
+    """
+    if isinstance(seed, jax.core.Tracer):
+        raise TypeError("init_params runs on the host: call it outside jax.jit (pass shardings= to place it)")
+    if not isinstance(seed, int):
+        seed = int(np.asarray(jax.random.key_data(seed)).reshape(-1)[-1])
     flat = flatten_decls(decls)
-    import zlib
-
-    def leaf(path_decl):
-        path, decl = path_decl
-        return decl.initialize(jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF), dtype)
-
-    return _unflatten({p: leaf((p, d)) for p, d in flat.items()})
+    flat_shard = flatten(shardings) if shardings is not None else {}
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    out = {}
+    for path, decl in flat.items():
+        host = decl.initialize(seed, path, np_dtype)
+        if path in flat_shard:
+            out[path] = jax.make_array_from_callback(host.shape, flat_shard[path], lambda idx, h=host: h[idx])
+        else:
+            out[path] = jnp.asarray(host)
+    return unflatten(out)
 
 
 def abstract_params(decls, dtype=jnp.float32):
@@ -78,23 +109,12 @@ def param_specs(decls, mesh: Mesh, rules=rules_lib.DEFAULT_RULES):
     specs = rules_lib.validate_param_specs(
         {p: d.shape for p, d in flat.items()}, {p: d.axes for p, d in flat.items()}, mesh, rules
     )
-    return _unflatten(specs)
+    return unflatten(specs)
 
 
 def param_shardings(decls, mesh: Mesh, rules=rules_lib.DEFAULT_RULES):
     return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(decls, mesh, rules),
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
-
-
-def _unflatten(flat: dict):
-    out: dict = {}
-    for path, v in flat.items():
-        node = out
-        parts = path.split("/")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = v
-    return out
 
 
 def shardings_like_params(tree, params_shardings, mesh: Mesh):

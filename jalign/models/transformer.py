@@ -140,6 +140,15 @@ def _layer(cfg: ModelConfig, x, p, positions, q_seg, kv_seg, q_idx, kv_idx, inv_
     return x, new_cache
 
 
+def embed_tokens(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
+    """Row lookup in the [V, D] table. The table's d_model (fsdp) shards are gathered first so the
+    lookup partitions over the vocabulary alone: each tensor shard gathers the rows it owns and one
+    all-reduce combines them, instead of SPMD replicating the whole table."""
+    table = constrain(table, ("vocab", None))
+    x = jnp.take(table, tokens, axis=0, mode="clip").astype(dtype)
+    return constrain(x, ("batch", "seq", "act_embed"))
+
+
 def forward(params: dict, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, cfg: ModelConfig,
             *, cache: Optional[dict] = None, cache_index=None):
     """Final-normed hidden states [B, T, D].
@@ -150,8 +159,7 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, segment_ids: 
     returns ``(hidden, new_cache)`` in that case.
     """
     dtype = DTYPES[cfg.dtype]
-    x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
-    x = constrain(x, ("batch", "seq", "act_embed"))
+    x = embed_tokens(params["embed"], tokens, dtype)
     inv_freq = rope_inv_freq(cfg)
     B, T = tokens.shape
     idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))

@@ -1,0 +1,5 @@
+import sys
+
+from jalign.cli import main
+
+sys.exit(main())

@@ -1,0 +1,84 @@
+"""Supervised fine-tuning: next-token NLL on response tokens, token mean over the global batch."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jalign.algorithms import base
+from jalign.algorithms.evaluation import ExactMatchEval
+from jalign.data import pipeline
+from jalign.data.tokenizer import load_tokenizer
+from jalign.algorithms.base import policy_token_logps
+from jalign.losses import sft_loss
+from jalign.models import params as params_lib
+from jalign.models import transformer as tfm
+
+@base.register("sft")
+class SFT:
+    def __init__(self, rt: base.Runtime):
+        self.rt = rt
+        cfg = rt.cfg
+        self.tokenizer = rt.tokenizer or load_tokenizer(cfg.model.tokenizer)
+        self.decls = tfm.declare_params(cfg.model)
+        self.accum = base.accumulation_steps(cfg)
+        self.schedule = base.make_schedule(cfg.optim, cfg.train.steps)
+        self.optimizer = base.make_optimizer(cfg.optim, cfg.train.steps)
+        self.shardings = base.state_shardings(self.decls, self.optimizer, rt.mesh, rt.rules)
+        self._train_step = base.make_train_step(self.loss_fn, self.normalizers, self.optimizer, self.schedule,
+                                                self.shardings, rt.mesh)
+        self._eval_step = jax.jit(self._eval_sums)
+        self.data = pipeline.SFTData(cfg, self.tokenizer, log=rt.log)
+        self.exact_match = ExactMatchEval(rt, self.tokenizer, self.data.eval_examples(),
+                                          cfg.algorithm.eval_generate, cfg.algorithm.max_new_tokens)
+
+    # -- math --
+    def loss_fn(self, params, mb, norms, frozen):
+        logps = policy_token_logps(params, mb, self.rt.cfg.model)
+        loss, metrics = sft_loss(logps, mb["loss_mask"], norms["num_tokens"])
+        return loss, {"loss": loss, "num_tokens": metrics["num_tokens"]}
+
+    @staticmethod
+    def normalizers(batch):
+        return {"num_tokens": jnp.sum(batch["loss_mask"])}
+
+    def _eval_sums(self, params, batch):
+        batch = jax.tree.map(lambda x: x[0], batch)  # drop the accumulation axis
+        logps = policy_token_logps(params, batch, self.rt.cfg.model)
+        m = batch["loss_mask"]
+        return {"nll_sum": -jnp.sum(jnp.where(m > 0, logps, 0.0)), "num_tokens": jnp.sum(m)}
+
+    # -- protocol --
+    def init(self, rng):
+        k_params, k_state = jax.random.split(rng)
+        params = base.initial_params(self.rt, self.decls, k_params, log=self.rt.log)
+        return base.init_state(params, self.optimizer, self.shardings, k_state)
+
+    def abstract_state(self):
+        return base.abstract_state(self.decls, self.optimizer, self.shardings,
+                                   params_lib.DTYPES[self.rt.cfg.model.param_dtype])
+
+    def batches(self, split: str):
+        return self.data.train_iterator() if split == "train" else self.data.eval_iterator()
+
+    def step(self, state, batch):
+        return self._train_step(state, base.to_global_batch(batch, self.rt.mesh, self.rt.rules, self.accum), None)
+
+    def evaluate(self, state) -> dict:
+        out = {}
+        if self.data.has_eval:
+            nll, count = 0.0, 0.0
+            for i, batch in enumerate(self.data.eval_iterator()):
+                if i >= self.rt.cfg.train.eval_batches:
+                    break
+                sums = self._eval_step(state["params"], base.to_global_batch(batch, self.rt.mesh, self.rt.rules, 1))
+                nll += float(np.asarray(jax.device_get(sums["nll_sum"])))
+                count += float(np.asarray(jax.device_get(sums["num_tokens"])))
+            out["loss"] = nll / max(count, 1.0)
+        out.update(self.exact_match(state["params"], self.rt.cfg.model))
+        return out
+
+    def export(self, state, out_dir: str) -> None:
+        from jalign.models.hf_io import save_hf
+
+        save_hf(state["params"], self.rt.cfg.model, out_dir, tokenizer_dir=self.data.tokenizer_dir())

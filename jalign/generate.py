@@ -1,0 +1,316 @@
+"""Fast autoregressive generation inside JAX: jitted prefill + ``lax.while_loop`` decode with a KV cache.
+
+    out = generate(params, cfg, [[1, 5, 9], [7, 3]], max_new_tokens=64, temperature=0.7, top_p=0.9, rng=0)
+    out["tokens"], out["logprobs"], out["logprobs_tempered"], out["lengths"], out["ended_with_eos"]
+
+Prompts are left-padded into one ``[B, P]`` block (pad slots have segment id 0 and are never attended;
+positions start at 0 at each row's first real token), so every row's next token is predicted from the
+same column. Prefill writes the prompt into the cache at slot 0; decode step ``i`` writes slot ``P + i``.
+Shapes are bucketed (batch -> power of two, prompt -> multiple of ``prompt_bucket``, new tokens -> power
+of two) and one jitted function is memoised per static setting, so varying lengths do not recompile.
+
+The KV cache is allocated inside the jitted function (XLA reuses the buffer across decode steps) and
+freed when it returns, so none is held between calls (PPO trains in that memory between rollouts).
+
+Sampling at step i, with logits ``z`` of the next token:
+  * ``logprobs_tempered`` = log_softmax(z / T)[token]: what a training forward pass at temperature T
+    computes for the same token (PPO's behaviour log-probs);
+  * ``logprobs`` = log-prob of the token under the distribution actually sampled from: z / T, with
+    end tokens masked before ``min_new_tokens``, then top-k, then top-p (nucleus), renormalised.
+``greedy`` (or ``temperature <= 0``) takes the argmax of that filtered distribution; the log-probs are
+still reported under it (with T = 1 when temperature <= 0).
+A row ends at its first token in ``eos_ids`` or ``stop_ids``; that token is kept (counted in ``lengths``,
+``ended_with_eos`` = True) and later positions hold ``pad_id`` with log-probs 0. Randomness is drawn per
+(seed, step, row), so a row's sample does not depend on the other rows or on the bucket sizes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from functools import partial
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jalign.config import ModelConfig
+from jalign.models.transformer import CACHE_AXES, forward, init_cache, lm_logits
+from sharding.rules import DEFAULT_RULES, constrain, logical_to_spec, use_rules
+
+_NEG_INF = -jnp.inf
+_COMPILED: dict = {}  # static key -> jitted generate function (jax caches one executable per bucket shape)
+
+
+def _pow2(n: int, minimum: int = 1) -> int:
+    return 1 << (max(n, minimum) - 1).bit_length()
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+# ---- sampling -------------------------------------------------------------------------------------
+def filter_logits(scaled: jax.Array, *, suppress: Optional[jax.Array] = None, end_ids: Sequence[int] = (),
+                  top_k: int = 0, top_p=None) -> jax.Array:
+    """Tempered logits [B, V] with disallowed tokens set to -inf: end tokens where ``suppress`` [B],
+    then all but the ``top_k`` largest (ties at the k-th value kept), then all outside the smallest
+    set of most-probable tokens whose probability reaches ``top_p`` (``None`` = no nucleus filter)."""
+    x = scaled
+    V = x.shape[-1]
+    if suppress is not None and len(end_ids):
+        is_end = jnp.isin(jnp.arange(V), jnp.asarray(end_ids, jnp.int32))  # negative ids match nothing
+        x = jnp.where(suppress[:, None] & is_end[None, :], _NEG_INF, x)
+    if top_k and top_k < V:
+        sorted_desc = jax.lax.top_k(x, top_k)[0]
+        x = jnp.where(x < sorted_desc[:, -1:], _NEG_INF, x)
+    elif top_p is not None:
+        sorted_desc = -jnp.sort(-x, axis=-1)
+    if top_p is not None:
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # mass before this token not yet enough
+        n_keep = jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True), 1)
+        threshold = jnp.take_along_axis(sorted_desc, n_keep - 1, axis=-1)
+        x = jnp.where(x < threshold, _NEG_INF, x)
+    return x
+
+
+def _gather_rows(logp: jax.Array, tok: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+
+
+# ---- the jitted program ---------------------------------------------------------------------------
+def _generate_impl(params, tokens, positions, segment_ids, prompt_lens, active, rng, temperature, top_p,
+                   min_new, max_new, greedy, end_ids, pad_id, *, cfg: ModelConfig, new_len: int, top_k: int,
+                   use_top_p: bool):
+    B, P = tokens.shape
+    cache = init_cache(cfg, B, P + new_len)
+    shard_cache = lambda c: {k: constrain(v, CACHE_AXES[k]) for k, v in c.items()}  # noqa: E731
+    cache = shard_cache(cache)
+    hidden, cache = forward(params, tokens, positions, segment_ids, cfg, cache=cache, cache_index=0)
+    logits = lm_logits(params, hidden[:, -1:], cfg)[:, 0]
+    rows = jnp.arange(B)
+
+    def cond(c):
+        return (c["i"] < max_new) & ~jnp.all(c["done"])
+
+    def body(c):
+        i, logits, done = c["i"], c["logits"], c["done"]
+        scaled = logits.astype(jnp.float32) / temperature
+        filt = filter_logits(scaled, suppress=jnp.broadcast_to(i < min_new, (B,)), end_ids=end_ids, top_k=top_k,
+                             top_p=top_p if use_top_p else None)
+        keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(rng, i), r))(rows)
+        sampled = jax.vmap(jax.random.categorical)(keys, filt)
+        tok = jnp.where(greedy, jnp.argmax(filt, axis=-1), sampled).astype(jnp.int32)
+        alive = ~done
+        lp = jnp.where(alive, _gather_rows(jax.nn.log_softmax(filt, axis=-1), tok), 0.0)
+        lpt = jnp.where(alive, _gather_rows(jax.nn.log_softmax(scaled, axis=-1), tok), 0.0)
+        tok = jnp.where(alive, tok, pad_id)
+        ended = alive & jnp.isin(tok, end_ids)
+        seg = alive.astype(jnp.int32)[:, None]
+        hidden, cache = forward(params, tok[:, None], (prompt_lens + i)[:, None], seg, cfg,
+                                cache=c["cache"], cache_index=P + i)
+        return dict(
+            i=i + 1, cache=shard_cache(cache), logits=lm_logits(params, hidden, cfg)[:, 0], done=done | ended,
+            tokens=c["tokens"].at[:, i].set(tok), logprobs=c["logprobs"].at[:, i].set(lp),
+            logprobs_tempered=c["logprobs_tempered"].at[:, i].set(lpt), lengths=c["lengths"] + alive,
+            ended=c["ended"] | ended)
+
+    init = dict(i=jnp.int32(0), cache=cache, logits=logits, done=~active,
+                tokens=jnp.full((B, new_len), pad_id, jnp.int32), logprobs=jnp.zeros((B, new_len), jnp.float32),
+                logprobs_tempered=jnp.zeros((B, new_len), jnp.float32), lengths=jnp.zeros((B,), jnp.int32),
+                ended=jnp.zeros((B,), bool))
+    out = jax.lax.while_loop(cond, body, init)
+    return {"tokens": out["tokens"], "logprobs": out["logprobs"], "logprobs_tempered": out["logprobs_tempered"],
+            "lengths": out["lengths"], "ended_with_eos": out["ended"], "steps": out["i"]}
+
+
+def _compiled(cfg, mesh, rules, **static):
+    key = (repr(cfg), mesh, tuple(sorted((k, str(v)) for k, v in rules.items())), tuple(sorted(static.items())))
+    fn = _COMPILED.get(key)
+    if fn is None:
+        fn = _COMPILED[key] = jax.jit(partial(_generate_impl, cfg=cfg, **static))
+    return fn
+
+
+def prepare_prompts(prompt_ids, prompt_mask=None, *, pad_id: int = 0, batch: Optional[int] = None,
+                    length: Optional[int] = None):
+    """Left-pad prompts into numpy ``tokens, positions, segment_ids [batch, length]``, ``lengths [batch]``.
+
+    ``prompt_ids``: a list of token lists, or a 2-D array with ``prompt_mask`` (1 = real token, any
+    padding side). Rows beyond the real batch are dummy one-token prompts (length 0 in ``lengths``).
+    """
+    if prompt_mask is not None:
+        ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask).astype(bool)
+        rows = [ids[b][mask[b]].tolist() for b in range(ids.shape[0])]
+    else:
+        rows = [list(map(int, r)) for r in prompt_ids]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("generate: every prompt needs at least one token")
+    batch = batch or len(rows)
+    length = length or max(map(len, rows))
+    tokens = np.full((batch, length), pad_id, np.int32)
+    positions = np.zeros((batch, length), np.int32)
+    seg = np.zeros((batch, length), np.int32)
+    lens = np.zeros((batch,), np.int32)
+    for b in range(batch):
+        r = rows[b] if b < len(rows) else [pad_id]
+        n = len(r)
+        tokens[b, length - n:] = r
+        positions[b, length - n:] = np.arange(n)
+        seg[b, length - n:] = 1
+        lens[b] = n if b < len(rows) else 0
+    return tokens, positions, seg, lens
+
+
+def generate(params, cfg: ModelConfig, prompt_ids, *, max_new_tokens: int, min_new_tokens: int = 0,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
+             eos_ids: Sequence[int] = (), stop_ids: Sequence[int] = (), pad_id: int = 0, rng=0,
+             prompt_mask=None, mesh=None, rules=DEFAULT_RULES, prompt_bucket: int = 64,
+             batch_bucket: bool = True, new_bucket: Optional[int] = None) -> dict:
+    """Sample continuations of a batch of prompts; returns numpy arrays (see the module docstring).
+
+    tokens/logprobs/logprobs_tempered [B, max_new_tokens], lengths [B] (generated tokens including the
+    end token), ended_with_eos [B]. ``rng``: an int seed or a JAX key. With ``mesh``, params should be
+    sharded by ``param_shardings``; the batch and the KV cache are sharded over (data, fsdp) and the kv
+    heads over tensor by ``rules``. On several processes, call with the same prompts everywhere.
+    Buckets: batch -> power of two (times the data-parallel size), prompt -> multiple of
+    ``prompt_bucket``, new tokens -> power of two, or ``new_bucket`` when given (the KV cache holds
+    prompt bucket + new bucket slots; decoding stops as soon as every row has ended).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not greedy and temperature <= 0:
+        greedy, temperature = True, 1.0
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
+    n_rows = len(prompt_ids)
+    longest = int(np.max(np.sum(np.asarray(prompt_mask), -1))) if prompt_mask is not None else max(
+        len(r) for r in prompt_ids)
+    if longest + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"generate: prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"model.max_seq_len={cfg.max_seq_len}")
+    dp = 1
+    if mesh is not None:
+        spec = logical_to_spec(("batch",), rules)[0]
+        for a in (spec if isinstance(spec, tuple) else (spec,)) if spec else ():
+            dp *= mesh.shape[a]
+    B = _round_up(_pow2(n_rows), dp) if batch_bucket else n_rows
+    P = _round_up(longest, prompt_bucket)
+    N = _pow2(max_new_tokens, 8) if new_bucket is None else max(int(new_bucket), max_new_tokens)
+    tokens, positions, seg, lens = prepare_prompts(prompt_ids, prompt_mask, pad_id=pad_id, batch=B, length=P)
+    active = np.arange(B) < n_rows
+    key = jax.random.key(rng) if isinstance(rng, (int, np.integer)) else rng
+    ends = sorted(set(map(int, eos_ids)) | set(map(int, stop_ids)))
+    end_arr = np.full((_pow2(len(ends), 4),), -1, np.int32)  # padded with -1: no recompile per stop set
+    end_arr[:len(ends)] = ends
+    fn = _compiled(cfg, mesh, rules, new_len=N, top_k=int(top_k), use_top_p=top_p < 1.0)
+    args = (tokens, positions, seg, lens, active)
+    scalars = (key, jnp.float32(temperature), jnp.float32(top_p), jnp.int32(min_new_tokens),
+               jnp.int32(max_new_tokens), jnp.bool_(greedy), jnp.asarray(end_arr), jnp.int32(pad_id))
+    if mesh is None:
+        out = fn(params, *args, *scalars)
+    else:
+        spec = logical_to_spec(("batch",), rules) if B % dp == 0 else PartitionSpec()
+        args = tuple(jax.make_array_from_callback(a.shape, NamedSharding(mesh, spec), lambda i, a=a: a[i])
+                     for a in args)
+        with use_rules(mesh, rules):
+            out = fn(params, *args, *scalars)
+    out = {k: _to_host(v) for k, v in out.items()}
+    res = {k: out[k][:n_rows, :max_new_tokens] for k in ("tokens", "logprobs", "logprobs_tempered")}
+    res.update(lengths=out["lengths"][:n_rows], ended_with_eos=out["ended_with_eos"][:n_rows],
+               steps=int(out["steps"]))
+    return res
+
+
+def _to_host(x) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def compiled_cache_size() -> int:
+    """Executables compiled so far across all memoised generate functions (for tests / benchmarks)."""
+    return sum(fn._cache_size() for fn in _COMPILED.values())
+
+
+# ---- CLI: jalign generate -------------------------------------------------------------------------
+def _load_model(spec: str, seed: int):
+    """(params, cfg, tokenizer spec) from a Hugging Face directory or a jalign YAML config."""
+    from pathlib import Path
+
+    from jalign.models import hf_io
+    from jalign.models.params import init_params
+    from jalign.models.transformer import declare_params
+
+    if Path(spec).is_dir() and (Path(spec) / "config.json").is_file():
+        cfg = hf_io.model_config_from_hf(spec)
+        return hf_io.load_hf_params(spec, cfg), cfg, spec
+    from jalign.config import load_config
+
+    cfg = load_config(spec).model
+    if cfg.hf_path:
+        hf_cfg = hf_io.model_config_from_hf(cfg.hf_path)
+        return hf_io.load_hf_params(cfg.hf_path, hf_cfg), hf_cfg, (
+            cfg.tokenizer if cfg.tokenizer != "byte" else cfg.hf_path)
+    if cfg.init_from:
+        return hf_io.load_params_checkpoint(cfg.init_from, cfg), cfg, cfg.tokenizer
+    print("jalign generate: no model.hf_path / model.init_from: using random weights", file=sys.stderr)
+    return init_params(declare_params(cfg), seed), cfg, cfg.tokenizer
+
+
+def generate_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="jalign generate", description="Sample continuations of prompts.")
+    ap.add_argument("--model", required=True, help="Hugging Face directory or jalign YAML config")
+    ap.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    ap.add_argument("--prompts", help='JSONL file of {"prompt": ...} lines')
+    ap.add_argument("--out", help="write JSONL results here (default: stdout)")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--min-new-tokens", type=int, default=0)
+    ap.add_argument("--temperature", type=float, default=1.0, help="<= 0 means greedy")
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=32)
+    a = ap.parse_args(argv)
+    prompts = list(a.prompt)
+    if a.prompts:
+        with open(a.prompts) as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        prompts.append(json.loads(line)["prompt"])
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        print(f"{a.prompts}:{n}: expected a JSON object with \"prompt\" ({e!r})", file=sys.stderr)
+                        return 1
+    if not prompts:
+        print("jalign generate: give --prompt TEXT or --prompts FILE.jsonl", file=sys.stderr)
+        return 2
+    params, cfg, tok_spec = _load_model(a.model, a.seed)
+    from jalign.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tok_spec)
+    eos = sorted(tok.eos_ids)
+    pad = tok.pad_id if tok.pad_id is not None else 0
+    out_f = open(a.out, "w") if a.out else sys.stdout
+    try:
+        for start in range(0, len(prompts), a.batch_size):
+            chunk = prompts[start:start + a.batch_size]
+            res = generate(params, cfg, [tok.encode(p, add_special=True) for p in chunk], max_new_tokens=a.max_new_tokens,
+                           min_new_tokens=a.min_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                           top_p=a.top_p, eos_ids=eos, pad_id=pad, rng=jax.random.fold_in(jax.random.key(a.seed), start))
+            for j, p in enumerate(chunk):
+                n = int(res["lengths"][j])
+                ids = res["tokens"][j, :n].tolist()
+                if res["ended_with_eos"][j]:
+                    ids = ids[:-1]
+                out_f.write(json.dumps({"prompt": p, "response": tok.decode(ids), "num_tokens": n,
+                                        "ended_with_eos": bool(res["ended_with_eos"][j])}) + "\n")
+    finally:
+        if a.out:
+            out_f.close()
+    return 0

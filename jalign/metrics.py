@@ -1,0 +1,95 @@
+"""Host-side metrics: JSONL file, TensorBoard, and a progress bar; written by process 0 only."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import jax
+import numpy as np
+
+
+def to_host(metrics: dict) -> dict:
+    """Replicated scalar jax arrays -> Python floats (safe on several processes: they are replicated)."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, jax.Array):
+            v = np.asarray(v.addressable_data(0)) if not v.is_fully_addressable else np.asarray(v)
+        out[k] = float(np.asarray(v).reshape(-1)[0]) if np.ndim(v) == 0 or np.size(v) == 1 else np.asarray(v).tolist()
+    return out
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: str | Path, total_steps: int, tensorboard: bool = True, progress: bool = True,
+                 start_step: int = 0):
+        self.is_main = jax.process_index() == 0
+        self.total = total_steps
+        self.start_time = time.time()
+        self.start_step = start_step
+        self.jsonl = None
+        self.tb = None
+        self.bar = None
+        if not self.is_main:
+            return
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:  # optional
+                self.tb = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, mininterval=1.0)
+
+    def write(self, step: int, metrics: dict, prefix: str = "") -> None:
+        if not self.is_main:
+            return
+        row = {f"{prefix}{k}": v for k, v in metrics.items()}
+        row["step"] = step
+        row["time"] = round(time.time() - self.start_time, 3)
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def progress(self, step: int, metrics: dict) -> None:
+        if self.bar is None:
+            return
+        self.bar.n = step
+        shown = {}
+        for key in ("loss", "accuracy", "reward_mean", "kl", "lr", "tokens_per_s"):
+            if key in metrics:
+                v = metrics[key]
+                shown[key] = f"{v:.3g}" if isinstance(v, float) else v
+        self.bar.set_postfix(shown, refresh=False)
+        self.bar.refresh()
+
+    def message(self, text: str) -> None:
+        if not self.is_main:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

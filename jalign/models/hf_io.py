@@ -1,0 +1,477 @@
+"""Hugging Face checkpoints in and out (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3).
+
+    cfg = model_config_from_hf(hf_dir)                          # config.json -> ModelConfig
+    params = load_hf_params(hf_dir, cfg, mesh=mesh)             # safetensors -> sharded params pytree
+    save_hf(params, cfg, out_dir, tokenizer_dir=hf_dir)         # params -> HF directory (any process count)
+
+Loading never materialises a full tensor on a device that holds only a shard of it: every parameter is
+built with ``jax.make_array_from_callback`` and each callback reads just its slice from a memory-mapped
+safetensors file (per-layer HF tensors are stacked into our ``[L, ...]`` layout slice by slice).
+We parse the safetensors header ourselves and ``np.memmap`` the data, because safetensors 0.8's
+``framework="numpy"`` cannot return bfloat16 and ``framework="flax"`` would put each whole tensor on one
+device; ``ml_dtypes`` gives numpy a bfloat16. Saving gathers one (per-layer) tensor at a time with
+``process_allgather`` and only process 0 writes, into a temp dir renamed into place at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import struct
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax.sharding import SingleDeviceSharding
+
+from jalign.config import ModelConfig, RopeScalingConfig
+from jalign.models.params import flatten, param_shardings, unflatten
+from jalign.models.transformer import declare_params
+from sharding.rules import DEFAULT_RULES
+
+
+class HFCheckpointError(ValueError):
+    """A Hugging Face directory we cannot read; the message names the file / tensor and the problem."""
+
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                 "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+              "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64,
+              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+# ---- config.json <-> ModelConfig ------------------------------------------------------------------
+def read_hf_config(hf_dir) -> dict:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise HFCheckpointError(f"{path}: missing config.json (not a Hugging Face model directory)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise HFCheckpointError(f"{path}: invalid JSON ({e})") from None
+
+
+def model_config_from_hf(hf_dir, *, seq_len: Optional[int] = None, **overrides) -> ModelConfig:
+    """ModelConfig for a Llama/Mistral/Qwen2/Qwen3 directory (transformers 4.x or 5.x config.json).
+
+    Mistral-style sliding-window attention is not implemented (our attention is full causal): a window
+    smaller than ``seq_len`` raises; otherwise ``max_seq_len`` is capped at the window (with a warning
+    when no ``seq_len`` is given), so longer generation raises instead of silently diverging from HF.
+    """
+    c = read_hf_config(hf_dir)
+    where = f"{Path(hf_dir) / 'config.json'}"
+    archs = c.get("architectures") or []
+    arch = next((a for a in archs if a in ARCHITECTURES), None)
+    if arch is None:
+        raise HFCheckpointError(f"{where}: unsupported architecture {archs or c.get('model_type')!r}; "
+                                f"supported: {', '.join(ARCHITECTURES)}")
+    family = ARCHITECTURES[arch]
+    try:
+        D, H = int(c["hidden_size"]), int(c["num_attention_heads"])
+        kw = dict(vocab_size=int(c["vocab_size"]), hidden=D, mlp=int(c["intermediate_size"]),
+                  layers=int(c["num_hidden_layers"]), heads=H, kv_heads=int(c.get("num_key_value_heads") or H))
+    except KeyError as e:
+        raise HFCheckpointError(f"{where}: missing key {e.args[0]!r}") from None
+    head_dim = c.get("head_dim")
+    if head_dim and int(head_dim) != D // H:
+        kw["head_dim"] = int(head_dim)
+    if c.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise HFCheckpointError(f"{where}: hidden_act={c['hidden_act']!r} is not supported (only silu)")
+    if c.get("mlp_bias"):
+        raise HFCheckpointError(f"{where}: mlp_bias=true is not supported")
+    if family in ("llama", "mistral", "qwen3") and c.get("attention_bias"):
+        raise HFCheckpointError(f"{where}: attention_bias=true (with an o_proj bias) is not supported for {arch}")
+    rope = dict(c.get("rope_parameters") or {})  # transformers 5
+    legacy = c.get("rope_scaling") or {}
+    theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
+    scaling = {k: v for k, v in (legacy or rope).items() if k != "rope_theta"}
+    rtype = scaling.get("rope_type", scaling.get("type", "default"))
+    if rtype == "llama3":
+        kw["rope_scaling"] = RopeScalingConfig(
+            type="llama3", factor=float(scaling["factor"]), low_freq_factor=float(scaling["low_freq_factor"]),
+            high_freq_factor=float(scaling["high_freq_factor"]),
+            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]))
+    elif rtype == "linear":
+        kw["rope_scaling"] = RopeScalingConfig(type="linear", factor=float(scaling["factor"]))
+    elif rtype != "default":
+        raise HFCheckpointError(f"{where}: rope scaling type {rtype!r} is not supported (default, linear, llama3)")
+    max_len = int(c.get("max_position_embeddings") or 4096)
+    window = c.get("sliding_window") if (family == "mistral" or c.get("use_sliding_window")) else None
+    if window is not None and int(window) < max_len:
+        msg = (f"{where}: sliding_window={window} but jalign attention is full causal; sequences longer than "
+               f"{window} tokens would not match {arch}")
+        if seq_len is not None and seq_len > int(window):
+            raise HFCheckpointError(msg + f" (requested seq_len={seq_len})")
+        if seq_len is None:
+            warnings.warn(msg + f"; capping max_seq_len at {window}", stacklevel=2)
+        max_len = int(window)
+    kw.update(rope_theta=float(theta), norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+              qkv_bias=family == "qwen2" or bool(c.get("attention_bias")), qk_norm=family == "qwen3",
+              tie_embeddings=bool(c.get("tie_word_embeddings", False)), max_seq_len=max_len, hf_path=str(hf_dir))
+    kw.update(overrides)
+    return ModelConfig(**kw)
+
+
+def hf_config_dict(cfg: ModelConfig, dtype: str = "float32", special: Optional[dict] = None) -> dict:
+    """config.json for ``cfg``: Qwen3 when qk_norm, Qwen2 when qkv_bias, Llama otherwise.
+
+    Writes both the transformers-5 ``rope_parameters`` and the legacy ``rope_theta``/``rope_scaling``.
+    """
+    arch, mtype = ("Qwen3ForCausalLM", "qwen3") if cfg.qk_norm else (
+        ("Qwen2ForCausalLM", "qwen2") if cfg.qkv_bias else ("LlamaForCausalLM", "llama"))
+    s = cfg.rope_scaling
+    scaling = None
+    if s is not None and s.type == "llama3":
+        scaling = dict(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
+                       high_freq_factor=s.high_freq_factor,
+                       original_max_position_embeddings=s.original_max_position_embeddings)
+    elif s is not None:
+        scaling = dict(rope_type="linear", factor=s.factor)
+    out = {"architectures": [arch], "model_type": mtype, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden,
+           "intermediate_size": cfg.mlp, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
+           "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.resolved_head_dim, "hidden_act": "silu",
+           "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+           "tie_word_embeddings": cfg.tie_embeddings, "rope_theta": cfg.rope_theta, "rope_scaling": scaling,
+           "rope_parameters": {"rope_type": "default", **(scaling or {}), "rope_theta": cfg.rope_theta},
+           "attention_bias": bool(cfg.qkv_bias and cfg.qk_norm), "attention_dropout": 0.0, "mlp_bias": False,
+           "use_cache": True, "torch_dtype": dtype, "dtype": dtype}
+    if mtype != "llama":
+        out.update(use_sliding_window=False, sliding_window=None)
+    out.update(special or {})
+    return out
+
+
+# ---- the name / layout mapping --------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Map:
+    hf_name: str  # "{i}" replaced by the layer index for stacked params
+    hf_shape: tuple
+    to_ours: Callable  # HF array (view) -> our per-layer layout (a view where possible)
+    to_hf: Callable  # our per-layer array -> HF array
+
+
+def _ident(x):
+    return x
+
+
+def _hf_layout(cfg: ModelConfig) -> dict[str, _Map]:
+    D, F, V = cfg.hidden, cfg.mlp, cfg.vocab_size
+    H, KV, hd = cfg.heads, cfg.kv_heads, cfg.resolved_head_dim
+    T = np.transpose
+    lp = "model.layers.{i}."
+
+    def proj(n):  # HF [n*hd, D] <-> ours [D, n, hd]
+        return (lambda w: T(w.reshape(n, hd, D), (2, 0, 1)), lambda a: T(a, (1, 2, 0)).reshape(n * hd, D))
+
+    m = {"embed": _Map("model.embed_tokens.weight", (V, D), _ident, _ident),
+         "final_norm": _Map("model.norm.weight", (D,), _ident, _ident),
+         "layers/attn_norm": _Map(lp + "input_layernorm.weight", (D,), _ident, _ident),
+         "layers/mlp_norm": _Map(lp + "post_attention_layernorm.weight", (D,), _ident, _ident),
+         "layers/q": _Map(lp + "self_attn.q_proj.weight", (H * hd, D), *proj(H)),
+         "layers/k": _Map(lp + "self_attn.k_proj.weight", (KV * hd, D), *proj(KV)),
+         "layers/v": _Map(lp + "self_attn.v_proj.weight", (KV * hd, D), *proj(KV)),
+         "layers/o": _Map(lp + "self_attn.o_proj.weight", (D, H * hd),
+                          lambda w: T(w.reshape(D, H, hd), (1, 2, 0)), lambda a: T(a, (2, 0, 1)).reshape(D, H * hd)),
+         "layers/gate": _Map(lp + "mlp.gate_proj.weight", (F, D), T, T),
+         "layers/up": _Map(lp + "mlp.up_proj.weight", (F, D), T, T),
+         "layers/down": _Map(lp + "mlp.down_proj.weight", (D, F), T, T)}
+    if cfg.qkv_bias:
+        for n, k in (("q", H), ("k", KV), ("v", KV)):
+            m[f"layers/{n}_bias"] = _Map(lp + f"self_attn.{n}_proj.bias", (k * hd,),
+                                         (lambda k: lambda w: w.reshape(k, hd))(k), lambda a: a.reshape(-1))
+    if cfg.qk_norm:
+        m["layers/q_norm"] = _Map(lp + "self_attn.q_norm.weight", (hd,), _ident, _ident)
+        m["layers/k_norm"] = _Map(lp + "self_attn.k_norm.weight", (hd,), _ident, _ident)
+    if not cfg.tie_embeddings:
+        m["lm_head"] = _Map("lm_head.weight", (V, D), T, T)
+    return m
+
+
+# ---- safetensors reading (memory-mapped, any dtype incl. bf16) -----------------------------------
+class _SafetensorsFile:
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise HFCheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        header.pop("__metadata__", None)
+        self.header, self.data_start = header, 8 + n
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.header[name]["shape"])
+
+    def array(self, name: str) -> np.ndarray:
+        info = self.header[name]
+        if info["dtype"] not in _ST_DTYPES:
+            raise HFCheckpointError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
+        begin, _ = info["data_offsets"]
+        return np.memmap(self.path, dtype=_ST_DTYPES[info["dtype"]], mode="r", offset=self.data_start + begin,
+                         shape=tuple(info["shape"]))
+
+
+def _open_weights(hf_dir) -> dict[str, _SafetensorsFile]:
+    """{tensor name: file} from model.safetensors or model.safetensors.index.json."""
+    d = Path(hf_dir)
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise HFCheckpointError(f"{index}: invalid index ({e!r})") from None
+        files = {}
+        for fname in sorted(set(weight_map.values())):
+            if not (d / fname).is_file():
+                raise HFCheckpointError(f"{index}: lists {fname}, which is missing from {d}")
+            files[fname] = _SafetensorsFile(d / fname)
+        return {name: files[f] for name, f in weight_map.items()}
+    single = d / "model.safetensors"
+    if single.is_file():
+        f = _SafetensorsFile(single)
+        return {name: f for name in f.header}
+    other = sorted(p.name for p in d.glob("*.bin")) + sorted(p.name for p in d.glob("*.safetensors"))
+    raise HFCheckpointError(f"{d}: missing weights: no model.safetensors or model.safetensors.index.json"
+                            + (f" (found {', '.join(other)}; only safetensors are supported)" if other else ""))
+
+
+def load_hf_params(hf_dir, cfg: ModelConfig, mesh=None, rules=DEFAULT_RULES, dtype=jnp.float32) -> dict:
+    """The params pytree (structure of ``declare_params(cfg)``) from a Hugging Face directory.
+
+    With ``mesh``, each leaf has ``param_shardings(decls, mesh, rules)``; without, it lives on the first
+    device. Host memory stays around one tensor slice; every device receives only its own shard.
+    """
+    weights = _open_weights(hf_dir)
+    decls = declare_params(cfg)
+    flat = flatten(decls)
+    layout = _hf_layout(cfg)
+    shardings = flatten(param_shardings(decls, mesh, rules)) if mesh is not None else None
+    # Validate every tensor before touching a device.
+    problems = []
+    for path, decl in flat.items():
+        m = layout[path]
+        names = [m.hf_name.format(i=i) for i in range(cfg.layers)] if path.startswith("layers/") else [m.hf_name]
+        for name in names:
+            if name not in weights:
+                problems.append(f"missing tensor {name} (for {path})")
+            elif weights[name].shape(name) != m.hf_shape:
+                problems.append(f"{weights[name].path.name}: tensor {name} has shape {list(weights[name].shape(name))}"
+                                f", expected {list(m.hf_shape)} from config.json")
+    if problems:
+        raise HFCheckpointError(f"{hf_dir}: " + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else ""))
+    np_dtype = np.dtype(dtype)
+    out = {}
+    for path, decl in flat.items():
+        m = layout[path]
+        sharding = shardings[path] if shardings else SingleDeviceSharding(jax.devices()[0])
+        if path.startswith("layers/"):
+            views = [m.to_ours(weights[n].array(n)) for n in (m.hf_name.format(i=i) for i in range(cfg.layers))]
+
+            def cb(idx, views=views):
+                return np.stack([np.asarray(v[idx[1:]], np_dtype) for v in views[idx[0]]])
+        else:
+            view = m.to_ours(weights[m.hf_name].array(m.hf_name))
+
+            def cb(idx, view=view):
+                return np.asarray(view[idx], np_dtype)
+        out[path] = jax.make_array_from_callback(decl.shape, sharding, cb)
+    return unflatten(out)
+
+
+# ---- saving ---------------------------------------------------------------------------------------
+def _gather(x: jax.Array, layer: Optional[int]) -> np.ndarray:
+    """The full (layer of the) array on every process's host; collective, so all processes call it."""
+    if layer is not None:
+        x = jax.lax.dynamic_index_in_dim(x, jnp.int32(layer), 0, keepdims=False)
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _write_header(f, entries: list[tuple[str, tuple, np.dtype]]) -> None:
+    header, off = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, dt in entries:
+        n = math.prod(shape) * dt.itemsize
+        header[name] = {"dtype": _ST_NAMES[dt], "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    f.write(struct.pack("<Q", len(blob)) + blob)
+
+
+def save_hf(params: dict, cfg: ModelConfig, out_dir, tokenizer_dir=None, max_shard_bytes: int = 2 * 1024**3,
+            dtype=None, generation_config: Optional[dict] = None) -> str:
+    """Write a Hugging Face directory loadable by ``AutoModelForCausalLM.from_pretrained``.
+
+    config.json, ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``,
+    generation_config.json, and the tokenizer files of ``tokenizer_dir`` (if given). ``dtype`` (e.g.
+    "bfloat16") casts on write; default: the params' dtype. Call it on every process; only process 0
+    writes, one tensor gathered at a time. The directory appears atomically (temp dir + rename).
+    """
+    out_dir = Path(out_dir)
+    layout, flat = _hf_layout(cfg), flatten(params)
+    missing = sorted(set(layout) - set(flat))
+    if missing:
+        raise ValueError(f"save_hf: params lack {missing} required by the config")
+    entries = []  # (hf name, our path, layer or None, hf shape, dtype)
+    for path, m in layout.items():
+        dt = np.dtype(dtype or flat[path].dtype)
+        if path.startswith("layers/"):
+            entries += [(m.hf_name.format(i=i), path, i, m.hf_shape, dt) for i in range(cfg.layers)]
+        else:
+            entries.append((m.hf_name, path, None, m.hf_shape, dt))
+    if cfg.qk_norm and cfg.qkv_bias:  # Qwen3 attention_bias=true also has an o_proj bias: ours is zero
+        entries += [(f"model.layers.{i}.self_attn.o_proj.bias", None, i, (cfg.hidden,), entries[0][4])
+                    for i in range(cfg.layers)]
+    shards, cur, size = [], [], 0
+    for e in entries:
+        n = math.prod(e[3]) * e[4].itemsize
+        if cur and size + n > max_shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(e)
+        size += n
+    shards.append(cur)
+    writer = jax.process_index() == 0
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    if writer:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    weight_map, total = {}, 0
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        f = open(tmp / fname, "wb") if writer else None
+        try:
+            if f:
+                _write_header(f, [(e[0], e[3], e[4]) for e in shard])
+            for name, path, layer, shape, dt in shard:
+                if path is None:
+                    arr = np.zeros(shape, dt)
+                else:
+                    arr = np.ascontiguousarray(layout[path].to_hf(_gather(flat[path], layer)).astype(dt))
+                if arr.shape != tuple(shape):
+                    raise ValueError(f"save_hf: {path} gives {name} of shape {arr.shape}, expected {shape}")
+                if f:
+                    f.write(arr.tobytes())
+                weight_map[name], total = fname, total + arr.nbytes
+        finally:
+            if f:
+                f.close()
+    if writer:
+        special = _special_tokens(tokenizer_dir)
+        gen = dict(generation_config or {})
+        if not gen and tokenizer_dir and (Path(tokenizer_dir) / "generation_config.json").is_file():
+            gen = json.loads((Path(tokenizer_dir) / "generation_config.json").read_text())
+        gen = {**special, **gen}
+        (tmp / "config.json").write_text(json.dumps(
+            hf_config_dict(cfg, str(np.dtype(dtype or entries[0][4])), special), indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(gen or {"_from_model_config": True}, indent=2))
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        for name in TOKENIZER_FILES if tokenizer_dir else ():
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        if out_dir.exists():
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"jalign_save_hf:{out_dir}")
+    return str(out_dir)
+
+
+def _special_tokens(tokenizer_dir) -> dict:
+    """bos/eos/pad ids from the tokenizer directory's config.json or generation_config.json, if any."""
+    out = {}
+    for name in ("generation_config.json", "config.json"):
+        p = Path(tokenizer_dir) / name if tokenizer_dir else None
+        if p is not None and p.is_file():
+            c = json.loads(p.read_text())
+            for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                if c.get(k) is not None and k not in out:
+                    out[k] = c[k]
+    return out
+
+
+# ---- CLI: jalign convert --------------------------------------------------------------------------
+def _abstract(cfg: ModelConfig, sharding):
+    decls = declare_params(cfg)
+    return jax.tree.map(lambda d: jax.ShapeDtypeStruct(d.shape, jnp.float32, sharding=sharding),
+                        decls, is_leaf=lambda x: hasattr(x, "axes"))
+
+
+def load_params_checkpoint(ckpt_dir, cfg: ModelConfig) -> dict:
+    """A params pytree saved with ``ocp.StandardCheckpointer().save(path, params)`` (or ``path/params``)."""
+    import orbax.checkpoint as ocp
+
+    path = Path(ckpt_dir).absolute()
+    if (path / "params").is_dir():
+        path = path / "params"
+    target = _abstract(cfg, SingleDeviceSharding(jax.devices()[0]))
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(path, target)
+
+
+def convert_main(argv: list[str]) -> int:
+    """``jalign convert --hf DIR --out CKPT_DIR`` or ``jalign convert --from-checkpoint CKPT --to-hf DIR``."""
+    ap = argparse.ArgumentParser(prog="jalign convert", description=__doc__.split("\n")[0])
+    ap.add_argument("--hf", help="Hugging Face model directory to read")
+    ap.add_argument("--out", help="jalign checkpoint directory to write (params/ + config.yaml)")
+    ap.add_argument("--from-checkpoint", dest="ckpt", help="jalign params checkpoint to read")
+    ap.add_argument("--config", help="jalign YAML config whose model: section describes the checkpoint "
+                                     "(default: CKPT/config.yaml)")
+    ap.add_argument("--to-hf", dest="to_hf", help="Hugging Face directory to write")
+    ap.add_argument("--tokenizer", help="directory whose tokenizer files are copied into --to-hf")
+    ap.add_argument("--dtype", default=None, help="dtype of the written tensors (float32, bfloat16)")
+    ap.add_argument("--max-shard-gb", type=float, default=2.0)
+    a = ap.parse_args(argv)
+    from jalign.config import Config, ConfigError, dump_config, load_config
+
+    try:
+        if a.hf and a.out:
+            import orbax.checkpoint as ocp
+
+            cfg = model_config_from_hf(a.hf)
+            params = load_hf_params(a.hf, cfg, dtype=jnp.dtype(a.dtype or "float32"))
+            out = Path(a.out).absolute()
+            out.mkdir(parents=True, exist_ok=True)
+            with ocp.StandardCheckpointer() as ckptr:
+                ckptr.save(out / "params", params)
+            dump_config(Config(model=cfg), out / "config.yaml")
+            print(f"wrote {out}/params and {out}/config.yaml ({cfg.layers} layers, vocab {cfg.vocab_size})")
+            return 0
+        if a.ckpt and a.to_hf:
+            cfg_path = a.config or str(Path(a.ckpt) / "config.yaml")
+            if not Path(cfg_path).is_file():
+                print(f"jalign convert: no config: pass --config (tried {cfg_path})", file=sys.stderr)
+                return 2
+            cfg = load_config(cfg_path).model
+            params = load_params_checkpoint(a.ckpt, cfg)
+            save_hf(params, cfg, a.to_hf, tokenizer_dir=a.tokenizer or cfg.hf_path, dtype=a.dtype,
+                    max_shard_bytes=int(a.max_shard_gb * 1024**3))
+            print(f"wrote {a.to_hf}")
+            return 0
+    except (HFCheckpointError, ConfigError, FileNotFoundError) as e:
+        print(f"jalign convert: {e}", file=sys.stderr)
+        return 1
+    ap.print_usage(sys.stderr)
+    print("jalign convert: need either --hf DIR --out CKPT_DIR or --from-checkpoint CKPT_DIR --to-hf OUT_DIR",
+          file=sys.stderr)
+    return 2

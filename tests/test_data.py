@@ -1,0 +1,409 @@
+"""Tests for jalign.data: tokenizers, chat templates + loss masks, JSONL formats, tiny task, pipelines."""
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import pytest
+
+from jalign.data import (ByteTokenizer, DataError, HFTokenizer, SFTExample, encode_conversation,
+                         encode_pair, load_source, load_tokenizer, make_eval_iterator,
+                         make_preference_iterator, make_sft_iterator, read_jsonl, render_prompt,
+                         tokenize_preference, tokenize_sft)
+from jalign.data.chat import get_template
+from jalign.data.tiny import (addition, answer_for, exact_match_reward, preference_pairs, split_of,
+                              wrong_answer)
+
+# ---- real chat templates (verbatim from the model repos) ------------------------------------------
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+    "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+QWEN25_TEMPLATE = """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\\n\\n# Tools\\n\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {{- '\\n<tool_call>\\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% endif %}{% endfor %}"
+)
+SPECIALS = ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>",
+            "<|im_start|>", "<|im_end|>", "<s>", "</s>", "[INST]", "[/INST]"]
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2+2?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"},
+     {"role": "assistant", "content": "Hi! "}, {"role": "user", "content": "the quick brown fox?"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+     {"role": "user", "content": "ünïcode ✓"}, {"role": "assistant", "content": "fine\n"}],
+]
+
+
+def make_hf_dir(path, template, bos="<|begin_of_text|>", eos="<|eot_id|>", gen_eos=None, post_bos=False):
+    """A Hugging Face tokenizer directory: a byte-level BPE trained on a tiny corpus + configs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["hello world, the quick brown fox jumps", "user assistant system 2+2=4"] * 20,
+                            trainer)
+    if post_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    config = {"bos_token": bos, "eos_token": {"__type": "AddedToken", "content": eos, "lstrip": False,
+                                                 "normalized": False, "rstrip": False, "single_word": False,
+                                                 "special": True}, "chat_template": template}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    if gen_eos is not None:
+        (path / "generation_config.json").write_text(json.dumps({"eos_token_id": gen_eos}))
+    return path
+
+
+# ---- tokenizers ---------------------------------------------------------------------------------
+def test_byte_tokenizer_round_trip():
+    tok = ByteTokenizer()
+    assert tok.vocab_size <= 384 and (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    text = "héllo ✓ 37+48=85\n"
+    assert tok.decode(tok.encode(text)) == text
+    ids = tok.encode("<|user|>hi<|assistant|>ok<|eos|>", add_special=True)
+    assert ids[0] == tok.bos_id and ids[1] == tok.token_to_id("<|user|>") and ids[-1] == tok.eos_id
+    assert len(ids) == 1 + 1 + 2 + 1 + 2 + 1  # each special is one token
+    assert tok.decode(ids) == "hiok"
+    assert tok.decode(ids, skip_special=False) == "<|bos|><|user|>hi<|assistant|>ok<|eos|>"
+    assert max(tok.encode("\xff" * 3 + "é")) < tok.vocab_size and set(tok.special_ids) >= {0, 1, 2}
+
+
+def test_hf_tokenizer_from_dir_and_file(tmp_path):
+    d = make_hf_dir(tmp_path / "m", LLAMA3_TEMPLATE, gen_eos=[1, 5], post_bos=True)
+    for spec in (str(d), str(d / "tokenizer.json")):
+        tok = load_tokenizer(spec)
+        assert isinstance(tok, HFTokenizer)
+        text = "hello world, the quick brown fox"
+        assert tok.decode(tok.encode(text)) == text
+        assert tok.bos_id == tok.token_to_id("<|begin_of_text|>") and tok.eos_id == tok.token_to_id("<|eot_id|>")
+        assert tok.eos_ids == {1, 5} and tok.add_bos and tok.chat_template == LLAMA3_TEMPLATE
+        assert tok.encode("hi", add_special=True)[0] == tok.bos_id
+        ids = tok.encode("<|im_start|>hello<|im_end|>")
+        assert ids[0] == tok.token_to_id("<|im_start|>") and tok.token_to_id("<|im_end|>") in tok.special_ids
+        assert tok.decode(ids) == "hello"
+
+
+def test_load_tokenizer_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope/tokenizer.json"):
+        load_tokenizer(str(tmp_path / "nope" / "tokenizer.json"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'empty'} has no tokenizer.json"):
+        load_tokenizer(str(tmp_path / "empty"))
+
+
+# ---- chat templates -----------------------------------------------------------------------------
+@pytest.mark.parametrize("template", [LLAMA3_TEMPLATE, QWEN25_TEMPLATE, MISTRAL_TEMPLATE])
+def test_chat_template_matches_transformers(tmp_path, template):
+    transformers = pytest.importorskip("transformers")
+    d = make_hf_dir(tmp_path / "m", template, bos="<s>" if template is MISTRAL_TEMPLATE else "<|begin_of_text|>",
+                    eos="</s>" if template is MISTRAL_TEMPLATE else "<|eot_id|>")
+    ref = transformers.PreTrainedTokenizerFast.from_pretrained(str(d))
+    tok = load_tokenizer(str(d))
+    tpl = get_template("hf", tok)
+    convs = CONVERSATIONS if template is not MISTRAL_TEMPLATE else [CONVERSATIONS[0], CONVERSATIONS[2]]
+    for conv in convs:
+        for gen in (False, True):
+            assert tpl.render(conv, gen) == ref.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
+    assert render_prompt("What is 2+2?", "hf", tok) == ref.apply_chat_template(
+        CONVERSATIONS[0], tokenize=False, add_generation_prompt=True)
+    # A jinja file path renders the same way.
+    (tmp_path / "t.jinja").write_text(template)
+    assert render_prompt("hi", str(tmp_path / "t.jinja"), tok) == render_prompt("hi", "hf", tok)
+    if template is MISTRAL_TEMPLATE:
+        import jinja2
+        with pytest.raises(jinja2.exceptions.TemplateError, match="must alternate"):
+            tpl.render([{"role": "assistant", "content": "x"}], False)
+
+
+def test_tiny_template_and_loss_mask_on_response_only():
+    tok = ByteTokenizer()
+    assert render_prompt("37+48=", "tiny", tok) == "<|user|>37+48=<|assistant|>"
+    p, r = encode_pair("37+48=", "85", "tiny", tok)
+    assert p[0] == tok.bos_id and tok.decode(p, skip_special=False) == "<|bos|><|user|>37+48=<|assistant|>"
+    assert r == tok.encode("85") + [tok.eos_id]
+    records, counts = tokenize_sft([SFTExample(prompt="37+48=", response="85")], tok, "tiny", seq_len=64)
+    rec = records[0]
+    assert counts == {"examples": 1, "truncated": 0, "dropped": 0}
+    np.testing.assert_array_equal(rec["tokens"][1:], rec["targets"][:-1])  # shifted by one
+    assert list(rec["targets"][rec["loss_mask"] == 1]) == r  # exactly the response tokens + eos
+    assert rec["loss_mask"].sum() == len(r) and rec["loss_mask"][-len(r):].all()
+
+
+def test_multi_turn_loss_only_on_assistant_turns(tmp_path):
+    tok = ByteTokenizer()
+    conv = CONVERSATIONS[2]
+    ids, mask = encode_conversation(conv, "tiny", tok)
+    masked = tok.decode([i for i, m in zip(ids, mask) if m], skip_special=False)
+    assert masked == "b<|eos|>fine\n<|eos|>"
+    assert tok.decode(ids, skip_special=False) == "<|bos|>" + get_template("tiny", tok).render(conv)
+    # Qwen template on a real BPE tokenizer: <|im_end|> is the eos, so no extra eos is added.
+    d = make_hf_dir(tmp_path / "q", QWEN25_TEMPLATE, eos="<|im_end|>")
+    hf = load_tokenizer(str(d))
+    ids, mask = encode_conversation(conv, "hf", hf)
+    assert hf.decode(ids, skip_special=False) == get_template("hf", hf).render(conv)
+    assert hf.decode([i for i, m in zip(ids, mask) if m], skip_special=False) == "b<|im_end|>\nfine\n<|im_end|>\n"
+    # Preference-style message-list responses: the last assistant turn is the response.
+    p, r = encode_pair(conv[:3], [conv[3]], "hf", hf)
+    assert hf.decode(r, skip_special=False) == "fine\n<|im_end|>\n" and p + r == ids
+
+
+def test_overlong_truncate_and_drop():
+    tok = ByteTokenizer()
+    ex = [SFTExample(prompt="1+1=", response="x" * 30), SFTExample(prompt="y" * 80, response="z")]
+    recs, counts = tokenize_sft(ex, tok, "tiny", seq_len=20, overlong="truncate")
+    assert counts == {"examples": 1, "truncated": 1, "dropped": 1} and len(recs[0]["tokens"]) == 20
+    recs, counts = tokenize_sft(ex, tok, "tiny", seq_len=20, overlong="drop")
+    assert counts == {"examples": 0, "truncated": 0, "dropped": 2} and recs == []
+
+
+# ---- formats ------------------------------------------------------------------------------------
+def _write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize("kind,line,reason", [
+    ("sft", '{"prompt": "a", "response": ', "malformed JSON"),
+    ("sft", '{"prompt": "a"}', 'missing field "response"'),
+    ("sft", '{"prompt": "a", "response": 3}', 'field "response" must be a string, got number'),
+    ("sft", '{"messages": [{"role": "user"}]}', 'field "messages"[0] is missing "content"'),
+    ("sft", '{"messages": [{"role": "user", "content": "x"}]}', 'no "assistant" message'),
+    ("sft", '[1, 2]', "expected a JSON object, got list"),
+    ("preference", '{"prompt": "a", "chosen": "b"}', 'missing field "rejected"'),
+    ("preference", '{"prompt": "a", "chosen": 1, "rejected": "c"}', 'field "chosen" must be a string or a list'),
+    ("preference", '{"prompt": "a", "chosen": "b", "rejected": "c", "chosen_reward": "hi"}',
+     'field "chosen_reward" must be a finite number'),
+    ("reward", '{"prompt": "a", "response": "b", "attributes": {"h": true}}', 'field "attributes.h" must be'),
+    ("reward", '{"prompt": "a", "response": "b"}', 'missing field "attributes"'),
+    ("prompt", '{"question": "a"}', 'missing field "prompt"'),
+])
+def test_data_errors_name_file_line_and_reason(tmp_path, kind, line, reason):
+    good = {"sft": '{"prompt": "a", "response": "b"}', "preference": '{"prompt": "a", "chosen": "b", "rejected": "c"}',
+            "reward": '{"prompt": "a", "response": "b", "attributes": {"h": 1, "v": null}}',
+            "prompt": '{"prompt": "a", "answer": "4"}'}[kind]
+    path = _write(tmp_path / "d.jsonl", [good, "", line, good])
+    with pytest.raises(DataError) as e:
+        read_jsonl(path, kind)
+    assert str(e.value).startswith(f"{path}:3: ") and reason in str(e.value)
+    examples, skipped = read_jsonl(path, kind, skip_bad=True)
+    assert len(examples) == 2 and len(skipped) == 1 and skipped[0].startswith(f"{path}:3: ")
+    assert examples[1].source == f"{path}:4"
+
+
+def test_data_file_level_errors_and_parsed_values(tmp_path):
+    empty = _write(tmp_path / "e.jsonl", ["", "  "])
+    with pytest.raises(DataError, match=f"^{empty}: file is empty$"):
+        read_jsonl(empty, "sft")
+    with pytest.raises(DataError, match="missing.jsonl: file not found"):
+        load_source(str(tmp_path / "missing.jsonl"), "sft")
+    bad = _write(tmp_path / "b.jsonl", ["{", "{"])
+    with pytest.raises(DataError, match="no valid sft examples"):
+        read_jsonl(bad, "sft", skip_bad=True)
+    p = _write(tmp_path / "r.jsonl", ['{"prompt": [{"role": "user", "content": "q"}], "response": "r", '
+                                      '"attributes": {"helpful": 3, "verbose": null}, "extra": 1}'])
+    (ex,), _ = read_jsonl(p, "reward")
+    assert ex.attributes == {"helpful": 3.0, "verbose": None} and ex.prompt[0]["content"] == "q"
+
+
+# ---- tiny task ----------------------------------------------------------------------------------
+def test_tiny_task():
+    train, ev = addition("train"), addition("eval")
+    pairs = lambda xs: {x.prompt for x in xs}  # noqa: E731
+    assert not pairs(train) & pairs(ev) and len(train) + len(ev) == 90 * 90
+    assert all(split_of(*map(int, x.prompt[:-1].split("+"))) == "eval" for x in ev)
+    assert [x.prompt for x in addition("train", 5, seed=3)] == [x.prompt for x in addition("train", 5, seed=3)]
+    assert [x.prompt for x in addition("train", 5, seed=3)] != [x.prompt for x in addition("train", 5, seed=4)]
+    prefs = preference_pairs("eval", 300, seed=1)
+    assert all(p.rejected != p.chosen and p.chosen == answer_for(p.prompt) for p in prefs)
+    assert all(p.rejected.isdigit() and not p.rejected.startswith("0") for p in prefs)
+    assert wrong_answer(37, 48, 0) == "75" and wrong_answer(37, 48, 3) == "58"  # dropped carry; swap
+    assert wrong_answer(12, 13, 0) != "25"  # no carry to drop -> falls through to another corruption
+    assert exact_match_reward("37+48=", "85") == 1.0 and exact_match_reward("37+48=", " 85\n") == 1.0
+    assert exact_match_reward("37+48=", "84") == 0.0 and exact_match_reward("37+48=", "85x") == 0.0
+    assert exact_match_reward("37+48=", "") == 0.0
+    ex, _ = load_source("builtin:addition_prompts:eval:7", "prompt")
+    assert len(ex) == 7 and all(e.answer == answer_for(e.prompt) for e in ex)
+    with pytest.raises(DataError, match="provides preference data, not sft"):
+        load_source("builtin:addition_pairs:train", "sft")
+
+
+# ---- pipelines ----------------------------------------------------------------------------------
+def _records(n=40, seed=0, seq_len=32):
+    return tokenize_sft(addition("train", n, seed), ByteTokenizer(), "tiny", seq_len=seq_len)[0]
+
+
+def _segments(batches):
+    """Every example in the rows as a hashable (tokens, targets, mask) triple."""
+    out = []
+    for b in batches:
+        for r in range(b["tokens"].shape[0]):
+            for s in np.unique(b["segment_ids"][r]):
+                if s == 0:
+                    continue
+                sel = b["segment_ids"][r] == s
+                assert (b["positions"][r][sel] == np.arange(sel.sum())).all()  # positions restart
+                assert np.ptp(np.flatnonzero(sel)) == sel.sum() - 1  # one contiguous span
+                out.append((tuple(b["tokens"][r][sel]), tuple(b["targets"][r][sel]), tuple(b["loss_mask"][r][sel])))
+            assert b["loss_mask"][r][b["segment_ids"][r] == 0].sum() == 0  # no loss on padding
+    return out
+
+
+def _key(rec):
+    return (tuple(rec["tokens"]), tuple(rec["targets"]), tuple(rec["loss_mask"]))
+
+
+def test_packing_keeps_every_token():
+    recs = _records(50)
+    kw = dict(seq_len=32, batch_rows_per_process=1, shuffle=False, seed=0, repeat=False)
+    packed = list(make_sft_iterator(recs, packing=True, **kw))
+    unpacked = list(make_sft_iterator(recs, packing=False, **kw))
+    assert len(packed) < len(unpacked) == 50
+    assert all(b["tokens"].shape == (1, 32) and b["tokens"].dtype == np.int32 for b in packed)
+    assert packed[0]["loss_mask"].dtype == np.float32 and packed[0]["segment_ids"].max() > 1
+    assert collections.Counter(_segments(packed)) == collections.Counter(_segments(unpacked)) \
+        == collections.Counter(map(_key, recs))
+    assert sum(int((b["segment_ids"] > 0).sum()) for b in packed) == sum(len(r["tokens"]) for r in recs)
+
+
+def test_iterator_state_restores_exactly():
+    recs = _records(30)
+    for packing, prefetch in ((True, 0), (False, 0), (True, 2)):
+        kw = dict(seq_len=32, batch_rows_per_process=4, packing=packing, shuffle=True, seed=7, prefetch=prefetch)
+        it = make_sft_iterator(recs, **kw)
+        for _ in range(5):
+            next(it)
+        state = it.get_state()
+        expected = [next(it) for _ in range(12)]  # crosses several epoch boundaries
+        fresh = make_sft_iterator(recs, **kw)
+        fresh.set_state(json.loads(json.dumps(state)))  # state survives a JSON round trip
+        for a, b in zip(expected, [next(fresh) for _ in range(12)]):
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_determinism_by_seed_and_epochs_differ():
+    recs = _records(16)
+    kw = dict(seq_len=32, batch_rows_per_process=16, packing=False, shuffle=True)
+    a, b, c = (make_sft_iterator(recs, seed=s, **kw) for s in (1, 1, 2))
+    a1, a2 = next(a), next(a)
+    np.testing.assert_array_equal(a1["tokens"], next(b)["tokens"])
+    assert not np.array_equal(a1["tokens"], next(c)["tokens"])
+    assert not np.array_equal(a1["tokens"], a2["tokens"])  # a new shuffle per epoch...
+    assert sorted(map(_key, _rows(a1))) == sorted(map(_key, _rows(a2)))  # ...of the same examples
+
+
+def _rows(batch):
+    n = batch["segment_ids"].sum(1)
+    return [{k: batch[k][r][: n[r]] for k in ("tokens", "targets", "loss_mask")} for r in range(len(n))]
+
+
+@pytest.mark.parametrize("repeat", [False, True])
+def test_process_sharding_covers_epoch_once(repeat):
+    recs = _records(24)
+    seen = []
+    for p in range(2):
+        it = make_sft_iterator(recs, seq_len=32, batch_rows_per_process=3, packing=False, shuffle=True,
+                               seed=5, process_index=p, process_count=2, repeat=repeat)
+        seen += [_key(r) for _ in range(4) for r in _rows(next(it))]  # 2 x 4 x 3 = one epoch
+    assert collections.Counter(seen) == collections.Counter(map(_key, recs))
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_eval_iterator_one_pass_padded(packing):
+    recs = _records(11)
+    per_proc = [list(make_eval_iterator(recs, seq_len=32, batch_rows_per_process=4, packing=packing,
+                                        process_index=p, process_count=2)) for p in range(2)]
+    assert len(per_proc[0]) == len(per_proc[1]) >= 1  # same number of eval steps everywhere
+    batches = per_proc[0] + per_proc[1]
+    assert all(b["tokens"].shape == (4, 32) for b in batches)
+    assert collections.Counter(_segments(batches)) == collections.Counter(map(_key, recs))
+    assert (per_proc[1][-1]["loss_mask"][-1] == 0).all()  # trailing empty row
+
+
+def test_preference_records_and_iterator():
+    tok = ByteTokenizer()
+    recs, counts = tokenize_preference(preference_pairs("train", 10), tok, "tiny", seq_len=24)
+    assert counts["examples"] == 10
+    it = make_preference_iterator(recs, seq_len=24, batch_rows_per_process=2, shuffle=True, seed=0)
+    b = next(it)
+    assert b["chosen"]["tokens"].shape == b["rejected"]["tokens"].shape == (2, 24)
+    # Same prompt in both halves: the masked-out prefix is identical.
+    for r in range(2):
+        n = int(np.argmax(b["chosen"]["loss_mask"][r]))
+        np.testing.assert_array_equal(b["chosen"]["tokens"][r, :n], b["rejected"]["tokens"][r, :n])
+    ev = list(make_eval_iterator(recs, seq_len=24, batch_rows_per_process=4))
+    assert len(ev) == 3 and ev[-1]["chosen"]["loss_mask"][2:].sum() == 0
+
+
+def test_config_driven_data(tmp_path):
+    from jalign.config import Config
+    from jalign.data.pipeline import PreferenceData, SFTData
+
+    cfg = Config()
+    cfg.data.seq_len, cfg.train.global_batch = 32, 8
+    path = _write(tmp_path / "sft.jsonl", [json.dumps({"prompt": f"{i}+1=", "response": str(i + 1)}) for i in range(20)]
+                  + ["oops"])
+    cfg.data.train, cfg.data.eval, cfg.data.skip_bad_lines = str(path), "builtin:addition:eval:10", True
+    logs = []
+    data = SFTData(cfg, ByteTokenizer(), log=logs.append, process_index=1, process_count=2)
+    assert any("sft.jsonl:21: malformed JSON" in m for m in logs) and any("20 examples" in m for m in logs)
+    assert next(data.train_iterator())["tokens"].shape == (4, 32)
+    assert data.has_eval and len(list(data.eval_iterator())) == len(list(data.eval_iterator())) >= 1
+    prompt_ids, ref = data.eval_examples()[0]
+    assert ref == answer_for(ByteTokenizer().decode(prompt_ids)) and data.tokenizer_dir() is None
+    cfg.data.train, cfg.data.eval = "builtin:addition_pairs:train:40", "builtin:addition_pairs:eval:5"
+    pref = PreferenceData(cfg, ByteTokenizer(), log=logs.append, process_index=0, process_count=1)
+    assert next(pref.train_iterator())["rejected"]["loss_mask"].shape == (8, 32)

@@ -1,0 +1,233 @@
+"""Hugging Face checkpoints in and out: logits parity per architecture, sharded files, round trips, errors."""
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jalign.models import hf_io
+from jalign.models.hf_io import HFCheckpointError, load_hf_params, model_config_from_hf, save_hf
+from jalign.models.params import flatten, param_specs
+from jalign.models.transformer import declare_params, forward, lm_logits
+from sharding import make_mesh
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+KINDS = ["llama3", "llama_tied", "mistral", "qwen2", "qwen3"]
+VOCAB = 256
+
+
+def hf_config(kind: str):
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
+    if kind == "llama3":
+        return transformers.LlamaConfig(**common, rope_theta=500000.0, rope_scaling=dict(
+            rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=64))
+    if kind == "llama_tied":
+        return transformers.LlamaConfig(**common, tie_word_embeddings=True)
+    if kind == "mistral":
+        return transformers.MistralConfig(**common, sliding_window=None)
+    if kind == "qwen2":
+        return transformers.Qwen2Config(**common)
+    if kind == "qwen3":
+        return transformers.Qwen3Config(**common, head_dim=32)  # head_dim != hidden // heads
+    raise ValueError(kind)
+
+
+def build_hf(kind: str, path, **save_kw):
+    """A tiny random model; norms and biases perturbed away from 1 / 0 so they are exercised."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(kind)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "bias" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path, safe_serialization=True, **save_kw)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    out = {}
+    for kind in KINDS:
+        d = tmp_path_factory.mktemp(kind)
+        out[kind] = (build_hf(kind, d), d)
+    return out
+
+
+def batch(B=3, T=12, lens=(12, 7, 3), seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, VOCAB, (B, T))
+    mask = (np.arange(T)[None] < np.asarray(lens)[:, None]).astype(np.int64)  # right padding
+    return tokens, mask
+
+
+def jalign_logits(params, cfg, tokens, mask):
+    pos = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+    hidden = forward(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(pos, jnp.int32),
+                     jnp.asarray(mask, jnp.int32), cfg)
+    return np.asarray(lm_logits(params, hidden, cfg))
+
+
+def hf_logits(model, tokens, mask):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.float().numpy()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_logits_match_transformers(hf_dirs, kind):
+    model, d = hf_dirs[kind]
+    cfg = model_config_from_hf(d)
+    assert cfg.tie_embeddings == (kind == "llama_tied")
+    assert cfg.qkv_bias == (kind == "qwen2") and cfg.qk_norm == (kind == "qwen3")
+    assert (cfg.rope_scaling is not None) == (kind == "llama3")
+    params = load_hf_params(d, cfg)
+    assert jax.tree.structure(params) == jax.tree.structure(
+        jax.tree.map(lambda d: 0, declare_params(cfg), is_leaf=lambda x: hasattr(x, "axes")))
+    tokens, mask = batch()
+    ours, ref = jalign_logits(params, cfg, tokens, mask), hf_logits(model, tokens, mask)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-4, rtol=1e-4)
+
+
+def test_index_sharded_checkpoint_loads(tmp_path, hf_dirs):
+    model = build_hf("qwen2", tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    cfg = model_config_from_hf(tmp_path)
+    tokens, mask = batch()
+    ours = jalign_logits(load_hf_params(tmp_path, cfg), cfg, tokens, mask)
+    np.testing.assert_allclose(ours[mask.astype(bool)], hf_logits(model, tokens, mask)[mask.astype(bool)], atol=1e-4)
+
+
+def test_bfloat16_checkpoint_loads(tmp_path):
+    model = build_hf("llama3", tmp_path / "src")
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16", safe_serialization=True)
+    cfg = model_config_from_hf(tmp_path / "bf16")
+    params = load_hf_params(tmp_path / "bf16", cfg)
+    assert params["embed"].dtype == jnp.float32
+    want = model.model.layers[1].self_attn.q_proj.weight.detach().float().numpy()  # [H*hd, D]
+    got = np.asarray(params["layers"]["q"][1]).reshape(cfg.hidden, -1).T
+    np.testing.assert_array_equal(got, want)
+    bf = load_hf_params(tmp_path / "bf16", cfg, dtype=jnp.bfloat16)
+    assert bf["layers"]["down"].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_round_trip_through_save_hf(hf_dirs, tmp_path, kind):
+    model, d = hf_dirs[kind]
+    cfg = model_config_from_hf(d)
+    out = tmp_path / "export"
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    save_hf(load_hf_params(d, cfg), cfg, out, tokenizer_dir=tmp_path / "tok", max_shard_bytes=64 * 1024)
+    files = sorted(os.listdir(out))
+    assert "config.json" in files and "generation_config.json" in files and "tokenizer.json" in files
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and shards[-1].endswith(f"-of-{len(shards):05d}.safetensors")
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".export")]  # temp dir renamed away
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(reloaded).__name__ == {"llama3": "LlamaForCausalLM", "llama_tied": "LlamaForCausalLM",
+                                       "mistral": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                       "qwen3": "Qwen3ForCausalLM"}[kind]
+    tokens, mask = batch()
+    np.testing.assert_array_equal(hf_logits(reloaded, tokens, mask), hf_logits(model, tokens, mask))
+    assert model_config_from_hf(out) == cfg.__class__(**{**cfg.__dict__, "hf_path": str(out)})
+
+
+def test_load_onto_mesh_and_save_from_it(hf_dirs, tmp_path):
+    model, d = hf_dirs["qwen3"]
+    cfg = model_config_from_hf(d)
+    mesh = make_mesh(data=2, fsdp=2, tensor=2, sequence=1)
+    params = load_hf_params(d, cfg, mesh=mesh)
+    want = flatten(param_specs(declare_params(cfg), mesh))
+    for path, arr in flatten(params).items():
+        assert arr.sharding.spec == want[path], path
+        assert arr.sharding.mesh == mesh
+    assert params["layers"]["q"].sharding.spec[1:3] == ("fsdp", "tensor")
+    shard_shapes = {s.data.shape for s in params["layers"]["gate"].addressable_shards}
+    assert shard_shapes == {(cfg.layers, cfg.hidden // 2, cfg.mlp // 2)}  # no device holds a full copy
+    tokens, mask = batch()
+    ours = jalign_logits(params, cfg, tokens, mask)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(ours[valid], hf_logits(model, tokens, mask)[valid], atol=1e-4)
+    save_hf(params, cfg, tmp_path / "out", dtype="bfloat16")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert reloaded.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(reloaded.model.layers[1].mlp.down_proj.weight,
+                               model.model.layers[1].mlp.down_proj.weight.bfloat16())
+
+
+def test_convert_cli_round_trip(hf_dirs, tmp_path):
+    model, d = hf_dirs["llama3"]
+    assert hf_io.convert_main(["--hf", str(d), "--out", str(tmp_path / "ckpt")]) == 0
+    assert (tmp_path / "ckpt" / "config.yaml").is_file()
+    rc = hf_io.convert_main(["--from-checkpoint", str(tmp_path / "ckpt"), "--to-hf", str(tmp_path / "hf")])
+    assert rc == 0
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens, mask = batch()
+    np.testing.assert_array_equal(hf_logits(reloaded, tokens, mask), hf_logits(model, tokens, mask))
+    assert hf_io.convert_main([]) == 2
+
+
+# ---- bad directories ------------------------------------------------------------------------------
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_config_json(tmp_path):
+    with pytest.raises(HFCheckpointError, match="missing config.json"):
+        model_config_from_hf(tmp_path)
+
+
+def test_missing_weights(hf_dirs, tmp_path):
+    d = _copy(hf_dirs["llama3"][1], tmp_path / "m")
+    cfg = model_config_from_hf(d)
+    (d / "model.safetensors").unlink()
+    with pytest.raises(HFCheckpointError, match="missing weights: no model.safetensors"):
+        load_hf_params(d, cfg)
+
+
+def test_wrong_tensor_shape(hf_dirs, tmp_path):
+    d = _copy(hf_dirs["llama3"][1], tmp_path / "m")
+    c = json.loads((d / "config.json").read_text())
+    c["intermediate_size"] = 128
+    (d / "config.json").write_text(json.dumps(c))
+    with pytest.raises(HFCheckpointError, match=r"model.safetensors: tensor model.layers.0.mlp.gate_proj.weight "
+                                                r"has shape \[96, 64\], expected \[128, 64\]"):
+        load_hf_params(d, model_config_from_hf(d))
+
+
+def test_missing_tensor(hf_dirs, tmp_path):
+    d = _copy(hf_dirs["llama_tied"][1], tmp_path / "m")
+    c = json.loads((d / "config.json").read_text())
+    c["tie_word_embeddings"] = False
+    (d / "config.json").write_text(json.dumps(c))
+    with pytest.raises(HFCheckpointError, match="missing tensor lm_head.weight"):
+        load_hf_params(d, model_config_from_hf(d))
+
+
+def test_unknown_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    with pytest.raises(HFCheckpointError, match=r"unsupported architecture \['GPT2LMHeadModel'\]"):
+        model_config_from_hf(tmp_path)
+
+
+def test_mistral_sliding_window(hf_dirs, tmp_path):
+    d = _copy(hf_dirs["mistral"][1], tmp_path / "m")
+    c = json.loads((d / "config.json").read_text())
+    c["sliding_window"] = 128
+    (d / "config.json").write_text(json.dumps(c))
+    with pytest.warns(UserWarning, match="sliding_window=128 but jalign attention is full causal"):
+        cfg = model_config_from_hf(d)
+    assert cfg.max_seq_len == 128
+    with pytest.raises(HFCheckpointError, match="requested seq_len=256"):
+        model_config_from_hf(d, seq_len=256)
+    assert model_config_from_hf(d, seq_len=64).max_seq_len == 128
