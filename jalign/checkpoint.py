@@ -86,17 +86,18 @@ def load_params(path: str | Path, step: Optional[int] = None) -> dict:
     directory = find_checkpoint_dir(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"{path}: no checkpoint directory found (expected a run dir with checkpoints/)")
-    mgr = ocp.CheckpointManager(directory.absolute(), item_names=("state", "data", "meta"))
+    mgr = ocp.CheckpointManager(directory.absolute())
     step = mgr.latest_step() if step is None else step
+    mgr.close()
     if step is None:
         raise FileNotFoundError(f"{directory}: contains no finished checkpoint")
-    meta = mgr.item_metadata(step)["state"]
-    params_meta = meta["params"] if isinstance(meta, dict) else meta.tree["params"]
+    path = directory.absolute() / str(step) / "state"
+    ckptr = ocp.PyTreeCheckpointer()
+    meta = ckptr.metadata(path)
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+    params_meta = tree["params"]
     cpu = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), params_meta)
-    restored = mgr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item={"params": target}, restore_args=jax.tree.map(
-            lambda t: ocp.ArrayRestoreArgs(sharding=cpu, global_shape=t.shape, dtype=t.dtype), {"params": target}),
-            partial_restore=True)))
-    mgr.close()
-    return restored["state"]["params"]
+    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=cpu), params_meta)
+    restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+        item={"params": params_meta}, restore_args={"params": restore_args}, partial_restore=True))
+    return restored["params"]

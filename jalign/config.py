@@ -126,6 +126,9 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     export_hf: Optional[str] = None  # write a Hugging Face directory here at the end
+    # Run at most this many steps in this invocation, then checkpoint and exit 0 (time-sliced or
+    # preemptible queues: resubmit the same command to continue). None = run to train.steps.
+    stop_after_steps: Optional[int] = None
 
 
 # ---- algorithm configs: one dataclass per algorithm, chosen by ``algorithm.name`` ----------------

@@ -118,14 +118,15 @@ def train(cfg: Config) -> dict:
                     writer.message(f"step {step}: " + ", ".join(f"eval/{k}={v:.4g}" for k, v in ev.items()
                                                                   if isinstance(v, float)))
                     last.update(_prefixed(ev, "eval/"))
-                stopping = _stop_everywhere(stop.requested)
+                sliced = t.stop_after_steps is not None and step - start >= t.stop_after_steps
+                stopping = _stop_everywhere(stop.requested) or sliced
                 if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps or stopping:
                     ckpt.save(step, state, train_iter, meta={"step": step}, force=True)
                 if stopping:
-                    writer.message(f"stop requested: checkpoint at step {step} written, exiting")
+                    writer.message(f"stopping early: checkpoint at step {step} written, exiting")
                     break
             ckpt.wait()
-            if t.export_hf and not stop.requested:
+            if t.export_hf and step == t.steps:
                 algo.export(state, t.export_hf)
         finally:
             ckpt.close()

@@ -9,8 +9,9 @@ How it works. Every device of the "sequence" axis keeps its block of queries and
 (k, v, kv_seg, kv_idx) block to the next device with ``lax.ppermute``; after n steps every query block has
 met every key block. Partial results are merged with an online log-sum-exp softmax in float32 (also for
 bf16 inputs). Masks are built from the *carried* indices, so the ring is correct for any token order.
-Each local block is split into ``num_chunks`` pieces and every (query piece, key piece) pair with no
-unmasked entry is skipped with ``lax.cond``. GQA is done by grouping query heads ([B, T, KV, H/KV, hd]);
+Each local block is cut into pieces of at most ``block_size`` tokens; the (query piece, key piece)
+pairs run in a ``fori_loop`` and every pair with no unmasked entry is skipped with ``lax.cond``, so the
+largest temporary is one [block_size, block_size] score tile per head and memory is O(T/n) per device. GQA is done by grouping query heads ([B, T, KV, H/KV, hd]);
 k/v are never repeated. The backward pass is a ``custom_vjp`` that rings again: k/v travel with their
 dk/dv accumulators and come home after n hops, so memory stays O(T/n) per device (only q, k, v, out and
 the per-row log-sum-exp are saved).
@@ -79,8 +80,8 @@ def count_unmasked_blocks(seq_len: int, n: int, layout: str = "zigzag", causal: 
                           num_chunks: int = 2, per_step: bool = False) -> np.ndarray:
     """Per-device number of (query piece, key piece) pairs with any unmasked entry.
 
-    Uses the same block structure as ``ring_attention`` (each device's block split into ``num_chunks``
-    pieces, key blocks arriving from device (i - step) mod n), so this is the number of block
+    Uses the block structure of ``ring_attention`` (each device's block split into ``num_chunks``
+    pieces, 2 = the zigzag halves; key blocks arriving from device (i - step) mod n), so this is the number of block
     computations the ring does on each device (the rest are skipped). Returns [n], or [n_steps, n]
     with ``per_step``; a ring step takes as long as its slowest device.
     """
@@ -163,6 +164,13 @@ def _group(q, kv_heads):
 def _ungroup(x):
     B, KV, G, T, hd = x.shape
     return x.transpose(0, 3, 1, 2, 4).reshape(B, T, KV * G, hd)
+
+
+def _num_pieces(t: int, block_size: int) -> int:
+    """Fewest pieces (even if possible, so zigzag halves align) of length <= block_size dividing t."""
+    ok = [d for d in range(1, t + 1) if t % d == 0 and t // d <= block_size]
+    even = [d for d in ok if d % 2 == 0]
+    return even[0] if even else ok[0]
 
 
 def _ring_fwd_impl(q, k, v, q_seg, kv_seg, q_idx, kv_idx, axis_name, causal, num_chunks):
@@ -261,19 +269,18 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 def ring_attention(q, k, v, q_seg, kv_seg, q_idx, kv_idx, *, axis_name: str = SEQ_AXIS, causal: bool = True,
-                   num_chunks: int = 2) -> jax.Array:
+                   block_size: int = 512) -> jax.Array:
     """Per-device ring attention body; call inside ``shard_map`` with the sequence sharded over ``axis_name``.
 
     Arguments are the local blocks (q [B, t, H, hd], k/v [B, t, KV, hd], ids [B, t]). ``causal=False``
-    masks by segment only. ``num_chunks``: pieces per local block for skipping fully masked work
-    (2 matches the zigzag layout; falls back to 1 when it does not divide the block).
+    masks by segment only. ``block_size``: longest query/key piece of the inner loop (the score tile is
+    [block_size, block_size] per head); fully masked piece pairs are skipped.
     """
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"ring attention needs equal local q/kv lengths, got {q.shape[1]} and {k.shape[1]}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads {q.shape[2]} must be a multiple of kv heads {k.shape[2]}")
-    if q.shape[1] % num_chunks:
-        num_chunks = 1
+    num_chunks = _num_pieces(q.shape[1], block_size)
     ints = [jnp.asarray(a, jnp.int32) for a in (q_seg, kv_seg, q_idx, kv_idx)]
     return _ring(q, k, v, *ints, axis_name, causal, num_chunks)
 
@@ -296,7 +303,7 @@ def ring_specs(mesh, batch: int, heads: int, kv_heads: int):
 
 
 def ring_attention_auto(q, k, v, q_seg, kv_seg, q_idx, kv_idx, *, causal: bool = True,
-                        mesh=None, num_chunks: int = 2) -> jax.Array:
+                        mesh=None, block_size: int = 512) -> jax.Array:
     """``attend(impl="ring")``: ring attention over the "sequence" axis of the active mesh.
 
     The mesh is ``sharding.rules.active_mesh()`` (set by ``use_rules`` while tracing) unless given.
@@ -317,7 +324,7 @@ def ring_attention_auto(q, k, v, q_seg, kv_seg, q_idx, kv_idx, *, causal: bool =
             q_idx, kv_idx = jnp.zeros_like(q_idx), jnp.zeros_like(kv_idx)
         return dense_attention(q, k, v, attention_mask(q_seg, kv_seg, q_idx, kv_idx))
     qs, kvs, ids = ring_specs(mesh, B, H, k.shape[2])
-    body = functools.partial(ring_attention, axis_name=SEQ_AXIS, causal=causal, num_chunks=num_chunks)
+    body = functools.partial(ring_attention, axis_name=SEQ_AXIS, causal=causal, block_size=block_size)
     fn = jax.shard_map(body, mesh=mesh, in_specs=(qs, kvs, kvs, ids, ids, ids, ids), out_specs=qs,
                        check_vma=True)
     return fn(q, k, v, q_seg, kv_seg, q_idx, kv_idx)

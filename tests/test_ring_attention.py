@@ -42,17 +42,17 @@ def _value_and_grads(fn, q, k, v, w):
 
 
 CASES = [
-    # mesh (data, fsdp, tensor, sequence), batch, T, H, KV, causal, packed, layout
-    ((1, 1, 1, 8), 1, 32, 4, 2, True, True, "zigzag"),
-    ((2, 1, 1, 4), 2, 48, 4, 2, True, True, "zigzag"),
-    ((1, 1, 2, 4), 2, 48, 4, 2, False, True, "contiguous"),
-    ((1, 1, 2, 4), 1, 40, 8, 2, True, False, "zigzag"),
-    ((2, 2, 1, 2), 3, 24, 4, 4, True, True, "contiguous"),  # batch 3 does not divide data*fsdp: unsharded
+    # mesh (data, fsdp, tensor, sequence), batch, T, H, KV, causal, packed, layout, block_size
+    ((1, 1, 1, 8), 1, 32, 4, 2, True, True, "zigzag", 512),
+    ((2, 1, 1, 4), 2, 48, 4, 2, True, True, "zigzag", 2),  # 6 pieces of 2 per device: inner loop + skips
+    ((1, 1, 2, 4), 2, 48, 4, 2, False, True, "contiguous", 512),
+    ((1, 1, 2, 4), 1, 40, 8, 2, True, False, "zigzag", 512),
+    ((2, 2, 1, 2), 3, 24, 4, 4, True, True, "contiguous", 3),  # batch 3 does not divide data*fsdp: unsharded
 ]
 
 
-@pytest.mark.parametrize("mesh_shape,B,T,H,KV,causal,packed,layout", CASES)
-def test_ring_matches_dense(mesh_shape, B, T, H, KV, causal, packed, layout):
+@pytest.mark.parametrize("mesh_shape,B,T,H,KV,causal,packed,layout,block_size", CASES)
+def test_ring_matches_dense(mesh_shape, B, T, H, KV, causal, packed, layout, block_size):
     q, k, v, seg, idx, w = _inputs(B, T, H, KV, 8, packed)
     mask = attention_mask(seg, seg, idx if causal else 0 * idx, idx if causal else 0 * idx)
     ref_out, ref_grads = _value_and_grads(lambda q, k, v: dense_attention(q, k, v, mask), q, k, v, w)
@@ -68,7 +68,7 @@ def test_ring_matches_dense(mesh_shape, B, T, H, KV, causal, packed, layout):
 
     def ring(q, k, v):
         with use_rules(mesh):
-            return ring_attention_auto(q, k, v, zseg, zseg, zidx, zidx, causal=causal)
+            return ring_attention_auto(q, k, v, zseg, zseg, zidx, zidx, causal=causal, block_size=block_size)
 
     out, grads = _value_and_grads(ring, zz(q), zz(k), zz(v), zw)
     np.testing.assert_allclose(unzz(out), ref_out, atol=1e-5, rtol=1e-5)
