@@ -176,6 +176,68 @@ class DPOConfig:
 
 
 @dataclass
+class _RLConfig:
+    """What PPO, GRPO and RLOO share: rollout, reward, KL to the reference, minibatching, evaluation.
+
+    One step = ``train.global_batch`` prompts x ``num_rollouts_per_prompt`` samples (the rollout
+    batch), then ``ppo_epochs`` passes over it in minibatches of ``minibatch_size`` rows (None = the
+    whole rollout), each split into accumulation steps of ``micro_batch_size`` rows (None = minibatch).
+    """
+
+    name: str = ""
+    reward_model: Optional[str] = None  # a trained reward-model run dir, or ...
+    reward_fn: Optional[str] = None  # ... a rule-based reward from jalign.rewards (e.g. exact_match)
+    reward_attribute: int = 0  # which reward-model output is the reward
+    num_rollouts_per_prompt: int = 1
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    ppo_epochs: int = 1
+    minibatch_size: Optional[int] = None
+    micro_batch_size: Optional[int] = None
+    clip_eps: float = 0.2
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.05
+    truncated_response: Literal["keep", "mask", "penalize"] = "penalize"  # no EOS within max_new_tokens
+    truncation_penalty: float = -1.0  # the reward of a truncated response under "penalize"
+    eval_prompts: int = 64  # held-out prompts rolled out at each evaluation (0 = off)
+
+
+@register_algorithm_config("ppo")
+@dataclass
+class PPOConfig(_RLConfig):
+    name: str = "ppo"
+    critic_init_from: Optional[str] = None  # default: the reward-model run, else model.init_from
+    critic_lr: Optional[float] = None  # default optim.lr
+    kl_estimator: Literal["k1", "abs", "k3"] = "k1"  # per-token KL in the reward r_t
+    kl_target: Optional[float] = None  # set for the adaptive KL coefficient (Ziegler et al. 2019)
+    kl_horizon: float = 10000.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    value_clip: float = 0.2
+
+
+@register_algorithm_config("grpo")
+@dataclass
+class GRPOConfig(_RLConfig):
+    name: str = "grpo"
+    num_rollouts_per_prompt: int = 4
+    kl_coef: float = 0.04  # k3 KL to the reference, in the loss
+    scale_advantages: bool = True  # False: Dr. GRPO (no division by the group std)
+    loss_aggregation: Literal["token", "sequence"] = "token"  # global token mean, or per-sequence mean
+
+
+@register_algorithm_config("rloo")
+@dataclass
+class RLOOConfig(_RLConfig):
+    name: str = "rloo"
+    num_rollouts_per_prompt: int = 4
+    kl_in: Literal["reward", "loss"] = "reward"  # R - beta * sum_t k1, or + beta * k3 token mean in the loss
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -466,8 +528,13 @@ def validate_for_devices(cfg: Config, num_devices: int) -> dict[str, int]:
             raise ConfigError(f"{src}: model.{key}={val} is not divisible by mesh.tensor={tp}")
     if m.hidden % sizes["fsdp"]:
         raise ConfigError(f"{src}: model.hidden={m.hidden} is not divisible by mesh.fsdp={sizes['fsdp']}")
-    if cfg.data.seq_len % sizes["sequence"]:
-        raise ConfigError(f"{src}: data.seq_len={cfg.data.seq_len} is not divisible by mesh.sequence={sizes['sequence']}")
+    sp = sizes["sequence"]
+    if sp > 1:
+        # Sequence parallelism means ring attention; the zigzag layout splits each row in 2*sequence chunks.
+        cfg.model.attention = "ring"
+        if cfg.data.seq_len % (2 * sp):
+            raise ConfigError(f"{src}: data.seq_len={cfg.data.seq_len} must be divisible by 2*mesh.sequence={2 * sp} "
+                              "(ring attention's zigzag layout)")
     return sizes
 
 

@@ -257,7 +257,7 @@ def compiled_cache_size() -> int:
 
 # ---- CLI: jalign generate -------------------------------------------------------------------------
 def _load_model(spec: str, seed: int):
-    """(params, cfg, tokenizer spec) from a Hugging Face directory or a jalign YAML config."""
+    """(params, cfg, tokenizer spec, default chat template) from an HF directory or a jalign YAML config."""
     from pathlib import Path
 
     from jalign.models import hf_io
@@ -266,23 +266,27 @@ def _load_model(spec: str, seed: int):
 
     if Path(spec).is_dir() and (Path(spec) / "config.json").is_file():
         cfg = hf_io.model_config_from_hf(spec)
-        return hf_io.load_hf_params(spec, cfg), cfg, spec
+        return hf_io.load_hf_params(spec, cfg), cfg, spec, "none"
     from jalign.config import load_config
 
-    cfg = load_config(spec).model
+    if Path(spec).is_dir() and (Path(spec) / "config.yaml").is_file():  # a run / `jalign convert` dir
+        spec = str(Path(spec) / "config.yaml")
+    full = load_config(spec)
+    cfg, template = full.model, full.data.chat_template
     if cfg.hf_path:
         hf_cfg = hf_io.model_config_from_hf(cfg.hf_path)
         return hf_io.load_hf_params(cfg.hf_path, hf_cfg), hf_cfg, (
-            cfg.tokenizer if cfg.tokenizer != "byte" else cfg.hf_path)
+            cfg.tokenizer if cfg.tokenizer != "byte" else cfg.hf_path), template
     if cfg.init_from:
-        return hf_io.load_params_checkpoint(cfg.init_from, cfg), cfg, cfg.tokenizer
+        return hf_io.load_params_checkpoint(cfg.init_from, cfg), cfg, cfg.tokenizer, template
     print("jalign generate: no model.hf_path / model.init_from: using random weights", file=sys.stderr)
-    return init_params(declare_params(cfg), seed), cfg, cfg.tokenizer
+    return init_params(declare_params(cfg), seed), cfg, cfg.tokenizer, template
 
 
 def generate_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="jalign generate", description="Sample continuations of prompts.")
-    ap.add_argument("--model", required=True, help="Hugging Face directory or jalign YAML config")
+    ap.add_argument("--model", required=True,
+                    help="Hugging Face directory, jalign YAML config, or a `jalign convert --out` directory")
     ap.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     ap.add_argument("--prompts", help='JSONL file of {"prompt": ...} lines')
     ap.add_argument("--out", help="write JSONL results here (default: stdout)")
@@ -293,6 +297,8 @@ def generate_main(argv: list[str]) -> int:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--chat-template", help="tiny | none | hf | FILE.jinja (default: the config's "
+                                            "data.chat_template; 'none' for a Hugging Face directory)")
     a = ap.parse_args(argv)
     prompts = list(a.prompt)
     if a.prompts:
@@ -307,24 +313,28 @@ def generate_main(argv: list[str]) -> int:
     if not prompts:
         print("jalign generate: give --prompt TEXT or --prompts FILE.jsonl", file=sys.stderr)
         return 2
-    params, cfg, tok_spec = _load_model(a.model, a.seed)
+    params, cfg, tok_spec, template = _load_model(a.model, a.seed)
+    from jalign.data.chat import encode_prompt
     from jalign.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tok_spec)
+    template = a.chat_template or template
     eos = sorted(tok.eos_ids)
     pad = tok.pad_id if tok.pad_id is not None else 0
     out_f = open(a.out, "w") if a.out else sys.stdout
     try:
         for start in range(0, len(prompts), a.batch_size):
             chunk = prompts[start:start + a.batch_size]
-            res = generate(params, cfg, [tok.encode(p, add_special=True) for p in chunk], max_new_tokens=a.max_new_tokens,
-                           min_new_tokens=a.min_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                           top_p=a.top_p, eos_ids=eos, pad_id=pad, rng=jax.random.fold_in(jax.random.key(a.seed), start))
+            res = generate(params, cfg, [encode_prompt(p, template, tok) for p in chunk],
+                           max_new_tokens=a.max_new_tokens, min_new_tokens=a.min_new_tokens,
+                           temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, eos_ids=eos, pad_id=pad,
+                           rng=jax.random.fold_in(jax.random.key(a.seed), start))
             for j, p in enumerate(chunk):
                 n = int(res["lengths"][j])
                 ids = res["tokens"][j, :n].tolist()
                 if res["ended_with_eos"][j]:
                     ids = ids[:-1]
+                ids = [i for i in ids if i < tok.vocab_size]  # model vocab may be padded past the tokenizer's
                 out_f.write(json.dumps({"prompt": p, "response": tok.decode(ids), "num_tokens": n,
                                         "ended_with_eos": bool(res["ended_with_eos"][j])}) + "\n")
     finally:

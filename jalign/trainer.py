@@ -47,9 +47,24 @@ class _StopSignal:
             signal.signal(sig, prev)
 
 
+def resolve_model(cfg: Config) -> None:
+    """With ``model.hf_path`` the architecture comes from the checkpoint's config.json; the YAML keeps
+    only how to run it (dtypes, remat, attention backend) and where weights/tokenizer come from."""
+    m = cfg.model
+    if not m.hf_path:
+        return
+    from jalign.models.hf_io import model_config_from_hf
+
+    keep = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention,
+                hf_path=m.hf_path, init_from=m.init_from,
+                tokenizer=m.hf_path if m.tokenizer == "byte" else m.tokenizer)
+    cfg.model = model_config_from_hf(m.hf_path, seq_len=cfg.data.seq_len, **keep)
+
+
 def setup(cfg: Config):
     """Mesh, rules, run directory, algorithm; validation happens before any device allocation."""
     distributed.initialize(cfg)
+    resolve_model(cfg)
     sizes = validate_for_devices(cfg, jax.device_count())
     mesh = make_mesh(**sizes)
     rules = make_rules(cfg.mesh.rules)

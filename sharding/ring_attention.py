@@ -11,10 +11,10 @@ met every key block. Partial results are merged with an online log-sum-exp softm
 bf16 inputs). Masks are built from the *carried* indices, so the ring is correct for any token order.
 Each local block is cut into pieces of at most ``block_size`` tokens; the (query piece, key piece)
 pairs run in a ``fori_loop`` and every pair with no unmasked entry is skipped with ``lax.cond``, so the
-largest temporary is one [block_size, block_size] score tile per head and memory is O(T/n) per device. GQA is done by grouping query heads ([B, T, KV, H/KV, hd]);
-k/v are never repeated. The backward pass is a ``custom_vjp`` that rings again: k/v travel with their
-dk/dv accumulators and come home after n hops, so memory stays O(T/n) per device (only q, k, v, out and
-the per-row log-sum-exp are saved).
+largest temporary is one [block_size, block_size] score tile per head. GQA groups query heads
+([B, KV, H/KV, T, hd]); k/v are never repeated. The backward pass is a ``custom_vjp`` that rings again:
+k/v travel with their dk/dv accumulators and come home after n hops. Only q, k, v, out and the per-row
+log-sum-exp are saved, so memory is O(T/n) per device in both directions.
 
 Causal load balancing (zigzag). With a contiguous layout device i holds rows [iT/n, (i+1)T/n) and under
 causal masking the last device does ~2n-1 times the work of the first. ``to_zigzag`` cuts a row into 2n
@@ -22,10 +22,12 @@ chunks and gives device i chunks i and 2n-1-i, so every device does the same wor
 (see ``count_unmasked_blocks``). Attention itself needs nothing special: it masks by the carried original
 positions. The caller applies the permutation ONCE per batch, to everything of shape [B, T, ...]:
 
-    tokens, positions, segment_ids, labels, loss_mask = (to_zigzag(a, n) for a in (...))
-    token_index = to_zigzag(jnp.broadcast_to(jnp.arange(T), (B, T)), n)   # original positions
-    hidden = forward(..., token_index=token_index)   # q_idx = kv_idx = token_index
-    # per-token losses are order-independent; use from_zigzag(x, n) to get row order back.
+    zb = zigzag_batch(batch, n)    # tokens, targets, positions, segment_ids, masks + "token_index"
+    hidden = forward(params, zb["tokens"], zb["positions"], zb["segment_ids"], cfg,
+                     token_index=zb["token_index"])      # attention masks by q_idx = kv_idx = token_index
+    logps = from_zigzag(token_logps(hidden, zb["targets"]), n)   # [B, T] back in row order (or sum as is)
+
+Targets must be shifted (ids[1:]) BEFORE permuting, as jalign.data.packing already does.
 
 T must be divisible by 2n for the zigzag layout (and by n for the ring itself).
 """
@@ -34,7 +36,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Optional
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -76,13 +78,22 @@ def from_zigzag(x, n: int, axis: int = 1):
     return np.take(x, inv, axis=axis) if isinstance(x, np.ndarray) else jnp.take(x, inv, axis=axis)
 
 
+def zigzag_batch(batch: Mapping[str, object], n: int, axis: int = 1) -> dict:
+    """Every array of a batch dict ([B, T, ...]: tokens, targets, positions, segment_ids, masks) in zigzag
+    order, plus ``"token_index"`` [B, T] int32: each token's original position (pass it to ``forward``)."""
+    out = {k: to_zigzag(v, n, axis) for k, v in batch.items()}
+    B, T = next(iter(batch.values())).shape[:2]
+    out["token_index"] = to_zigzag(np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)), n)
+    return out
+
+
 def count_unmasked_blocks(seq_len: int, n: int, layout: str = "zigzag", causal: bool = True,
                           num_chunks: int = 2, per_step: bool = False) -> np.ndarray:
     """Per-device number of (query piece, key piece) pairs with any unmasked entry.
 
     Uses the block structure of ``ring_attention`` (each device's block split into ``num_chunks``
-    pieces, 2 = the zigzag halves; key blocks arriving from device (i - step) mod n), so this is the number of block
-    computations the ring does on each device (the rest are skipped). Returns [n], or [n_steps, n]
+    pieces, 2 = the zigzag halves; key blocks arriving from device (i - step) mod n), so this is the
+    number of piece computations the ring does on each device (the rest are skipped). Returns [n], or [n_steps, n]
     with ``per_step``; a ring step takes as long as its slowest device.
     """
     if layout == "zigzag":

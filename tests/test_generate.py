@@ -9,7 +9,7 @@ import pytest
 from jalign import generate as gen
 from jalign.models.hf_io import load_hf_params, model_config_from_hf
 from jalign.models.transformer import forward, lm_logits
-from sharding import make_mesh
+from sharding import DEFAULT_RULES, make_mesh, use_rules
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -191,6 +191,15 @@ def test_generate_on_mesh_matches_single_device(model):
     b = gen.generate(sharded, cfg, PROMPTS, mesh=mesh, **kw)
     np.testing.assert_array_equal(a["tokens"], b["tokens"])
     np.testing.assert_allclose(a["logprobs_tempered"], b["logprobs_tempered"], atol=1e-4)
+    # The KV cache [L, B=4, S=64+64, KV=2, hd=16] lives as [L, 1, S, 1, hd] per device: batch over
+    # data*fsdp=4, kv heads over tensor=2 (CACHE_AXES); no device holds the whole cache.
+    fn = gen._compiled(cfg, mesh, DEFAULT_RULES, new_len=64, top_k=0, use_top_p=False)
+    args = gen.prepare_prompts(PROMPTS, batch=4, length=64)
+    with use_rules(mesh, DEFAULT_RULES):
+        hlo = fn.lower(sharded, *args, np.ones(4, bool), jax.random.key(0), 1.0, 1.0, 0, 8, False,
+                       np.full(4, -1, np.int32), 0).compile().as_text()
+    hd = cfg.resolved_head_dim
+    assert f"f32[{cfg.layers},1,128,1,{hd}]" in hlo and f"f32[{cfg.layers},4,128,2,{hd}]" not in hlo
 
 
 def test_generate_cli(model, tmp_path, capsys):

@@ -13,7 +13,7 @@ from jalign.models.attention import attend, attention_mask, dense_attention
 from jalign.models.params import init_params
 from sharding.mesh import make_mesh
 from sharding.ring_attention import (count_unmasked_blocks, from_zigzag, ring_attention_auto, to_zigzag,
-                                     zigzag_inverse, zigzag_permutation)
+                                     zigzag_batch, zigzag_inverse, zigzag_permutation)
 from sharding.rules import use_rules
 
 
@@ -121,6 +121,9 @@ def test_zigzag_round_trip(T, n):
     np.testing.assert_array_equal(from_zigzag(to_zigzag(x, n), n), x)
     np.testing.assert_array_equal(np.asarray(from_zigzag(to_zigzag(jnp.asarray(x), n), n)), x)
     np.testing.assert_array_equal(to_zigzag(x, n)[:, :, 0], x[:, perm, 0])
+    zb = zigzag_batch({"tokens": x[..., 0], "mask": x > 0}, n)
+    np.testing.assert_array_equal(zb["tokens"], x[:, perm, 0])
+    np.testing.assert_array_equal(zb["token_index"], np.broadcast_to(perm, (2, T)))
     with pytest.raises(ValueError, match="divisible"):
         zigzag_permutation(T + 1, n)
 
@@ -176,8 +179,8 @@ def test_model_forward_ring_zigzag_equals_xla(monkeypatch):
     n, (B, T) = 4, tokens.shape
     mesh = make_mesh(1, 1, 1, n, devices=jax.devices()[:n])
     ring_cfg = dataclasses.replace(cfg, attention="ring", remat="full")
-    token_index = to_zigzag(np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)), n)
-    ztok, zpos, zseg = (to_zigzag(a, n) for a in (tokens, pos, seg))
+    zb = zigzag_batch({"tokens": tokens, "positions": pos, "segment_ids": seg}, n)
+    ztok, zpos, zseg, token_index = zb["tokens"], zb["positions"], zb["segment_ids"], zb["token_index"]
     w = jax.random.normal(jax.random.PRNGKey(1), (B, T, cfg.hidden))
 
     def loss(p, f, w):

@@ -258,9 +258,10 @@ def initial_params(rt: Runtime, decls, rng, log=print) -> dict:
     m = rt.cfg.model
     dtype = params_lib.DTYPES[m.param_dtype]
     if m.init_from:
-        from jalign.checkpoint import load_params
+        from jalign.models.hf_io import load_params_checkpoint
 
-        return merge_params(decls, load_params(m.init_from), rng, rt.mesh, rt.rules, dtype, log)
+        source = load_params_checkpoint(m.init_from, m)  # a training run dir or a `jalign convert` dir
+        return merge_params(decls, source, rng, rt.mesh, rt.rules, dtype, log)
     if m.hf_path:
         from jalign.models.hf_io import load_hf_params
 

@@ -56,12 +56,13 @@ class ByteTokenizer:
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         out, buf = [], bytearray()
         for i in (int(x) for x in ids):
-            if i >= BYTE_OFFSET:
+            if BYTE_OFFSET <= i < BYTE_OFFSET + 256:
                 buf.append(i - BYTE_OFFSET)
                 continue
             out.append(buf.decode("utf-8", errors="replace"))  # flush bytes before a special token
             buf = bytearray()
             if not skip_special:
+                # ids past the byte range exist when model.vocab_size > tokenizer.vocab_size (padding)
                 out.append(self._special_by_id.get(i, f"<|reserved_{i}|>"))
         out.append(buf.decode("utf-8", errors="replace"))
         return "".join(out)

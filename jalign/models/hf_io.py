@@ -144,7 +144,7 @@ def hf_config_dict(cfg: ModelConfig, dtype: str = "float32", special: Optional[d
            "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
            "tie_word_embeddings": cfg.tie_embeddings, "rope_theta": cfg.rope_theta, "rope_scaling": scaling,
            "rope_parameters": {"rope_type": "default", **(scaling or {}), "rope_theta": cfg.rope_theta},
-           "attention_bias": bool(cfg.qkv_bias and cfg.qk_norm), "attention_dropout": 0.0, "mlp_bias": False,
+           "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
            "use_cache": True, "torch_dtype": dtype, "dtype": dtype}
     if mtype != "llama":
         out.update(use_sliding_window=False, sliding_window=None)
@@ -324,6 +324,9 @@ def save_hf(params: dict, cfg: ModelConfig, out_dir, tokenizer_dir=None, max_sha
     """
     out_dir = Path(out_dir)
     layout, flat = _hf_layout(cfg), flatten(params)
+    if cfg.qk_norm and cfg.qkv_bias:
+        raise ValueError("save_hf: qk_norm with qkv_bias has no Hugging Face architecture (Qwen3's "
+                         "attention_bias also adds an o_proj bias)")
     missing = sorted(set(layout) - set(flat))
     if missing:
         raise ValueError(f"save_hf: params lack {missing} required by the config")
@@ -334,9 +337,6 @@ def save_hf(params: dict, cfg: ModelConfig, out_dir, tokenizer_dir=None, max_sha
             entries += [(m.hf_name.format(i=i), path, i, m.hf_shape, dt) for i in range(cfg.layers)]
         else:
             entries.append((m.hf_name, path, None, m.hf_shape, dt))
-    if cfg.qk_norm and cfg.qkv_bias:  # Qwen3 attention_bias=true also has an o_proj bias: ours is zero
-        entries += [(f"model.layers.{i}.self_attn.o_proj.bias", None, i, (cfg.hidden,), entries[0][4])
-                    for i in range(cfg.layers)]
     shards, cur, size = [], [], 0
     for e in entries:
         n = math.prod(e[3]) * e[4].itemsize
@@ -359,10 +359,7 @@ def save_hf(params: dict, cfg: ModelConfig, out_dir, tokenizer_dir=None, max_sha
             if f:
                 _write_header(f, [(e[0], e[3], e[4]) for e in shard])
             for name, path, layer, shape, dt in shard:
-                if path is None:
-                    arr = np.zeros(shape, dt)
-                else:
-                    arr = np.ascontiguousarray(layout[path].to_hf(_gather(flat[path], layer)).astype(dt))
+                arr = np.ascontiguousarray(layout[path].to_hf(_gather(flat[path], layer)).astype(dt))
                 if arr.shape != tuple(shape):
                     raise ValueError(f"save_hf: {path} gives {name} of shape {arr.shape}, expected {shape}")
                 if f:
@@ -418,12 +415,18 @@ def _abstract(cfg: ModelConfig, sharding):
 
 
 def load_params_checkpoint(ckpt_dir, cfg: ModelConfig) -> dict:
-    """A params pytree saved with ``ocp.StandardCheckpointer().save(path, params)`` (or ``path/params``)."""
+    """Params from ``jalign convert --out`` (``CKPT/params``, or any dir written by
+    ``ocp.StandardCheckpointer().save(path, params)``), else from a training run directory via
+    ``jalign.checkpoint.load_params`` (newest step)."""
     import orbax.checkpoint as ocp
 
     path = Path(ckpt_dir).absolute()
     if (path / "params").is_dir():
         path = path / "params"
+    if not (path / "_CHECKPOINT_METADATA").exists() or (path / "state").is_dir():
+        from jalign.checkpoint import load_params
+
+        return load_params(ckpt_dir)
     target = _abstract(cfg, SingleDeviceSharding(jax.devices()[0]))
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(path, target)
@@ -454,7 +457,9 @@ def convert_main(argv: list[str]) -> int:
             out.mkdir(parents=True, exist_ok=True)
             with ocp.StandardCheckpointer() as ckptr:
                 ckptr.save(out / "params", params)
-            dump_config(Config(model=cfg), out / "config.yaml")
+            tok = a.hf if (Path(a.hf) / "tokenizer.json").is_file() else cfg.tokenizer
+            dump_config(Config(model=dataclasses.replace(cfg, hf_path=None, init_from=str(out), tokenizer=tok)),
+                        out / "config.yaml")
             print(f"wrote {out}/params and {out}/config.yaml ({cfg.layers} layers, vocab {cfg.vocab_size})")
             return 0
         if a.ckpt and a.to_hf:

@@ -140,6 +140,16 @@ def _layer(cfg: ModelConfig, x, p, positions, q_seg, kv_seg, q_idx, kv_idx, inv_
     return x, new_cache
 
 
+def ring_size(cfg: ModelConfig) -> int:
+    """Devices on the "sequence" mesh axis when ring attention is active (1 otherwise)."""
+    if cfg.attention != "ring":
+        return 1
+    from sharding.rules import active_mesh
+
+    mesh = active_mesh()
+    return 1 if mesh is None else int(dict(mesh.shape).get("sequence", 1))
+
+
 def embed_tokens(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
     """Row lookup in the [V, D] table. The table's d_model (fsdp) shards are gathered first so the
     lookup partitions over the vocabulary alone: each tensor shard gathers the rows it owns and one
@@ -150,19 +160,35 @@ def embed_tokens(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
 
 
 def forward(params: dict, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, cfg: ModelConfig,
-            *, cache: Optional[dict] = None, cache_index=None):
+            *, cache: Optional[dict] = None, cache_index=None, token_index: Optional[jax.Array] = None):
     """Final-normed hidden states [B, T, D].
 
     tokens, positions, segment_ids: [B, T] int32; segment_ids 0 marks padding, equal ids attend to
     each other causally (by index within the row). With ``cache`` (from ``init_cache``), the new k/v
     are written at slot ``cache_index`` and attention covers every valid cache slot up to the query;
-    returns ``(hidden, new_cache)`` in that case.
+    returns ``(hidden, new_cache)`` in that case. ``token_index`` [B, T]: each token's position in the
+    original row order (default ``arange(T)``); pass it when the row was permuted (zigzag layout for
+    ring attention), since causal masking compares these indices.
     """
+    B, T = tokens.shape
+    n = ring_size(cfg)
+    if n > 1 and cache is None and token_index is None:
+        # Zigzag layout for causal load balance: permute the row once, let attention mask by the
+        # original indices, and restore row order of the output so every caller stays unchanged.
+        from sharding.ring_attention import zigzag_inverse, zigzag_permutation
+
+        perm, inv = zigzag_permutation(T, n), zigzag_inverse(T, n)
+        order = jnp.broadcast_to(jnp.asarray(perm, jnp.int32), (B, T))
+        hidden = forward(params, tokens[:, perm], positions[:, perm], segment_ids[:, perm], cfg, token_index=order)
+        return constrain(hidden[:, inv], ("batch", "seq", "act_embed"))
     dtype = DTYPES[cfg.dtype]
     x = embed_tokens(params["embed"], tokens, dtype)
     inv_freq = rope_inv_freq(cfg)
-    B, T = tokens.shape
     idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if token_index is not None:
+        if cache is not None:
+            raise ValueError("token_index (permuted rows) is not supported with a KV cache")
+        idx = jnp.asarray(token_index, jnp.int32)
     q_seg, q_idx = segment_ids, idx
     if cache is None:
         kv_seg, kv_idx = segment_ids, idx

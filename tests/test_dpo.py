@@ -1,0 +1,156 @@
+"""DPO: policy == reference gives log 2, precomputed == live reference, sharded == unsharded,
+accumulation == big batch, the reference never changes, over-long pairs, and the loop end to end."""
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jalign.algorithms import base
+from jalign.algorithms.dpo import DPO
+from jalign.config import load_config
+from jalign.data.formats import PreferenceExample
+from jalign.data.preference import fit_responses, tokenize_pairs
+from jalign.data.tokenizer import load_tokenizer
+from jalign.metrics import read_metrics
+from jalign.trainer import train
+from sharding import make_mesh, make_rules, use_rules
+
+ROOT = Path(__file__).parent.parent
+TINY = [
+    "model.hidden=32", "model.mlp=64", "model.layers=1", "model.heads=4", "model.kv_heads=2", "model.init_from=null",
+    "data.train=builtin:addition_pairs:train:64", "data.eval=builtin:addition_pairs:eval:16", "data.seq_len=16",
+    "train.global_batch=8", "train.steps=10", "train.eval_batches=2", "train.log_every=1", "train.progress=false",
+    "train.tensorboard=false", "train.async_checkpointing=false", "algorithm.eval_generate=4",
+    "algorithm.max_new_tokens=4", "algorithm.sft_weight=0.5", "algorithm.length_normalize=true",
+    # eps well above float32 gradient noise (see tests/test_train_step.py)
+    "optim.lr=1e-2", "optim.warmup_steps=0", "optim.schedule=constant", "optim.eps=1e-4", "optim.weight_decay=0.1",
+]
+
+
+def assert_trees_close(actual, expected, rtol=1e-5):
+    def check(a, b):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.abs(a - b).max() <= rtol * max(np.abs(b).max(), 1e-30), (np.abs(a - b).max(), np.abs(b).max())
+    jax.tree.map(check, actual, expected)
+
+
+def make_algo(tmp_path, shape=None, *extra):
+    mesh = make_mesh(*shape) if shape else make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
+    cfg = load_config(ROOT / "configs/dpo_tiny.yaml", TINY + [f"train.out_dir={tmp_path}", *extra])
+    rt = base.Runtime(cfg=cfg, mesh=mesh, rules=make_rules(), run_dir=Path(tmp_path), log=lambda *a: None)
+    return DPO(rt)
+
+
+def run(algo, steps=1, batches=None):
+    """(metrics per step, params after step 1, the algorithm's state after the last step)."""
+    rt = algo.rt
+    with rt.mesh, use_rules(rt.mesh, rt.rules):
+        it = algo.batches("train")
+        batches = batches or [next(it) for _ in range(steps)]
+        state = algo.init(jax.random.key(0))
+        algo.precompute_reference()
+        metrics, first = [], None
+        for b in batches:
+            state, m = algo.step(state, b)
+            metrics.append({k: float(v) for k, v in jax.device_get(m).items()})
+            first = first or jax.device_get(state["params"])
+    return metrics, first, state, batches
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    algo = make_algo(tmp_path_factory.mktemp("single"))
+    ref_before = jax.device_get(algo.init(jax.random.key(0))["params"])
+    metrics, first, state, batches = run(algo, steps=3)
+    return dict(algo=algo, metrics=metrics, params=first, batches=batches, ref_before=ref_before, state=state)
+
+
+def test_policy_equal_to_reference_gives_log2_and_zero_accuracy(reference):
+    m = reference["metrics"][0]
+    assert m["preference_loss"] == float(np.float32(np.log(2.0)))  # exactly: delta is 0 bit for bit
+    assert m["accuracy"] == 0.0  # ties count as wrong
+    assert m["rewards_chosen_mean"] == m["rewards_rejected_mean"] == m["margin_mean"] == 0.0
+    assert m["loss"] == pytest.approx(m["preference_loss"] + 0.5 * m["sft_loss"], rel=1e-6)
+    assert m["num_pairs"] == 8 and m["skipped"] == 0
+    # training moves the policy away from the reference, which prefers nothing
+    assert reference["metrics"][-1]["preference_loss"] < m["preference_loss"]
+    assert reference["metrics"][-1]["accuracy"] > 0
+
+
+def test_reference_params_unchanged_by_training(reference):
+    algo, state = reference["algo"], reference["state"]
+    after = jax.device_get(algo.reference_params())
+    jax.tree.map(np.testing.assert_array_equal, after, reference["ref_before"])
+    moved = jax.device_get(state["params"])["layers"]["q"]
+    assert np.abs(moved - reference["ref_before"]["layers"]["q"]).max() > 1e-4
+
+
+@pytest.mark.parametrize("shape,accum", [((8, 1, 1, 1), 1), ((2, 2, 2, 1), 2), ((1, 2, 2, 2), 1)])
+def test_sharded_equals_single_device(shape, accum, reference, tmp_path):
+    """(2,2,2,1) also runs 2 accumulation steps of 4 rows: accumulation == the big batch."""
+    algo = make_algo(tmp_path, shape, f"train.micro_batch={8 // accum}")
+    metrics, params, _, _ = run(algo, batches=reference["batches"][:1])
+    ref = reference["metrics"][0]
+    for k in ("loss", "preference_loss", "sft_loss", "accuracy", "grad_norm"):
+        np.testing.assert_allclose(metrics[0][k], ref[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    assert_trees_close(params, reference["params"])
+
+
+def test_precomputed_reference_equals_live(reference, tmp_path):
+    algo = make_algo(tmp_path, None, "algorithm.reference=precomputed")
+    metrics, params, _, _ = run(algo, batches=reference["batches"][:2])
+    for got, want in zip(metrics, reference["metrics"][:2]):
+        for k in ("loss", "preference_loss", "sft_loss", "accuracy", "margin_mean"):
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert_trees_close(params, reference["params"])
+    store = tmp_path / "reference_logps"
+    assert (store / "done.json").is_file() and (store / "train" / ".zarray").is_file()
+    assert algo._reference is None  # released after precomputation
+    # a second run over the same data reuses the store instead of recomputing
+    again = make_algo(tmp_path, None, "algorithm.reference=precomputed")
+    assert again.precompute_reference() is False and again._store is not None
+
+
+def test_overlong_pairs_truncate_prompt_left_then_response_or_drop():
+    fitted, status = fit_responses([1, 2, 3, 4, 5], [[6, 7], [8, 9, 10]], max_ids=6, overlong="truncate")
+    assert status == "truncated"
+    assert fitted[0] == ([3, 4, 5, 6, 7], [0, 0, 0, 1, 1]) and fitted[1] == ([3, 4, 5, 8, 9, 10], [0, 0, 0, 1, 1, 1])
+    fitted, status = fit_responses([1, 2, 3], [[6, 7, 8, 9], [4]], max_ids=3, overlong="truncate")
+    assert status == "truncated" and fitted[0] == ([3, 6, 7], [0, 1, 1])  # one prompt token always kept
+    assert fit_responses([1, 2, 3], [[6, 7, 8, 9], [4]], max_ids=3, overlong="drop") == (None, "dropped")
+    assert fit_responses([1, 2], [[], [4]], max_ids=8, overlong="truncate") == (None, "dropped")  # empty response
+    tok = load_tokenizer("byte")
+    long_prompt = "1+1=" * 10
+    ex = [PreferenceExample("2+2=", "4", "5"), PreferenceExample(long_prompt, "2", "3"),
+          PreferenceExample("3+3=", "6" * 40, "7")]
+    records, counts = tokenize_pairs(ex, tok, "tiny", seq_len=16, overlong="truncate")
+    assert counts == {"examples": 3, "truncated": 2, "dropped": 0}
+    for r in records:
+        for side in ("chosen", "rejected"):
+            ids, mask = r[side]
+            assert len(ids) - 1 <= 16 and mask[1:].sum() >= 1  # every pair keeps a response
+    records, counts = tokenize_pairs(ex, tok, "tiny", seq_len=16, overlong="drop")
+    assert counts == {"examples": 1, "truncated": 0, "dropped": 2} and [r["index"] for r in records] == [0]
+
+
+def test_train_end_to_end_precomputed(tmp_path):
+    out = tmp_path / "dpo"
+    cfg = load_config(ROOT / "configs/dpo_tiny.yaml", TINY + [
+        f"train.out_dir={out}", "train.steps=12", "train.eval_every=12", "train.checkpoint_every=12",
+        "mesh.data=4", "mesh.fsdp=2", "algorithm.reference=precomputed", "algorithm.sft_weight=0.0",
+        "algorithm.length_normalize=false", f"train.export_hf={tmp_path / 'hf'}"])
+    last = train(cfg)
+    rows = read_metrics(out)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 12
+    assert losses[0] == pytest.approx(np.log(2.0), abs=1e-6)
+    assert np.mean(losses[-3:]) < losses[0] - 0.05
+    assert 0.0 <= last["eval/accuracy"] <= 1.0 and "eval/exact_match" in last
+    evals = [r for r in rows if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [0, 12]  # the starting point is evaluated too
+    assert evals[0]["eval/accuracy"] == 0.0
+    assert (tmp_path / "hf" / "config.json").is_file()
+    done = json.loads((out / "reference_logps" / "done.json").read_text())
+    assert done["train"][0] == 64
