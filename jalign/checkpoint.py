@@ -7,6 +7,7 @@ multi-process support); the data-iterator state is saved per process (grain's ha
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -55,10 +56,32 @@ class Checkpointer:
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, step: int, abstract_state: dict, data_iterator=None) -> tuple[dict, dict]:
+        """The train state (re-sharded onto ``abstract_state``'s shardings, whatever the saving
+        topology) and metadata; the data iterator is positioned where the save left it.
+
+        The iterator state is saved per process. Restored with a different process count, it is
+        converted when that is exact (see :func:`reshard_iterator_state`); otherwise the iterator
+        starts from the beginning of its data and a warning says so.
+        """
         items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+        saved = None
         if data_iterator is not None:
-            items["data"] = CheckpointRestore(_IteratorSnapshot(data_iterator))
+            data_dir = self.directory / str(step) / "data"
+            own = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+            if own.exists() or not data_dir.is_dir():
+                items["data"] = CheckpointRestore(_IteratorSnapshot(data_iterator))
+            else:
+                saved = sorted(data_dir.glob("process_*-of-*.json"))
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if saved is not None:
+            states = [json.loads(f.read_text()) for f in saved]
+            new = reshard_iterator_state(states, jax.process_index(), jax.process_count())
+            if new is None:
+                warnings.warn(f"{self.directory}/{step}: the data-iterator state was saved by {len(states)} "
+                              f"processes and cannot be converted exactly to {jax.process_count()}; the "
+                              f"data iterator starts again from the beginning of its data", stacklevel=2)
+            else:
+                data_iterator.set_state(new)
         return out["state"], out["meta"]
 
     def wait(self) -> None:
@@ -67,6 +90,26 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def reshard_iterator_state(states: list[dict], process_index: int, process_count: int) -> Optional[dict]:
+    """This process's iterator state from the states saved by another number of processes, or None.
+
+    Exact for the unpacked pipelines (``{"next_index": m}`` on every process): the data are shuffled
+    as a whole and then sliced ``[p::P]``, so P processes at slice position ``m`` have together
+    consumed the first ``m * P`` examples of the epoch's order, which Q processes reach at
+    ``m * P / Q`` (needs Q to divide ``m * P``). Across an epoch boundary this also requires the
+    number of examples to be divisible by P and Q. Packed pipelines carry partial rows: None.
+    """
+    if not states or any(set(s) != {"next_index"} for s in states):
+        return None
+    positions = {int(s["next_index"]) for s in states}
+    if len(positions) != 1:
+        return None
+    consumed = positions.pop() * len(states)
+    if consumed % process_count:
+        return None
+    return {"next_index": consumed // process_count}
 
 
 def find_checkpoint_dir(path: str | Path) -> Path:

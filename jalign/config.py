@@ -131,6 +131,26 @@ class TrainConfig:
     stop_after_steps: Optional[int] = None
 
 
+@dataclass
+class DistributedConfig:
+    """Several processes (``jax.distributed``; see jalign.distributed and launch/README.md).
+
+    Unset values come from the environment (JALIGN_COORDINATOR / JALIGN_NUM_PROCESSES /
+    JALIGN_PROCESS_ID, or jax's JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), else from
+    a cluster jax detects (SLURM, Open MPI, Cloud TPU, Kubernetes). One process: nothing happens.
+    """
+
+    coordinator_address: Optional[str] = None  # "host:port" of process 0
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+    local_device_ids: Optional[list[int]] = None  # default: all local devices (env JAX_LOCAL_DEVICE_IDS)
+    cluster_detection: str = "auto"  # "auto", "off", or a jax method: slurm, ompi, mpi4py, gketpu, gcetpu
+    initialization_timeout: int = 300  # seconds to reach the coordinator and all peers at start
+    heartbeat_timeout: int = 100  # seconds without a heartbeat before a peer is declared dead
+    shutdown_timeout: int = 300  # seconds a finishing process waits for the others at exit
+    cpu_collectives: Literal["gloo", "mpi"] = "gloo"  # cross-process collectives on CPU
+
+
 # ---- algorithm configs: one dataclass per algorithm, chosen by ``algorithm.name`` ----------------
 ALGORITHM_CONFIGS: dict[str, type] = {}
 
@@ -244,6 +264,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     algorithm: Any = field(default_factory=SFTConfig)
     source: Optional[str] = None  # the YAML file this came from (informational)
 

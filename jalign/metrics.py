@@ -12,11 +12,22 @@ import numpy as np
 
 
 def to_host(metrics: dict) -> dict:
-    """Replicated scalar jax arrays -> Python floats (safe on several processes: they are replicated)."""
+    """jax arrays -> Python floats (size 1) or lists. Call on every process with the same keys.
+
+    Replicated arrays are read from a local shard; an array sharded over several processes is
+    gathered (``process_allgather``, a collective, hence "on every process").
+    """
     out = {}
     for k, v in metrics.items():
         if isinstance(v, jax.Array):
-            v = np.asarray(v.addressable_data(0)) if not v.is_fully_addressable else np.asarray(v)
+            if v.is_fully_addressable:
+                v = np.asarray(v)
+            elif v.is_fully_replicated:
+                v = np.asarray(v.addressable_data(0))
+            else:
+                from jax.experimental import multihost_utils
+
+                v = np.asarray(multihost_utils.process_allgather(v, tiled=True))
         out[k] = float(np.asarray(v).reshape(-1)[0]) if np.ndim(v) == 0 or np.size(v) == 1 else np.asarray(v).tolist()
     return out
 

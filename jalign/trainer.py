@@ -87,7 +87,16 @@ def _stop_everywhere(flag: bool) -> bool:
 
 
 def train(cfg: Config) -> dict:
-    """Run (or resume) training; returns the last train and eval metrics."""
+    """Run (or resume) training; returns the last train and eval metrics.
+
+    On several processes an exception exits this process at once (``distributed.fail_fast``): a
+    normal exit would wait in jax's shutdown barrier for peers that may be blocked waiting for it.
+    """
+    with distributed.fail_fast():
+        return _train(cfg)
+
+
+def _train(cfg: Config) -> dict:
     rt, algo = setup(cfg)
     t = cfg.train
     writer = None

@@ -28,10 +28,16 @@ def assert_trees_close(actual, expected, rtol=1e-5):
     jax.tree.map(check, actual, expected)
 
 
-def sft_loss_fn(params, mb, norms, frozen):
-    logps = base.policy_token_logps(params, mb, CFG)
-    loss, m = sft_loss(logps, mb["loss_mask"], norms["num_tokens"])
-    return loss, {"loss": loss, "num_tokens": m["num_tokens"]}
+def make_sft_loss(cfg):
+    def sft_loss_fn(params, mb, norms, frozen):
+        logps = base.policy_token_logps(params, mb, cfg)
+        loss, m = sft_loss(logps, mb["loss_mask"], norms["num_tokens"])
+        return loss, {"loss": loss, "num_tokens": m["num_tokens"]}
+
+    return sft_loss_fn
+
+
+sft_loss_fn = make_sft_loss(CFG)
 
 
 def normalizers(batch):
@@ -53,7 +59,7 @@ def random_rows(rows, T, seed=0, vocab=64):
     return dict(tokens=tokens, targets=targets, segment_ids=segment_ids, positions=positions, loss_mask=loss_mask)
 
 
-def run_step(mesh, batch_rows, accum, steps=1):
+def run_step(mesh, batch_rows, accum, steps=1, cfg=CFG):
     rules = make_rules()
     decls = tfm.declare_params(CFG)
     opt = base.make_optimizer(OPT, 10)
@@ -61,7 +67,7 @@ def run_step(mesh, batch_rows, accum, steps=1):
     with mesh, use_rules(mesh, rules):
         params = params_lib.init_params(decls, 0, shardings=shardings["params"])
         state = base.init_state(params, opt, shardings, jax.random.key(1))
-        step = base.make_train_step(sft_loss_fn, normalizers, opt, base.make_schedule(OPT, 10), shardings, mesh)
+        step = base.make_train_step(make_sft_loss(cfg), normalizers, opt, base.make_schedule(OPT, 10), shardings, mesh)
         losses = []
         for _ in range(steps):
             state, metrics = step(state, base.to_global_batch(batch_rows, mesh, rules, accum), None)
@@ -102,6 +108,18 @@ def test_sharded_step_equals_single_device(shape, reference):
 def test_gradient_accumulation_equals_big_batch(reference):
     batch, ref_losses, ref_params = reference
     losses, state = run_step(make_mesh(2, 2, 2, 1), batch, accum=2, steps=1)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert_trees_close(state["params"], ref_params)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 1, 4), (1, 1, 2, 4)])
+def test_sequence_parallel_step_equals_single_device(shape, reference):
+    """mesh.sequence=4: ring attention with the zigzag layout, activations sharded along the sequence."""
+    import dataclasses
+
+    batch, ref_losses, ref_params = reference
+    losses, state = run_step(make_mesh(*shape), batch, accum=1, steps=1,
+                             cfg=dataclasses.replace(CFG, attention="ring"))
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     assert_trees_close(state["params"], ref_params)
 

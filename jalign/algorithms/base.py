@@ -243,13 +243,22 @@ def merge_params(decls, source: dict, rng, mesh: Mesh, rules, dtype=jnp.float32,
     out, missing = {}, []
     for path, d in params_lib.flatten_decls(decls).items():
         if path in src and tuple(src[path].shape) == tuple(d.shape):
-            out[path] = jax.device_put(jnp.asarray(src[path], dtype), shard_flat[path])
+            out[path] = _place(src[path], dtype, shard_flat[path])
         else:
             out[path] = fresh_flat[path]
             missing.append(path)
     if missing:
         log(f"initialised fresh (not in the source checkpoint): {', '.join(missing)}")
     return params_lib.unflatten(out)
+
+
+def _place(value, dtype, sharding):
+    """A source tensor onto ``sharding``. Host-local values (numpy, single-device arrays from
+    ``load_params``) go through numpy: ``device_put`` of a single-device jax.Array onto a sharding that
+    spans several processes is an error, while the same numpy value on every process is not."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        return jax.device_put(value.astype(dtype), sharding)
+    return jax.device_put(np.asarray(jax.device_get(value)).astype(np.dtype(dtype)), sharding)
 
 
 # ---- what policy-style algorithms share ---------------------------------------------------------

@@ -58,6 +58,8 @@ class RLAlgorithm:
         self.sizes = rl.check_sizes(cfg, rt.mesh, self.min_per_prompt)
         self.tokenizer = rt.tokenizer or load_tokenizer(cfg.model.tokenizer)
         self.decls = tfm.declare_params(cfg.model)
+        # where the weights came from does not change the program: one compiled sampler across stages
+        self.gen_cfg = dataclasses.replace(cfg.model, init_from=None, hf_path=None)
         updates = cfg.train.steps * a.ppo_epochs * self.sizes.minibatches
         self.schedule = base.make_schedule(cfg.optim, updates)
         self.optimizer = base.make_optimizer(cfg.optim, updates)
@@ -128,7 +130,7 @@ class RLAlgorithm:
     # ---- protocol -------------------------------------------------------------------------------
     def init(self, rng):
         k_params, k_state = jax.random.split(rng)
-        params = base.initial_params(self.rt, self.decls, k_params, log=self.rt.log)
+        params = self._initial_policy(k_params)
         self._ref = jax.tree.map(jnp.copy, params)  # the frozen reference: the initial (SFT) policy
         state = base.init_state(params, self.optimizer, self.actor_shardings, k_state)
         state["kl_coef"] = jax.device_put(jnp.float32(self.a.kl_coef), self.replicated)
@@ -144,6 +146,25 @@ class RLAlgorithm:
             copt = jax.jit(self.critic_optimizer.init, out_shardings=self.critic_shardings["opt_state"])(cparams)
             state["critic"] = {"params": cparams, "opt_state": copt}
         return state
+
+    def _initial_policy(self, rng):
+        """The SFT policy (``model.init_from`` / ``hf_path``, else random). A checkpoint that does not
+        match the model config is an error here: a silently re-initialised actor and reference would
+        make the whole RL run meaningless."""
+        m = self.cfg.model
+        if not m.init_from:
+            return base.initial_params(self.rt, self.decls, rng, log=self.rt.log)
+        from jalign.checkpoint import load_params
+
+        src = params_lib.flatten(load_params(m.init_from))
+        bad = [f"{p} {tuple(src[p].shape) if p in src else 'missing'} != {d.shape}"
+               for p, d in params_lib.flatten_decls(self.decls).items()
+               if p not in src or tuple(src[p].shape) != tuple(d.shape)]
+        if bad:
+            raise ConfigError(f"model.init_from={m.init_from}: checkpoint does not match the model section "
+                              f"(checkpoint vs config): {'; '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}")
+        return base.merge_params(self.decls, params_lib.unflatten(src), rng, self.rt.mesh, self.rt.rules,
+                                 params_lib.DTYPES[m.param_dtype], self.rt.log)
 
     def abstract_state(self):
         dtype = params_lib.DTYPES[self.cfg.model.param_dtype]
@@ -166,7 +187,7 @@ class RLAlgorithm:
             ref = self._ref
             if ref is None:  # resumed: rebuild the reference exactly as init() did
                 k_params = jax.random.split(jax.random.key(self.cfg.train.seed))[0]
-                ref = base.initial_params(self.rt, self.decls, k_params, log=self.rt.log)
+                ref = self._initial_policy(k_params)
             reward = None
             if self.a.reward_model:
                 reward, _ = rl.load_scored_model(self.a.reward_model, self.rt, jax.random.key(0), self.rt.log)
@@ -191,7 +212,7 @@ class RLAlgorithm:
         jax.block_until_ready(prep)
         t2 = time.perf_counter()
         state, tm = self.update(state, prep, step)
-        state["kl_coef"] = new_kl
+        state["kl_coef"] = jax.device_put(new_kl, self.replicated)
         state["step"] = jax.device_put(jnp.int32(step + 1), self.replicated)
         jax.block_until_ready(state["params"])
         t3 = time.perf_counter()
@@ -218,7 +239,7 @@ class RLAlgorithm:
         ids = [ps.ids[i] for i in idx]
         a = self.a
         t0 = time.perf_counter()
-        out = generate(params, self.cfg.model, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+        out = generate(params, self.gen_cfg, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                        top_k=a.top_k, top_p=a.top_p, greedy=greedy, eos_ids=sorted(self.tokenizer.eos_ids),
                        pad_id=self.tokenizer.pad_id, rng=key, mesh=self.rt.mesh, rules=self.rt.rules,
                        prompt_bucket=self.prompt_bucket, new_bucket=a.max_new_tokens)

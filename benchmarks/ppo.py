@@ -1,0 +1,80 @@
+"""One PPO step on the tiny-llama config (vocab 8192, hidden 256, mlp 688, 4 layers, 8/4 heads):
+8 prompts x 64 tokens, 192 new tokens, random actor / critic / reference, a rule reward.
+
+    python benchmarks/ppo.py [--prompts 8 --prompt-len 64 --new 192 --epochs 1 --dtype float32]
+
+Prints seconds per step split into rollout (generation + host row building), scoring (old / reference
+log-probs, values, reward, advantages: one jitted program) and training (actor + critic updates), for
+steady-state steps (compile excluded: the first step is reported separately). No asserts on time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jalign.algorithms.base import Runtime
+from jalign.algorithms.ppo import PPO
+from jalign.config import load_config, validate_for_devices
+from sharding.mesh import make_mesh
+from sharding.rules import make_rules, use_rules
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new", type=int, default=192)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--steps", type=int, default=3, help="steady-state steps timed after the first")
+    a = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="jalign_bench_ppo_"))
+    rng = np.random.default_rng(0)
+    # byte tokenizer + "none" template: a prompt of n characters is n tokens (plus BOS)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz "))
+    with open(tmp / "prompts.jsonl", "w") as f:
+        for _ in range(4 * a.prompts):
+            f.write(json.dumps({"prompt": "".join(rng.choice(letters, a.prompt_len - 1))}) + "\n")
+    cfg = load_config(None, [
+        "model.vocab_size=8192", "model.hidden=256", "model.mlp=688", "model.layers=4", "model.heads=8",
+        "model.kv_heads=4", f"model.dtype={a.dtype}", f"data.train={tmp / 'prompts.jsonl'}", "data.eval=null",
+        "data.chat_template=none", f"data.seq_len={a.prompt_len + a.new}", "algorithm.name=ppo",
+        "algorithm.reward_fn=contains", f"algorithm.max_new_tokens={a.new}", f"algorithm.ppo_epochs={a.epochs}",
+        f"train.global_batch={a.prompts}", "algorithm.num_rollouts_per_prompt=1", f"train.out_dir={tmp}",
+        "optim.warmup_steps=0"])
+    mesh = make_mesh(**validate_for_devices(cfg, jax.device_count()))
+    rules = make_rules()
+    rt = Runtime(cfg=cfg, mesh=mesh, rules=rules, run_dir=tmp, log=lambda *_: None)
+    with mesh, use_rules(mesh, rules):
+        algo = PPO(rt)
+        state = algo.init(jax.random.key(0))
+        it = algo.batches("train")
+        t0 = time.perf_counter()
+        state, first = algo.step(state, next(it))
+        first_total = time.perf_counter() - t0
+        steady = []
+        for _ in range(a.steps):
+            state, m = algo.step(state, next(it))
+            steady.append(m)
+    med = {k: statistics.median(m[k] for m in steady) for k in ("time_rollout", "time_score", "time_train",
+                                                                 "generate_tokens_per_s", "response_length")}
+    total = med["time_rollout"] + med["time_score"] + med["time_train"]
+    print(f"device={jax.devices()[0].platform} x{jax.device_count()}  prompts={a.prompts} x {a.prompt_len} tokens, "
+          f"new={a.new}, rows S={algo.S}, epochs={a.epochs}, dtype={a.dtype}")
+    print(f"first step (with compiles)  {first_total:8.2f} s")
+    print(f"steady step                 {total:8.2f} s   (median of {a.steps})")
+    print(f"  rollout                   {med['time_rollout']:8.2f} s   "
+          f"({med['generate_tokens_per_s']:.0f} generated tokens/s, {med['response_length']:.0f} tokens/response)")
+    print(f"  scoring                   {med['time_score']:8.2f} s")
+    print(f"  training                  {med['time_train']:8.2f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""``jalign pipeline [--out DIR] [--fast]``: the classic tiny RLHF pipeline end to end, in one process.
+
+    SFT (configs/sft_tiny.yaml)
+     ├── reward model (configs/rm_tiny.yaml, from SFT)
+     │     └── PPO (configs/ppo_tiny.yaml: actor/reference from SFT, critic and reward from the RM)
+     ├── DPO (configs/dpo_tiny.yaml, from SFT)
+     └── GRPO (configs/grpo_tiny.yaml, from SFT, rule-based exact-match reward)
+
+Each stage is ``jalign train`` of its config with the previous stage's run passed as overrides
+(``model.init_from=DIR/sft``, ``algorithm.reward_model=DIR/rm``). Then every policy is evaluated the
+same way on held-out prompts (reward-model score of sampled answers, greedy exact match, KL to the SFT
+policy per sequence) and the table is printed and written to ``DIR/results.md``; ``DIR/curves.png``
+holds the training curves. Finished stages are not retrained when the command is run again
+(``train.resume``). ``--fast`` is a smoke version with a few steps per stage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+STAGES = ("sft", "rm", "ppo", "dpo", "grpo")
+CONFIG_FILES = {"sft": "sft_tiny.yaml", "rm": "rm_tiny.yaml", "ppo": "ppo_tiny.yaml", "dpo": "dpo_tiny.yaml",
+                "grpo": "grpo_tiny.yaml"}
+QUIET = ["train.progress=false", "train.tensorboard=false"]
+
+# Full run: SFT short enough to stay imperfect, so RL has something to fix.
+FULL = {
+    "sft": ["train.steps=300", "train.eval_every=100", "train.checkpoint_every=300"],
+    "rm": [],
+    "ppo": [],
+    "dpo": [],
+    "grpo": [],
+}
+# Smoke run (tests): a few steps each, small evaluations.
+FAST = {
+    "sft": ["train.steps=30", "train.eval_every=30", "train.checkpoint_every=30", "algorithm.eval_generate=16"],
+    "rm": ["train.steps=10", "train.eval_every=10", "train.eval_batches=2", "train.checkpoint_every=10"],
+    "ppo": ["train.steps=3", "train.eval_every=3", "train.checkpoint_every=3", "train.global_batch=8",
+            "algorithm.minibatch_size=16", "algorithm.eval_prompts=16"],
+    "dpo": ["train.steps=10", "train.eval_every=10", "train.eval_batches=2", "train.checkpoint_every=10",
+            "algorithm.eval_generate=16"],
+    "grpo": ["train.steps=3", "train.eval_every=3", "train.checkpoint_every=3", "train.global_batch=4",
+             "algorithm.minibatch_size=16", "algorithm.eval_prompts=16"],
+}
+
+
+def default_config_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def stage_overrides(stage: str, out: Path, fast: bool, extra: Optional[dict] = None) -> list[str]:
+    o = [f"train.out_dir={out / stage}", *QUIET]
+    if stage != "sft":
+        o.append(f"model.init_from={out / 'sft'}")
+    if stage == "ppo":
+        o.append(f"algorithm.reward_model={out / 'rm'}")
+    o += (FAST if fast else FULL)[stage]
+    return o + list((extra or {}).get(stage, []))
+
+
+def evaluate_policies(out: Path, runs: dict[str, Path], config_dir: Path, fast: bool, log=print) -> dict:
+    """The same held-out evaluation for every policy: {label: {reward, exact_match, kl}}."""
+    import jax
+    import jax.numpy as jnp
+
+    from jalign.algorithms import base
+    from jalign.algorithms.ppo import GRPO
+    from jalign.checkpoint import load_params
+    from jalign.config import load_config, validate_for_devices
+    from jalign.models import params as params_lib
+    from sharding.mesh import make_mesh
+    from sharding.rules import make_rules, use_rules
+
+    rm = out / "rm"
+    reward = [f"algorithm.reward_model={rm}", "algorithm.reward_fn=null"] if (rm / "checkpoints").is_dir() else []
+    cfg = load_config(config_dir / CONFIG_FILES["grpo"], [
+        f"model.init_from={out / 'sft'}", f"train.out_dir={out / 'eval'}", *reward,
+        f"algorithm.eval_prompts={32 if fast else 256}", "train.global_batch=8", "algorithm.minibatch_size=16"])
+    mesh = make_mesh(**validate_for_devices(cfg, jax.device_count()))
+    rules = make_rules(cfg.mesh.rules)
+    rt = base.Runtime(cfg=cfg, mesh=mesh, rules=rules, run_dir=out / "eval", log=lambda *_: None)
+    results = {}
+    with mesh, use_rules(mesh, rules):
+        evaluator = GRPO(rt)
+        k = jax.random.key(0)
+        for label, run in runs.items():
+            params = base.merge_params(evaluator.decls, load_params(run), k, mesh, rules,
+                                       params_lib.DTYPES[cfg.model.param_dtype], log=lambda *_: None)
+            ev = evaluator.evaluate({"params": params, "kl_coef": jnp.float32(0.0)})
+            results[label] = {"reward": ev["reward"], "exact_match": ev.get("exact_match", float("nan")),
+                              "kl": ev["kl"], "greedy_reward": ev["greedy_reward"]}
+            log(f"eval {label}: " + ", ".join(f"{k}={v:.4g}" for k, v in results[label].items()))
+    results["_reward_source"] = "reward model" if reward else "exact_match rule"
+    return results
+
+
+def results_table(results: dict) -> str:
+    src = results.get("_reward_source", "reward")
+    lines = [f"| policy | held-out reward ({src}, sampled) | greedy reward | greedy exact match | KL to SFT (nats/seq) |",
+             "|---|---|---|---|---|"]
+    for label, r in results.items():
+        if label.startswith("_"):
+            continue
+        lines.append(f"| {label} | {r['reward']:.3f} | {r['greedy_reward']:.3f} | {r['exact_match']:.3f} | "
+                     f"{r['kl']:.3f} |")
+    return "\n".join(lines)
+
+
+def run_pipeline(out: Path, fast: bool = False, config_dir: Optional[Path] = None, stages=STAGES,
+                 extra: Optional[dict] = None, log=print) -> dict:
+    import jax
+
+    from jalign.config import load_config
+    from jalign.plot import plot_runs
+    from jalign.trainer import train
+
+    config_dir = Path(config_dir or default_config_dir())
+    out.mkdir(parents=True, exist_ok=True)
+    # Identical programs (e.g. generation of the same model shape) compile once across stages / reruns.
+    jax.config.update("jax_compilation_cache_dir", str(out / ".xla_cache"))
+    timings, runs, skipped = {}, {}, []
+    t_all = time.time()
+    for stage in stages:
+        path = config_dir / CONFIG_FILES[stage]
+        needs = {"rm": "sft", "ppo": "rm", "dpo": "sft", "grpo": "sft"}.get(stage)
+        if not path.is_file() or (needs and needs not in runs):
+            skipped.append(stage)
+            log(f"== {stage}: skipped ({'no ' + str(path) if not path.is_file() else 'needs ' + needs})")
+            continue
+        t0 = time.time()
+        log(f"== {stage}: jalign train {path} " + " ".join(stage_overrides(stage, out, fast, extra)))
+        train(load_config(path, stage_overrides(stage, out, fast, extra)))
+        timings[stage] = time.time() - t0
+        runs[stage] = out / stage
+        log(f"== {stage}: done in {timings[stage]:.0f}s")
+    t0 = time.time()
+    policies = {label: runs[s] for label, s in (("SFT", "sft"), ("PPO (RM reward)", "ppo"), ("DPO", "dpo"),
+                                                ("GRPO (rule reward)", "grpo")) if s in runs}
+    results = evaluate_policies(out, policies, config_dir, fast, log) if "sft" in runs else {}
+    timings["final_eval"] = time.time() - t0
+    table = results_table(results) if results else "(no policy to evaluate)"
+    curves = plot_runs({s: d for s, d in runs.items()}, out / "curves.png",
+                       keys=["loss", "eval/exact_match", "reward_mean", "kl", "eval/reward", "eval/kl",
+                             "eval/accuracy", "value_loss", "entropy"], title="jalign tiny pipeline")
+    timings["total"] = time.time() - t_all
+    md = ["# jalign tiny pipeline" + (" (--fast)" if fast else ""), "", table, "",
+          "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), ""]
+    if skipped:
+        md.append(f"Skipped stages: {', '.join(skipped)}")
+    (out / "results.md").write_text("\n".join(md) + "\n")
+    (out / "results.json").write_text(json.dumps({"results": results, "timings": timings, "skipped": skipped},
+                                                 indent=1))
+    log("\n" + table)
+    log(f"\nwall time {timings['total']:.0f}s; wrote {out / 'results.md'} and {curves}")
+    return {"results": results, "timings": timings, "skipped": skipped}
+
+
+def pipeline_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="jalign pipeline", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="runs/pipeline", help="output directory (one run dir per stage)")
+    ap.add_argument("--fast", action="store_true", help="a few steps per stage (smoke test)")
+    ap.add_argument("--configs", help="directory holding the *_tiny.yaml configs (default: the repo's configs/)")
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    a = ap.parse_args(argv)
+    stages = [s for s in a.stages.split(",") if s]
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        print(f"jalign pipeline: unknown stage(s) {bad}; choose from {STAGES}")
+        return 2
+    from jalign.config import ConfigError
+    from jalign.data.formats import DataError
+
+    try:
+        run_pipeline(Path(a.out), a.fast, Path(a.configs) if a.configs else None, stages)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}")
+        return 2
+    return 0

@@ -1,0 +1,166 @@
+"""Reward models: score at the last valid token, sharded == unsharded, accumulation == big batch,
+regression with masked attributes, Hugging Face export, and the loop end to end."""
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jalign.algorithms import base
+from jalign.algorithms.reward import RewardModel, last_valid_index, reward_scores
+from jalign.config import ModelConfig, load_config
+from jalign.metrics import read_metrics
+from jalign.models import params as params_lib
+from jalign.models import transformer as tfm
+from jalign.trainer import train
+from sharding import make_mesh, make_rules, use_rules
+
+ROOT = Path(__file__).parent.parent
+TINY = [
+    "model.hidden=32", "model.mlp=64", "model.layers=1", "model.heads=4", "model.kv_heads=2", "model.init_from=null",
+    "data.train=builtin:addition_pairs:train:64", "data.eval=builtin:addition_pairs:eval:16", "data.seq_len=16",
+    "train.global_batch=8", "train.steps=10", "train.eval_batches=2", "train.log_every=1", "train.progress=false",
+    "train.tensorboard=false", "train.async_checkpointing=false",
+    "optim.lr=1e-2", "optim.warmup_steps=0", "optim.schedule=constant", "optim.eps=1e-4", "optim.weight_decay=0.1",
+]
+
+
+# The embedding gradient of a reward model sums many cancelling contributions (float32 noise ~1e-5 of its
+# scale differs between shardings); Adam's first step amplifies that by lr / eps, so a smaller lr here.
+PAIR = ("algorithm.loss=bt_margin", "algorithm.margin_scale=0.5", "optim.lr=1e-3")
+
+
+def assert_trees_close(actual, expected, rtol=1e-5):
+    def check(a, b):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.abs(a - b).max() <= rtol * max(np.abs(b).max(), 1e-30), (np.abs(a - b).max(), np.abs(b).max())
+    jax.tree.map(check, actual, expected)
+
+
+def make_algo(tmp_path, shape=None, *extra):
+    mesh = make_mesh(*shape) if shape else make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
+    cfg = load_config(ROOT / "configs/rm_tiny.yaml", TINY + [f"train.out_dir={tmp_path}", *extra])
+    rt = base.Runtime(cfg=cfg, mesh=mesh, rules=make_rules(), run_dir=Path(tmp_path), log=lambda *a: None)
+    return RewardModel(rt)
+
+
+def run(algo, batches):
+    rt = algo.rt
+    with rt.mesh, use_rules(rt.mesh, rt.rules):
+        state = algo.init(jax.random.key(0))
+        metrics = []
+        for b in batches:
+            state, m = algo.step(state, b)
+            metrics.append({k: float(v) for k, v in jax.device_get(m).items()})
+    return metrics, state
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    algo = make_algo(tmp_path_factory.mktemp("single"), None, *PAIR)
+    with algo.rt.mesh:
+        batch = next(algo.batches("train"))
+    metrics, state = run(algo, [batch])
+    return dict(batch=batch, metrics=metrics, params=jax.device_get(state["params"]))
+
+
+def test_first_step_metrics(reference):
+    m = reference["metrics"][0]
+    assert m["num_pairs"] == 8 and m["skipped"] == 0
+    assert m["reward_std"] > 0 and 0.0 <= m["accuracy"] <= 1.0
+    # the margin version of BT: m = margin_scale * (R_c - R_r) = 0.5 with the tiny task's rewards 1 / 0
+    b = reference["batch"]
+    assert np.all(b["chosen_reward"] == 1.0) and np.all(b["rejected_reward"] == 0.0)
+
+
+@pytest.mark.parametrize("shape,accum", [((8, 1, 1, 1), 1), ((2, 2, 2, 1), 2), ((1, 2, 2, 2), 1)])
+def test_sharded_equals_single_device(shape, accum, reference, tmp_path):
+    """(2,2,2,1) also runs 2 accumulation steps of 4 rows: accumulation == the big batch."""
+    algo = make_algo(tmp_path, shape, *PAIR, f"train.micro_batch={8 // accum}")
+    metrics, state = run(algo, [reference["batch"]])
+    for k in ("loss", "accuracy", "reward_chosen_mean", "reward_rejected_mean", "reward_std", "grad_norm"):
+        np.testing.assert_allclose(metrics[0][k], reference["metrics"][0][k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert_trees_close(jax.device_get(state["params"]), reference["params"])
+
+
+def test_score_is_read_at_the_last_valid_token():
+    cfg = ModelConfig(vocab_size=64, hidden=32, mlp=64, layers=1, heads=4, kv_heads=2)
+    params = params_lib.init_params(tfm.declare_params(cfg, lm_head=False, score_outputs=2), 0)
+    rng = np.random.default_rng(0)
+    T, lengths = 12, np.array([5, 12, 1])
+    seg = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
+    pos = np.where(seg > 0, np.arange(T)[None], 0).astype(np.int32)
+    tokens = (rng.integers(3, 64, (3, T)) * seg).astype(np.int32)
+    score = jax.jit(lambda t: reward_scores(params, t, pos, seg, cfg))
+    base_scores = np.asarray(score(tokens))
+    assert base_scores.shape == (3, 2)
+    np.testing.assert_array_equal(np.asarray(last_valid_index(jnp.asarray(seg))), lengths - 1)
+    garbage = np.where(seg > 0, tokens, rng.integers(3, 64, (3, T))).astype(np.int32)
+    np.testing.assert_array_equal(np.asarray(score(garbage)), base_scores)  # padding is never read
+    last = tokens.copy()
+    last[0, lengths[0] - 1] = (last[0, lengths[0] - 1] + 1) % 64
+    changed = np.asarray(score(last))
+    assert np.abs(changed[0] - base_scores[0]).max() > 1e-6
+    np.testing.assert_array_equal(changed[1:], base_scores[1:])
+    # the reference: the score head applied to the hidden state of the last valid position
+    hidden = tfm.forward(params, tokens, pos, seg, cfg)
+    manual = np.stack([np.asarray(tfm.score_head(params, hidden))[i, n - 1] for i, n in enumerate(lengths)])
+    np.testing.assert_allclose(base_scores, manual, rtol=1e-5, atol=1e-6)
+
+
+def test_regression_masks_unlabelled_attributes(tmp_path):
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(32):
+        a, b = rng.integers(10, 99, 2)
+        attrs = {"helpful": float(i % 5), "correct": None if i % 3 == 0 else float(i % 2) * 4}
+        lines.append(json.dumps({"prompt": f"{a}+{b}=", "response": str(a + b + i % 2), "attributes": attrs}))
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "eval.jsonl").write_text("\n".join(lines[:8]) + "\n")
+    algo = make_algo(tmp_path, (8, 1, 1, 1), "algorithm.loss=regression", "algorithm.num_attributes=2",
+                     f"data.train={tmp_path / 'train.jsonl'}", f"data.eval={tmp_path / 'eval.jsonl'}",
+                     "optim.lr=3e-3")
+    assert algo.data.attribute_names == ["correct", "helpful"]
+    with algo.rt.mesh:
+        it = algo.batches("train")
+        batches = [next(it) for _ in range(1)]
+    assert batches[0]["attr_mask_0"].sum() < 8  # some "correct" labels are null
+    metrics, state = run(algo, batches * 8)
+    losses = [m["loss"] for m in metrics]
+    assert losses[-1] < 0.5 * losses[0]
+    assert metrics[0]["num_values"] == batches[0]["attr_mask_0"].sum() + batches[0]["attr_mask_1"].sum()
+    with algo.rt.mesh, use_rules(algo.rt.mesh, algo.rt.rules):
+        ev = algo.evaluate(state)
+    assert set(ev) == {"loss", "mae", "mae_correct", "mae_helpful"}
+
+
+def test_train_end_to_end_and_hf_export(tmp_path):
+    out, hf = tmp_path / "rm", tmp_path / "hf"
+    cfg = load_config(ROOT / "configs/rm_tiny.yaml", TINY + [
+        f"train.out_dir={out}", "train.steps=12", "train.eval_every=12", "train.checkpoint_every=12",
+        "mesh.data=4", "mesh.fsdp=2", f"train.export_hf={hf}"])
+    last = train(cfg)
+    losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    assert len(losses) == 12 and np.mean(losses[-3:]) < losses[0] - 0.1
+    assert 0.0 <= last["eval/accuracy"] <= 1.0
+    config = json.loads((hf / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and config["num_labels"] == 1
+    index = json.loads((hf / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index["score.weight"] == "score.safetensors" and "lm_head.weight" not in index
+    # the exported directory scores like jalign does
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    from jalign.checkpoint import load_params
+
+    params = load_params(out)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(hf, torch_dtype=torch.float32).eval()
+    ids = np.array([[1, 5, 60, 61, 62, 2, 0, 0], [1, 7, 70, 71, 72, 73, 74, 2]], np.int32)
+    seg = (ids > 0).astype(np.int32)
+    pos = np.where(seg > 0, np.arange(8)[None], 0).astype(np.int32)
+    ours = np.asarray(reward_scores(params, ids, pos, seg, cfg.model))
+    with torch.no_grad():
+        theirs = model(input_ids=torch.tensor(ids, dtype=torch.long),
+                       attention_mask=torch.tensor(seg, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)
