@@ -169,6 +169,12 @@ def initialize(cfg=None) -> None:
     where = (f"process {layout.process_id if layout.process_id is not None else '?'} of "
              f"{layout.num_processes or '?'}, coordinator {layout.coordinator_address or '(from ' + str(layout.cluster) + ')'}"
              f", from {layout.source}")
+    print(f"jalign: starting jax.distributed ({where}; initialization_timeout={d.initialization_timeout}s, "
+          f"heartbeat_timeout={d.heartbeat_timeout}s)", file=sys.stderr, flush=True)
+    if layout.coordinator_address and layout.process_id not in (None, 0):
+        # jax's client aborts the whole process (SIGABRT, no Python exception) when it cannot register
+        # with the coordinator; probing the port first turns the common case into a clear error.
+        _wait_for_port(layout.coordinator_address, d.initialization_timeout, where)
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # noqa: BLE001 - jaxlib raises XlaRuntimeError / ValueError / RuntimeError
@@ -181,6 +187,29 @@ def initialize(cfg=None) -> None:
     print(f"jalign: jax.distributed initialised: process {jax.process_index()} of {jax.process_count()}, "
           f"{jax.local_device_count()} local / {jax.device_count()} global devices ({where})",
           file=sys.stderr, flush=True)
+
+
+def _wait_for_port(address: str, timeout: float, where: str) -> None:
+    """Return once ``host:port`` accepts TCP connections; DistributedError after ``timeout`` s."""
+    import socket
+    import time
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(5.0, timeout)):
+                return
+        except OSError as e:
+            last = e
+        if time.monotonic() >= deadline:
+            raise DistributedError(
+                f"cannot reach the coordinator {address} ({where}) within "
+                f"distributed.initialization_timeout={timeout}s: {last}\n  is process 0 running, listening "
+                f"on that port, and reachable from this host?")
+        time.sleep(0.5)
 
 
 def is_multiprocess() -> bool:

@@ -42,6 +42,7 @@ class MetricsWriter:
         self.jsonl = None
         self.tb = None
         self.bar = None
+        self._shown: dict = {}
         if not self.is_main:
             return
         run_dir = Path(run_dir)
@@ -76,12 +77,11 @@ class MetricsWriter:
         if self.bar is None:
             return
         self.bar.n = step
-        shown = {}
         for key in ("loss", "accuracy", "reward_mean", "kl", "lr", "tokens_per_s"):
-            if key in metrics:
+            if key in metrics:  # keep the last value of metrics that are only computed at log steps
                 v = metrics[key]
-                shown[key] = f"{v:.3g}" if isinstance(v, float) else v
-        self.bar.set_postfix(shown, refresh=False)
+                self._shown[key] = f"{v:.3g}" if isinstance(v, float) else v
+        self.bar.set_postfix(self._shown, refresh=False)
         self.bar.refresh()
 
     def message(self, text: str) -> None:

@@ -26,9 +26,11 @@ CONFIG_FILES = {"sft": "sft_tiny.yaml", "rm": "rm_tiny.yaml", "ppo": "ppo_tiny.y
                 "grpo": "grpo_tiny.yaml"}
 QUIET = ["train.progress=false", "train.tensorboard=false"]
 
-# Full run: SFT short enough to stay imperfect, so RL has something to fix.
+# Full run: a 4-layer model in every stage; SFT short enough to stay imperfect (about 60-75% greedy
+# exact match), so RL has something to fix.
+MODEL_FULL = ["model.layers=4"]
 FULL = {
-    "sft": ["train.steps=300", "train.eval_every=100", "train.checkpoint_every=300"],
+    "sft": ["optim.lr=1e-3", "train.steps=400", "train.eval_every=100", "train.checkpoint_every=400"],
     "rm": [],
     "ppo": [],
     "dpo": [],
@@ -42,8 +44,8 @@ FAST = {
             "algorithm.minibatch_size=16", "algorithm.eval_prompts=16"],
     "dpo": ["train.steps=10", "train.eval_every=10", "train.eval_batches=2", "train.checkpoint_every=10",
             "algorithm.eval_generate=16"],
-    "grpo": ["train.steps=3", "train.eval_every=3", "train.checkpoint_every=3", "train.global_batch=4",
-             "algorithm.minibatch_size=16", "algorithm.eval_prompts=16"],
+    "grpo": ["train.steps=3", "train.eval_every=3", "train.checkpoint_every=3", "train.global_batch=8",
+             "algorithm.num_rollouts_per_prompt=4", "algorithm.minibatch_size=16", "algorithm.eval_prompts=16"],
 }
 
 
@@ -57,7 +59,7 @@ def stage_overrides(stage: str, out: Path, fast: bool, extra: Optional[dict] = N
         o.append(f"model.init_from={out / 'sft'}")
     if stage == "ppo":
         o.append(f"algorithm.reward_model={out / 'rm'}")
-    o += (FAST if fast else FULL)[stage]
+    o += ([] if fast else MODEL_FULL) + (FAST if fast else FULL)[stage]
     return o + list((extra or {}).get(stage, []))
 
 
@@ -76,9 +78,10 @@ def evaluate_policies(out: Path, runs: dict[str, Path], config_dir: Path, fast: 
 
     rm = out / "rm"
     reward = [f"algorithm.reward_model={rm}", "algorithm.reward_fn=null"] if (rm / "checkpoints").is_dir() else []
-    cfg = load_config(config_dir / CONFIG_FILES["grpo"], [
+    cfg = load_config(config_dir / CONFIG_FILES["grpo"], [*([] if fast else MODEL_FULL),
         f"model.init_from={out / 'sft'}", f"train.out_dir={out / 'eval'}", *reward,
-        f"algorithm.eval_prompts={32 if fast else 256}", "train.global_batch=8", "algorithm.minibatch_size=16"])
+        f"algorithm.eval_prompts={32 if fast else 512}", "train.global_batch=8", "algorithm.num_rollouts_per_prompt=8",
+        "algorithm.minibatch_size=16"])
     mesh = make_mesh(**validate_for_devices(cfg, jax.device_count()))
     rules = make_rules(cfg.mesh.rules)
     rt = base.Runtime(cfg=cfg, mesh=mesh, rules=rules, run_dir=out / "eval", log=lambda *_: None)

@@ -52,11 +52,13 @@ def plot_runs(runs: dict[str, str | Path], out_png: str | Path, keys: Optional[S
     cols = min(3, max(len(keys), 1))
     rows = max(1, math.ceil(len(keys) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+    colors = {label: f"C{i % 10}" for i, label in enumerate(data)}  # one colour per run in every panel
     for ax, key in zip(axes.flat, keys):
         for label, series in data.items():
             if key in series:
                 xs, ys = series[key]
-                ax.plot(xs, ys, marker="o" if len(xs) < 12 else None, markersize=3, label=label)
+                ax.plot(xs, ys, marker="o" if len(xs) < 12 else None, markersize=3, label=label,
+                        color=colors[label])
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

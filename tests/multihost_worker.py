@@ -4,7 +4,8 @@
 
 Identical to ``python -m jalign train ...``, plus, when JALIGN_TEST_RECORD is a directory, every host
 batch this process feeds to the SFT step is appended to ``<dir>/batches_<process>.npz`` (tokens and
-loss masks per step), so a test can check that each example is seen exactly once across processes.
+loss masks per step), so a test can check that each example is seen exactly once across processes,
+and its pid to ``<dir>/pid_<JALIGN_PROCESS_ID>``.
 """
 import os
 import sys
@@ -34,7 +35,9 @@ def record_batches(directory: str) -> None:
 
 if __name__ == "__main__":
     if os.environ.get("JALIGN_TEST_RECORD"):
-        record_batches(os.environ["JALIGN_TEST_RECORD"])
+        record = Path(os.environ["JALIGN_TEST_RECORD"])
+        (record / f"pid_{os.environ.get('JALIGN_PROCESS_ID', 0)}").write_text(str(os.getpid()))
+        record_batches(str(record))
     from jalign.cli import main
 
     sys.exit(main(sys.argv[1:]))

@@ -28,8 +28,8 @@ TINY = [
 
 
 # The embedding gradient of a reward model sums many cancelling contributions (float32 noise ~1e-5 of its
-# scale differs between shardings); Adam's first step amplifies that by lr / eps, so a smaller lr here.
-PAIR = ("algorithm.loss=bt_margin", "algorithm.margin_scale=0.5", "optim.lr=1e-3")
+# scale differs between shardings); Adam's first step amplifies that by lr / eps, so lr = eps here.
+PAIR = ("algorithm.loss=bt_margin", "algorithm.margin_scale=0.5", "optim.lr=1e-3", "optim.eps=1e-3")
 
 
 def assert_trees_close(actual, expected, rtol=1e-5):

@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jalign.algorithms import base
 from jalign.algorithms.base import policy_token_logps
 from jalign.algorithms.evaluation import ExactMatchEval
-from jalign.algorithms.reward import pair_valid, stack_pairs, unstack_pairs
+from jalign.algorithms.reward import pair_valid, stack_pairs, start_report, unstack_pairs
 from jalign.data.preference import PairData, records_fingerprint
 from jalign.data.tokenizer import load_tokenizer
 from jalign.losses import (dpo_loss, dpo_sft_term, ipo_loss, rpo_bwd_kl_loss, rpo_fwd_kl_loss, rpo_sq_loss,
@@ -238,14 +238,7 @@ class DPO:
 
     def on_start(self, state, writer) -> dict:
         self.precompute_reference()
-        out = {f"data/{k}": float(v) for spec, c in self.data.counts.items() if spec == self.rt.cfg.data.train
-               for k, v in c.items()}
-        if int(jax.device_get(state["step"])) == 0 and self.rt.cfg.train.eval_every:
-            ev = self.evaluate(state)
-            writer.write(0, ev, prefix="eval/")
-            writer.message("step 0: " + ", ".join(f"eval/{k}={v:.4g}" for k, v in ev.items()))
-            out.update({f"eval0/{k}": v for k, v in ev.items()})
-        return out
+        return start_report(self, state, writer)
 
     def evaluate(self, state) -> dict:
         out = {}

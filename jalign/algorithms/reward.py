@@ -73,6 +73,22 @@ def pair_valid(batch: dict, mask_field: str = "loss_mask") -> jax.Array:
     return batch["valid"] * has("chosen") * has("rejected")
 
 
+def start_report(algo, state, writer) -> dict:
+    """At the start of a run: log the data counts (examples / truncated / dropped) of the train split at
+    step 0, and on a fresh run (step 0) evaluate the starting model, so "before" numbers are in the log."""
+    out = {}
+    for spec, counts in algo.data.counts.items():
+        split = "train" if spec == algo.rt.cfg.data.train else "eval"
+        out.update({f"data/{split}_{k}": float(v) for k, v in counts.items()})
+    writer.write(int(jax.device_get(state["step"])), out)
+    if int(jax.device_get(state["step"])) == 0 and algo.rt.cfg.train.eval_every:
+        ev = algo.evaluate(state)
+        writer.write(0, ev, prefix="eval/")
+        writer.message("step 0: " + ", ".join(f"eval/{k}={v:.4g}" for k, v in ev.items()))
+        out.update({f"eval/{k}": v for k, v in ev.items()})
+    return out
+
+
 # ---- the algorithm ------------------------------------------------------------------------------
 @base.register("reward")
 class RewardModel:
@@ -181,14 +197,7 @@ class RewardModel:
         return state, self._with_std(m)
 
     def on_start(self, state, writer) -> dict:
-        out = {f"data/{k}": float(v) for spec, c in self.data.counts.items() if spec == self.rt.cfg.data.train
-               for k, v in c.items()}
-        if int(jax.device_get(state["step"])) == 0 and self.rt.cfg.train.eval_every and self.data.has_eval:
-            ev = self.evaluate(state)
-            writer.write(0, ev, prefix="eval/")
-            writer.message("step 0: " + ", ".join(f"eval/{k}={v:.4g}" for k, v in ev.items()))
-            out.update({f"eval0/{k}": v for k, v in ev.items()})
-        return out
+        return start_report(self, state, writer)
 
     def evaluate(self, state) -> dict:
         if not self.data.has_eval:
