@@ -18,8 +18,9 @@ If the layout names one process (or none is found) nothing is initialised. On CP
 collectives are gloo (``distributed.cpu_collectives``).
 
 Failure behaviour (all bounded by the config's timeouts, never a hang):
-* coordinator unreachable / a peer never starts: :class:`DistributedError` after
-  ``initialization_timeout`` seconds;
+* coordinator unreachable: :class:`DistributedError` after ``initialization_timeout`` seconds (the
+  port is probed first); a peer that never registers: jax aborts the waiting processes after the
+  same timeout (``DEADLINE_EXCEEDED ... RegisterTask``, status 134);
 * a peer dies mid-run: the coordinator misses its heartbeats for ``heartbeat_timeout`` seconds and
   every other process is terminated by jax's runtime with a non-zero status (if the peer's death first
   breaks a collective, that raises at once and :func:`fail_fast` exits non-zero without waiting for
@@ -78,9 +79,9 @@ def resolve(d: DistributedConfig, environ=None) -> Optional[Layout]:
         values[key] = value
     n, pid = values["num_processes"], values["process_id"]
     if n is not None and n < 1:
-        raise ConfigError(f"{_src(sources, 'num_processes')}: num_processes must be >= 1, got {n}")
+        raise ConfigError(f"{_src(sources)}: num_processes must be >= 1, got {n}")
     if n is not None and pid is not None and not 0 <= pid < n:
-        raise ConfigError(f"{_src(sources, 'process_id')}: process_id {pid} is not in [0, {n})")
+        raise ConfigError(f"{_src(sources)}: process_id {pid} is not in [0, {n})")
     for key in ("initialization_timeout", "heartbeat_timeout", "shutdown_timeout"):
         if getattr(d, key) <= 0:
             raise ConfigError(f"distributed.{key}: must be a positive number of seconds, got {getattr(d, key)}")
@@ -116,7 +117,7 @@ def _env_int_from(env, name: str) -> int:
         raise ConfigError(f"environment {name}={env[name]!r}: expected an integer") from None
 
 
-def _src(sources: list, key: str) -> str:
+def _src(sources: list) -> str:
     return ", ".join(sources) or "distributed"
 
 
@@ -124,7 +125,7 @@ def _detect_cluster(method: str) -> Optional[tuple[str, int]]:
     """(name, process count) of the cluster environment jax would use, or None."""
     try:
         from jax._src import clusters
-    except ImportError:  # private module moved: let jax.distributed.initialize() detect by itself
+    except ImportError:  # private module moved in a later jax: no detection (set the layout explicitly)
         return None
     envs = list(clusters.ClusterEnv._cluster_types)
     if method == "auto":

@@ -72,9 +72,15 @@ def setup(cfg: Config):
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
-    rt = Runtime(cfg=cfg, mesh=mesh, rules=rules, run_dir=run_dir)
+    rt = Runtime(cfg=cfg, mesh=mesh, rules=rules, run_dir=run_dir, log=_print_on_main)
     algo = get_algorithm(cfg.algorithm.name)(rt)
     return rt, algo
+
+
+def _print_on_main(text: str) -> None:
+    """The log before the metrics writer exists (data loading, init): process 0 only, like the writer."""
+    if jax.process_index() == 0:
+        print(text, flush=True)
 
 
 def _stop_everywhere(flag: bool) -> bool:

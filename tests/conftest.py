@@ -11,3 +11,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# Many tests build the same small programs in fresh jit wrappers (e.g. several train() calls of a
+# resume test); the persistent compilation cache turns those repeat compiles into cache hits.
+jax.config.update("jax_compilation_cache_dir", os.environ.get("JALIGN_TEST_JAX_CACHE", "/tmp/jalign-test-jax-cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
