@@ -177,7 +177,7 @@ class RewardConfig:
     name: str = "reward"
     loss: Literal["bt", "bt_margin", "bt_scaled", "regression"] = "bt"
     num_attributes: int = 1
-    margin_scale: float = 1.0
+    margin_scale: float = 1.0  # bt_margin: m = scale * (R_c - R_r); bt_scaled: s = scale * (R_c - R_r) (data rewards)
 
 
 @register_algorithm_config("dpo")
@@ -190,7 +190,7 @@ class DPOConfig:
     eta: float = 1.0  # RPO: delta* = eta * (R_chosen - R_rejected)
     length_normalize: bool = False
     sft_weight: float = 0.0
-    reference: Literal["live", "precomputed"] = "live"
+    reference: Literal["live", "precomputed"] = "live"  # precomputed: once, into RUN_DIR/reference_logps (zarr)
     eval_generate: int = 64
     max_new_tokens: int = 8
 

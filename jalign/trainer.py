@@ -108,7 +108,7 @@ def _train(cfg: Config) -> dict:
     writer = None
     ckpt = Checkpointer(rt.run_dir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpointing)
     last: dict = {}
-    with rt.mesh, use_rules(rt.mesh, rt.rules), _StopSignal() as stop:
+    with use_rules(rt.mesh, rt.rules), _StopSignal() as stop:
         train_iter = algo.batches("train")
         latest = ckpt.latest_step() if t.resume else None
         if latest is not None:

@@ -64,7 +64,7 @@ def run_step(mesh, batch_rows, accum, steps=1, cfg=CFG):
     decls = tfm.declare_params(CFG)
     opt = base.make_optimizer(OPT, 10)
     shardings = base.state_shardings(decls, opt, mesh, rules)
-    with mesh, use_rules(mesh, rules):
+    with use_rules(mesh, rules):
         params = params_lib.init_params(decls, 0, shardings=shardings["params"])
         state = base.init_state(params, opt, shardings, jax.random.key(1))
         step = base.make_train_step(make_sft_loss(cfg), normalizers, opt, base.make_schedule(OPT, 10), shardings, mesh)
@@ -136,7 +136,7 @@ def test_nonfinite_loss_skips_update():
         loss, m = sft_loss_fn(params, mb, norms, frozen)
         return loss * jnp.nan, dict(m, loss=loss * jnp.nan)
 
-    with mesh, use_rules(mesh, rules):
+    with use_rules(mesh, rules):
         params = params_lib.init_params(decls, 0, shardings=shardings["params"])
         before = jax.device_get(params)
         state = base.init_state(params, opt, shardings, jax.random.key(1))
