@@ -26,11 +26,9 @@ CONFIG_FILES = {"sft": "sft_tiny.yaml", "rm": "rm_tiny.yaml", "ppo": "ppo_tiny.y
                 "grpo": "grpo_tiny.yaml"}
 QUIET = ["train.progress=false", "train.tensorboard=false"]
 
-# Full run: a 4-layer model in every stage; SFT short enough to stay imperfect (about 60-75% greedy
-# exact match), so RL has something to fix.
-MODEL_FULL = ["model.layers=4"]
+# Full run: SFT short enough to stay imperfect (about 70% greedy exact match), so RL has something to fix.
 FULL = {
-    "sft": ["optim.lr=1e-3", "train.steps=400", "train.eval_every=100", "train.checkpoint_every=400"],
+    "sft": ["train.steps=400", "train.eval_every=100", "train.checkpoint_every=400"],
     "rm": [],
     "ppo": [],
     "dpo": [],
@@ -53,13 +51,30 @@ def default_config_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "configs"
 
 
+ARCH_KEYS = ("vocab_size", "hidden", "mlp", "layers", "heads", "kv_heads", "head_dim", "qkv_bias", "qk_norm",
+             "tie_embeddings", "tokenizer")
+
+
+def sft_architecture(out: Path) -> list[str]:
+    """``model.*`` overrides copying the SFT run's architecture, so every later stage matches it even
+    when its own config file was written for another size."""
+    from jalign.config import load_config
+
+    path = out / "sft" / "config.yaml"
+    if not path.is_file():
+        return []
+    m = load_config(path).model
+    return [f"model.{k}={'null' if getattr(m, k) is None else getattr(m, k)}" for k in ARCH_KEYS]
+
+
 def stage_overrides(stage: str, out: Path, fast: bool, extra: Optional[dict] = None) -> list[str]:
     o = [f"train.out_dir={out / stage}", *QUIET]
     if stage != "sft":
+        o += sft_architecture(out)
         o.append(f"model.init_from={out / 'sft'}")
     if stage == "ppo":
         o.append(f"algorithm.reward_model={out / 'rm'}")
-    o += ([] if fast else MODEL_FULL) + (FAST if fast else FULL)[stage]
+    o += (FAST if fast else FULL)[stage]
     return o + list((extra or {}).get(stage, []))
 
 
@@ -78,7 +93,7 @@ def evaluate_policies(out: Path, runs: dict[str, Path], config_dir: Path, fast: 
 
     rm = out / "rm"
     reward = [f"algorithm.reward_model={rm}", "algorithm.reward_fn=null"] if (rm / "checkpoints").is_dir() else []
-    cfg = load_config(config_dir / CONFIG_FILES["grpo"], [*([] if fast else MODEL_FULL),
+    cfg = load_config(config_dir / CONFIG_FILES["grpo"], [*sft_architecture(out),
         f"model.init_from={out / 'sft'}", f"train.out_dir={out / 'eval'}", *reward,
         f"algorithm.eval_prompts={32 if fast else 512}", "train.global_batch=8", "algorithm.num_rollouts_per_prompt=8",
         "algorithm.minibatch_size=16"])
