@@ -41,7 +41,8 @@ def assert_trees_close(actual, expected, rtol=1e-5):
 
 def make_algo(tmp_path, shape=None, *extra):
     mesh = make_mesh(*shape) if shape else make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
-    cfg = load_config(ROOT / "configs/rm_tiny.yaml", TINY + [f"train.out_dir={tmp_path}", *extra])
+    ring = ["model.attention=ring"] if shape and shape[3] > 1 else []  # as the trainer sets for mesh.sequence > 1
+    cfg = load_config(ROOT / "configs/rm_tiny.yaml", TINY + ring + [f"train.out_dir={tmp_path}", *extra])
     rt = base.Runtime(cfg=cfg, mesh=mesh, rules=make_rules(), run_dir=Path(tmp_path), log=lambda *a: None)
     return RewardModel(rt)
 
