@@ -269,10 +269,17 @@ def _load_model(spec: str, seed: int):
         return hf_io.load_hf_params(spec, cfg), cfg, spec, "none"
     from jalign.config import load_config
 
+    trained = None
     if Path(spec).is_dir() and (Path(spec) / "config.yaml").is_file():  # a run / `jalign convert` dir
+        if (Path(spec) / "checkpoints").is_dir():
+            trained = spec  # a training run: its own newest checkpoint, not the weights it started from
         spec = str(Path(spec) / "config.yaml")
     full = load_config(spec)
     cfg, template = full.model, full.data.chat_template
+    if trained is not None:
+        if cfg.hf_path:
+            cfg = hf_io.model_config_from_hf(cfg.hf_path, tokenizer=cfg.tokenizer if cfg.tokenizer != "byte" else cfg.hf_path)
+        return hf_io.load_params_checkpoint(trained, cfg), cfg, cfg.tokenizer, template
     if cfg.hf_path:
         hf_cfg = hf_io.model_config_from_hf(cfg.hf_path)
         return hf_io.load_hf_params(cfg.hf_path, hf_cfg), hf_cfg, (

@@ -51,6 +51,12 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert a[6] < a[1]
     jax.tree.map(np.testing.assert_array_equal, final_params(straight), final_params(sliced))
     assert (sliced / "config.yaml").exists()
+    # `jalign generate --model RUN_DIR` samples from the run's own trained weights
+    from jalign.generate import _load_model
+
+    params, cfg, _, template = _load_model(str(sliced), seed=0)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), final_params(sliced))
+    assert cfg.layers == 1 and template == "tiny"
 
 
 def test_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
