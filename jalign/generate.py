@@ -25,6 +25,8 @@ A row ends at its first token in ``eos_ids`` or ``stop_ids``; that token is kept
 """
 from __future__ import annotations
 
+import dataclasses
+
 import argparse
 import json
 import sys
@@ -145,6 +147,8 @@ def _generate_impl(params, tokens, positions, segment_ids, prompt_lens, active, 
 
 
 def _compiled(cfg, mesh, rules, **static):
+    # Where the weights came from does not change the program: one compile per architecture.
+    cfg = dataclasses.replace(cfg, init_from=None, hf_path=None, tokenizer="")
     key = (repr(cfg), mesh, tuple(sorted((k, str(v)) for k, v in rules.items())), tuple(sorted(static.items())))
     fn = _COMPILED.get(key)
     if fn is None:
