@@ -5,7 +5,6 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Optional
 
 import jax
 import numpy as np

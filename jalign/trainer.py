@@ -7,7 +7,6 @@ from __future__ import annotations
 import signal
 import time
 from pathlib import Path
-from typing import Optional
 
 import jax
 
@@ -150,7 +149,8 @@ def _train(cfg: Config) -> dict:
                     last.update(_prefixed(ev, "eval/"))
                 sliced = t.stop_after_steps is not None and step - start >= t.stop_after_steps
                 stopping = _stop_everywhere(stop.requested) or sliced
-                if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps or stopping:
+                due = (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps
+                if (due and not bad_in_a_row) or stopping:  # keep the last good checkpoint during a bad streak
                     ckpt.save(step, state, train_iter, meta={"step": step}, force=True)
                 if stopping:
                     writer.message(f"stopping early: checkpoint at step {step} written, exiting")

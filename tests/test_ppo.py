@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from jalign.algorithms import base
-from jalign.algorithms import rl_common as rl
 from jalign.algorithms.ppo import GRPO, PPO, RLOO
 from jalign.checkpoint import Checkpointer
 from jalign.config import ConfigError, dump_config, load_config

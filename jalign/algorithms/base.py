@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -203,10 +203,12 @@ def make_train_step(loss_fn: LossFn, normalizers_fn: Callable[[dict], dict], opt
         zeros = (jax.tree.map(jnp.zeros_like, state["params"]),
                  jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
         (grads, metrics), _ = jax.lax.scan(micro, zeros, batch)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, new_opt = optimizer.update(grads, state["opt_state"], state["params"])
         new_params = optax.apply_updates(state["params"], updates)
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        # An update that overflows the params (an absurd step on finite gradients) is skipped too, so
+        # a non-finite streak never starts from parameters that were already ruined.
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(new_params))
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         count = _adam_count(state["opt_state"])
         new_state = {

@@ -1,7 +1,6 @@
 """Log-prob and masking ops shared by every loss."""
 from __future__ import annotations
 
-from typing import Optional
 
 import jax
 import jax.numpy as jnp

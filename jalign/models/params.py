@@ -7,7 +7,7 @@ checkpoint layout (the same nested dict of arrays).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import zlib
 
