@@ -282,6 +282,13 @@ def initial_params(rt: Runtime, decls, rng, log=print) -> dict:
     return params_lib.init_params(decls, rng, dtype, shardings)
 
 
+def new_train_state(rt: Runtime, decls, optimizer, shardings, rng) -> dict:
+    """A fresh train state: params from ``initial_params``, optimizer state created sharded like them."""
+    k_params, k_state = jax.random.split(rng)
+    params = initial_params(rt, decls, k_params, log=rt.log)
+    return init_state(params, optimizer, shardings, k_state)
+
+
 def accumulation_steps(cfg: Config) -> int:
     return cfg.train.global_batch // (cfg.train.micro_batch or cfg.train.global_batch)
 

@@ -218,11 +218,10 @@ class DPO:
 
     # -- protocol --
     def init(self, rng):
-        k_params, k_state = jax.random.split(rng)
-        params = base.initial_params(self.rt, self.decls, k_params, log=self.rt.log)
+        state = base.new_train_state(self.rt, self.decls, self.optimizer, self.shardings, rng)
         if self._reference is None and not (self.precomputed and self._store is not None):
-            self._reference = jax.tree.map(jnp.copy, params)  # own buffers: the policy's are donated
-        return base.init_state(params, self.optimizer, self.shardings, k_state)
+            self._reference = jax.tree.map(jnp.copy, state["params"])  # own buffers: the policy's are donated
+        return state
 
     def abstract_state(self):
         return base.abstract_state(self.decls, self.optimizer, self.shardings,

@@ -50,9 +50,7 @@ class SFT:
 
     # -- protocol --
     def init(self, rng):
-        k_params, k_state = jax.random.split(rng)
-        params = base.initial_params(self.rt, self.decls, k_params, log=self.rt.log)
-        return base.init_state(params, self.optimizer, self.shardings, k_state)
+        return base.new_train_state(self.rt, self.decls, self.optimizer, self.shardings, rng)
 
     def abstract_state(self):
         return base.abstract_state(self.decls, self.optimizer, self.shardings,
