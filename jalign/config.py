@@ -54,7 +54,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # master params
     remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"
-    attention: Literal["xla", "cudnn", "ring"] = "xla"
+    attention: Literal["xla", "cudnn", "ring"] = "xla"  # "ring" is used whenever mesh.sequence > 1
     init_std: float = 0.02
     max_seq_len: int = 4096
     # Where the weights come from. None: random init. A Hugging Face directory (config.json +
@@ -551,8 +551,8 @@ def validate_for_devices(cfg: Config, num_devices: int) -> dict[str, int]:
         raise ConfigError(f"{src}: model.hidden={m.hidden} is not divisible by mesh.fsdp={sizes['fsdp']}")
     sp = sizes["sequence"]
     if sp > 1:
-        # Sequence parallelism means ring attention; the zigzag layout splits each row in 2*sequence chunks.
-        cfg.model.attention = "ring"
+        # mesh.sequence > 1 runs ring attention (the model picks it from the mesh); its zigzag layout
+        # splits each row into 2*sequence chunks.
         if cfg.data.seq_len % (2 * sp):
             raise ConfigError(f"{src}: data.seq_len={cfg.data.seq_len} must be divisible by 2*mesh.sequence={2 * sp} "
                               "(ring attention's zigzag layout)")

@@ -16,6 +16,7 @@ from jalign.models import params as params_lib
 from jalign.models import transformer as tfm
 from jalign.trainer import train
 from sharding import make_mesh, make_rules, use_rules
+from helpers import assert_trees_close
 
 ROOT = Path(__file__).parent.parent
 TINY = [
@@ -32,17 +33,9 @@ TINY = [
 PAIR = ("algorithm.loss=bt_margin", "algorithm.margin_scale=0.5", "optim.lr=1e-3", "optim.eps=1e-3")
 
 
-def assert_trees_close(actual, expected, rtol=1e-5):
-    def check(a, b):
-        a, b = np.asarray(a), np.asarray(b)
-        assert np.abs(a - b).max() <= rtol * max(np.abs(b).max(), 1e-30), (np.abs(a - b).max(), np.abs(b).max())
-    jax.tree.map(check, actual, expected)
-
-
 def make_algo(tmp_path, shape=None, *extra):
     mesh = make_mesh(*shape) if shape else make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
-    ring = ["model.attention=ring"] if shape and shape[3] > 1 else []  # as the trainer sets for mesh.sequence > 1
-    cfg = load_config(ROOT / "configs/rm_tiny.yaml", TINY + ring + [f"train.out_dir={tmp_path}", *extra])
+    cfg = load_config(ROOT / "configs/rm_tiny.yaml", TINY + [f"train.out_dir={tmp_path}", *extra])
     rt = base.Runtime(cfg=cfg, mesh=mesh, rules=make_rules(), run_dir=Path(tmp_path), log=lambda *a: None)
     return RewardModel(rt)
 

@@ -1,6 +1,5 @@
 """Ring attention == dense attention (outputs and grads), zigzag layout, load balance, model integration."""
 import dataclasses
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -173,7 +172,7 @@ def test_model_forward_ring_contiguous_equals_xla():
     np.testing.assert_allclose(ring(params), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_model_forward_ring_zigzag_equals_xla(monkeypatch):
+def test_model_forward_ring_zigzag_equals_xla():
     """Tokens in zigzag order; attention masks by the original position (``token_index``)."""
     cfg, params, tokens, pos, seg = _model_setup()
     n, (B, T) = 4, tokens.shape
@@ -190,14 +189,7 @@ def test_model_forward_ring_zigzag_equals_xla(monkeypatch):
     (_, ref_h), ref_g = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
         params, lambda p: transformer.forward(p, tokens, pos, seg, cfg), w)
 
-    if "token_index" in inspect.signature(transformer.forward).parameters:
-        fwd = lambda p: transformer.forward(p, ztok, zpos, zseg, ring_cfg, token_index=token_index)  # noqa: E731
-    else:  # until forward() takes token_index: feed the original positions to attend() directly
-        def attend_with_index(q, k, v, q_seg, kv_seg, q_idx, kv_idx, *, impl):
-            return attend(q, k, v, q_seg, kv_seg, token_index, token_index, impl=impl)
-
-        monkeypatch.setattr(transformer, "attend", attend_with_index)
-        fwd = lambda p: transformer.forward(p, ztok, zpos, zseg, ring_cfg)  # noqa: E731
+    fwd = lambda p: transformer.forward(p, ztok, zpos, zseg, ring_cfg, token_index=token_index)  # noqa: E731
 
     @jax.jit
     def ring(p):

@@ -10,6 +10,7 @@ function into the prefill / decode step used by ``jalign.generate``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -140,10 +141,8 @@ def _layer(cfg: ModelConfig, x, p, positions, q_seg, kv_seg, q_idx, kv_idx, inv_
     return x, new_cache
 
 
-def ring_size(cfg: ModelConfig) -> int:
-    """Devices on the "sequence" mesh axis when ring attention is active (1 otherwise)."""
-    if cfg.attention != "ring":
-        return 1
+def sequence_parallel_size() -> int:
+    """Devices on the active mesh's "sequence" axis (1 outside ``use_rules`` or without that axis)."""
     from sharding.rules import active_mesh
 
     mesh = active_mesh()
@@ -171,7 +170,10 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, segment_ids: 
     ring attention), since causal masking compares these indices.
     """
     B, T = tokens.shape
-    n = ring_size(cfg)
+    n = sequence_parallel_size()
+    if n > 1 and cfg.attention != "ring":
+        # Activations sharded along the sequence need the ring: every caller gets it from the mesh alone.
+        cfg = dataclasses.replace(cfg, attention="ring")
     if n > 1 and cache is None and token_index is None:
         # Zigzag layout for causal load balance: permute the row once, let attention mask by the
         # original indices, and restore row order of the output so every caller stays unchanged.
