@@ -12,8 +12,8 @@ from jalign.data import (ByteTokenizer, DataError, HFTokenizer, SFTExample, enco
                          make_preference_iterator, make_sft_iterator, read_jsonl, render_prompt,
                          tokenize_preference, tokenize_sft)
 from jalign.data.chat import get_template
-from jalign.data.tiny import (addition, answer_for, exact_match_reward, preference_pairs, split_of,
-                              wrong_answer)
+from jalign.data.tiny import (addition, addition_sloppy, answer_for, exact_match_reward, preference_pairs,
+                              split_of, wrong_answer)
 
 # ---- real chat templates (verbatim from the model repos) ------------------------------------------
 LLAMA3_TEMPLATE = (
@@ -260,17 +260,39 @@ def test_data_file_level_errors_and_parsed_values(tmp_path):
 
 # ---- tiny task ----------------------------------------------------------------------------------
 def test_tiny_task():
-    train, ev = addition("train"), addition("eval")
+    train, fb, ev = addition("train"), addition("feedback"), addition("eval")
     pairs = lambda xs: {x.prompt for x in xs}  # noqa: E731
-    assert not pairs(train) & pairs(ev) and len(train) + len(ev) == 90 * 90
+    assert not pairs(train) & pairs(ev) and not pairs(train) & pairs(fb) and not pairs(fb) & pairs(ev)
+    assert len(train) + len(fb) + len(ev) == 90 * 90 and 700 < len(ev) < 900 and 1800 < len(fb) < 2200
     assert all(split_of(*map(int, x.prompt[:-1].split("+"))) == "eval" for x in ev)
     assert [x.prompt for x in addition("train", 5, seed=3)] == [x.prompt for x in addition("train", 5, seed=3)]
     assert [x.prompt for x in addition("train", 5, seed=3)] != [x.prompt for x in addition("train", 5, seed=4)]
     prefs = preference_pairs("eval", 300, seed=1)
     assert all(p.rejected != p.chosen and p.chosen == answer_for(p.prompt) for p in prefs)
+    per_prompt = {}
+    for p in prefs:
+        per_prompt.setdefault(p.prompt, []).append(p.rejected)
+    assert len(per_prompt) == 300 and all(2 <= len(w) == len(set(w)) <= 4 for w in per_prompt.values())
+    # wrong digits take every wrong value across the data (an RM must check the digit, not a +-1 rule)
+    units_errors = {(int(p.rejected) - int(p.chosen)) % 10 for p in prefs if p.rejected[:-1] == p.chosen[:-1]}
+    assert units_errors == set(range(1, 10))
     assert all(p.rejected.isdigit() and not p.rejected.startswith("0") for p in prefs)
     assert wrong_answer(37, 48, 0) == "75" and wrong_answer(37, 48, 3) == "58"  # dropped carry; swap
-    assert wrong_answer(12, 13, 0) != "25"  # no carry to drop -> falls through to another corruption
+    assert wrong_answer(12, 13, 0) == "35" and wrong_answer(97, 48, 0) == "135"  # invented carry; dropped
+    assert wrong_answer(33, 11, 3) != "44"  # equal digits: swapping changes nothing -> another corruption
+
+
+def test_sloppy_demonstrations():
+    demos = addition_sloppy("train", 200, seed=5)
+    by_prompt = {}
+    for d in demos:
+        by_prompt.setdefault(d.prompt, []).append(d.response)
+    assert len(by_prompt) == 200 and all(len(r) == 5 for r in by_prompt.values())
+    for prompt, responses in by_prompt.items():
+        a, b = map(int, prompt[:-1].split("+"))
+        expected = sorted([str(a + b - 10)] * 3 + [str(a + b)] * 2) if (a % 10 + b % 10) >= 10 else [str(a + b)] * 5
+        assert sorted(responses) == expected, prompt
+    assert [d.prompt for d in demos[:10]] != sorted(d.prompt for d in demos[:10])  # shuffled, not grouped
     assert exact_match_reward("37+48=", "85") == 1.0 and exact_match_reward("37+48=", " 85\n") == 1.0
     assert exact_match_reward("37+48=", "84") == 0.0 and exact_match_reward("37+48=", "85x") == 0.0
     assert exact_match_reward("37+48=", "") == 0.0
@@ -375,7 +397,7 @@ def test_eval_iterator_one_pass_padded(packing):
 
 def test_preference_records_and_iterator():
     tok = ByteTokenizer()
-    recs, counts = tokenize_preference(preference_pairs("train", 10), tok, "tiny", seq_len=24)
+    recs, counts = tokenize_preference(preference_pairs("train", 10)[:10], tok, "tiny", seq_len=24)
     assert counts["examples"] == 10
     it = make_preference_iterator(recs, seq_len=24, batch_rows_per_process=2, shuffle=True, seed=0)
     b = next(it)
