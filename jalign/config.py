@@ -222,6 +222,7 @@ class _RLConfig:
     truncated_response: Literal["keep", "mask", "penalize"] = "penalize"  # no EOS within max_new_tokens
     truncation_penalty: float = -1.0  # the reward of a truncated response under "penalize"
     eval_prompts: int = 64  # held-out prompts rolled out at each evaluation (0 = off)
+    offload_frozen: bool = False  # park reference + reward model in pinned host memory outside scoring
 
 
 @register_algorithm_config("ppo")

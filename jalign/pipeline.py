@@ -109,8 +109,9 @@ def evaluate_policies(out: Path, runs: dict[str, Path], config_dir: Path, fast: 
             params = base.merge_params(evaluator.decls, load_params(run), k, mesh, rules,
                                        params_lib.DTYPES[cfg.model.param_dtype], log=lambda *_: None)
             ev = evaluator.evaluate({"params": params, "kl_coef": jnp.float32(0.0)})
-            results[label] = {"reward": ev["reward"], "exact_match": ev.get("exact_match", float("nan")),
-                              "kl": ev["kl"], "greedy_reward": ev["greedy_reward"]}
+            results[label] = {"reward": ev["reward"], "sampled_exact_match": ev.get("sampled_exact_match", float("nan")),
+                              "exact_match": ev.get("exact_match", float("nan")), "kl": ev["kl"],
+                              "greedy_reward": ev["greedy_reward"]}
             log(f"eval {label}: " + ", ".join(f"{k}={v:.4g}" for k, v in results[label].items()))
     results["_reward_source"] = "reward model" if reward else "exact_match rule"
     return results
@@ -118,13 +119,13 @@ def evaluate_policies(out: Path, runs: dict[str, Path], config_dir: Path, fast: 
 
 def results_table(results: dict) -> str:
     src = results.get("_reward_source", "reward")
-    lines = [f"| policy | held-out reward ({src}, sampled) | greedy reward | greedy exact match | KL to SFT (nats/seq) |",
-             "|---|---|---|---|---|"]
+    lines = [f"| policy | held-out reward ({src}): sampled | greedy | exact match: sampled | greedy "
+             "| KL to SFT (nats/seq) |", "|---|---|---|---|---|---|"]
     for label, r in results.items():
         if label.startswith("_"):
             continue
-        lines.append(f"| {label} | {r['reward']:.3f} | {r['greedy_reward']:.3f} | {r['exact_match']:.3f} | "
-                     f"{r['kl']:.3f} |")
+        lines.append(f"| {label} | {r['reward']:.3f} | {r['greedy_reward']:.3f} | {r['sampled_exact_match']:.3f} | "
+                     f"{r['exact_match']:.3f} | {r['kl']:.3f} |")
     return "\n".join(lines)
 
 
@@ -136,7 +137,12 @@ def run_pipeline(out: Path, fast: bool = False, config_dir: Optional[Path] = Non
     from jalign.plot import plot_runs
     from jalign.trainer import train
 
+    from jalign.config import ConfigError
+
     config_dir = Path(config_dir or default_config_dir())
+    if not (config_dir / CONFIG_FILES["sft"]).is_file():
+        raise ConfigError(f"{config_dir}: no {CONFIG_FILES['sft']} here; pass --configs DIR (the repository's "
+                          f"configs/ directory; a non-editable install does not carry it)")
     out.mkdir(parents=True, exist_ok=True)
     # Identical programs (e.g. generation of the same model shape) compile once across stages / reruns.
     jax.config.update("jax_compilation_cache_dir", str(out / ".xla_cache"))

@@ -136,7 +136,8 @@ def test_train_end_to_end_precomputed(tmp_path):
     cfg = load_config(ROOT / "configs/dpo_tiny.yaml", TINY + [
         f"train.out_dir={out}", "train.steps=12", "train.eval_every=12", "train.checkpoint_every=12",
         "mesh.data=4", "mesh.fsdp=2", "algorithm.reference=precomputed", "algorithm.sft_weight=0.0",
-        "algorithm.length_normalize=false", f"train.export_hf={tmp_path / 'hf'}"])
+        "algorithm.length_normalize=false", f"train.export_hf={tmp_path / 'hf'}",
+        "data.train=builtin:addition_pairs:train:8"])  # ~30 pairs: 3 epochs in 12 steps, so the loss must fall
     last = train(cfg)
     rows = read_metrics(out)
     losses = [r["loss"] for r in rows if "loss" in r]
@@ -149,4 +150,5 @@ def test_train_end_to_end_precomputed(tmp_path):
     assert evals[0]["eval/accuracy"] == 0.0
     assert (tmp_path / "hf" / "config.json").is_file()
     done = json.loads((out / "reference_logps" / "done.json").read_text())
-    assert done["train"][0] == 64
+    from jalign.data.tiny import preference_pairs
+    assert done["train"][0] == len(preference_pairs("train", 8))  # one reference row per training pair

@@ -23,3 +23,12 @@ def test_pipeline_fast_runs_end_to_end(tmp_path):
     assert (out / "curves.png").stat().st_size > 10_000
     for stage in ("sft", "rm", "ppo", "dpo", "grpo"):
         assert (out / stage / "metrics.jsonl").is_file(), stage
+
+
+def test_pipeline_without_configs_names_the_fix(tmp_path):
+    from jalign.config import ConfigError
+    from jalign.pipeline import run_pipeline
+
+    with pytest.raises(ConfigError, match=r"no sft_tiny.yaml here; pass --configs DIR"):
+        run_pipeline(tmp_path / "out", fast=True, config_dir=tmp_path / "nowhere", log=lambda *_: None)
+    assert not (tmp_path / "out" / "sft").exists()

@@ -101,6 +101,18 @@ def test_rollout_logprobs_equal_a_fresh_forward_pass(reference):
     assert r["pm"]["logprob_max_diff"] < 2e-5
 
 
+def test_frozen_roles_parked_in_host_memory_give_the_same_update(reference, rm_dir):
+    r = one_update(runtime(ppo_overrides(rm_dir) + ["algorithm.offload_frozen=true"], single()),
+                   rows=reference["rows"])
+    kinds = {x.sharding.memory_kind for x in jax.tree.leaves(r["algo"].frozen())}
+    assert kinds == {"pinned_host"}
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(r["algo"].frozen_on_device())} == {"device"}
+    for key in ("actor_loss", "value_loss", "kl", "reward_mean"):
+        assert r["metrics"].get(key, r["pm"].get(key)) == reference["metrics"].get(key, reference["pm"].get(key))
+    jax.tree.map(np.testing.assert_array_equal, r["actor"], reference["actor"])
+    jax.tree.map(np.testing.assert_array_equal, r["frozen_after"], reference["frozen_before"])
+
+
 @pytest.mark.parametrize("shape", [(8, 1, 1, 1), (2, 2, 2, 1)])
 def test_sharded_update_equals_unsharded(reference, rm_dir, shape):
     r = one_update(runtime(ppo_overrides(rm_dir), make_mesh(*shape)), rows=reference["rows"])

@@ -134,7 +134,8 @@ def test_train_end_to_end_and_hf_export(tmp_path):
     out, hf = tmp_path / "rm", tmp_path / "hf"
     cfg = load_config(ROOT / "configs/rm_tiny.yaml", TINY + [
         f"train.out_dir={out}", "train.steps=12", "train.eval_every=12", "train.checkpoint_every=12",
-        "mesh.data=4", "mesh.fsdp=2", f"train.export_hf={hf}"])
+        "mesh.data=4", "mesh.fsdp=2", f"train.export_hf={hf}",
+        "data.train=builtin:addition_pairs:train:8"])  # ~30 pairs: 3 epochs in 12 steps, so the loss must fall
     last = train(cfg)
     losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
     assert len(losses) == 12 and np.mean(losses[-3:]) < losses[0] - 0.1

@@ -15,7 +15,8 @@ One ``step(state, {"prompt_index"})`` is:
 The train state is ``{"step", "params" (actor), "opt_state" (actor), "rng", "kl_coef", "critic":
 {"params", "opt_state"}}`` (no critic for GRPO/RLOO). The reference and reward model are frozen: they
 live outside the state, are never in an optimizer, never donated and never checkpointed (they are
-reloaded from their runs on resume).
+reloaded from their runs on resume). With ``algorithm.offload_frozen`` they are parked in pinned host
+memory and copied to the devices only for the scoring pass of each step.
 """
 from __future__ import annotations
 
@@ -192,7 +193,15 @@ class RLAlgorithm:
             if self.a.reward_model:
                 reward, _ = rl.load_scored_model(self.a.reward_model, self.rt, jax.random.key(0), self.rt.log)
             self._frozen_cache = {"ref": ref, "reward": reward}
+            if self.a.offload_frozen:
+                self._frozen_cache = _to_memory(self._frozen_cache, "pinned_host")
         return self._frozen_cache
+
+    def frozen_on_device(self) -> dict:
+        """The frozen roles in device memory for one scoring pass. With ``offload_frozen`` this is a
+        transient copy (freed when the pass is done); the parked host copy stays the only long-lived one."""
+        frozen = self.frozen()
+        return _to_memory(frozen, "device") if self.a.offload_frozen else frozen
 
     def on_start(self, state, writer) -> dict:
         """Evaluate the initial policy (step 0) so every run records its own "before" numbers."""
@@ -262,7 +271,7 @@ class RLAlgorithm:
         """Host rollout rows -> (device train arrays, per-row {score, seq_kl}, metrics, next kl_coef)."""
         dev = rl.put_rows(rows, self.rt.mesh, self.rt.rules)
         critic = state["critic"]["params"] if self.has_critic else None
-        return self._prepare(state["params"], critic, self.frozen(), dev, state["kl_coef"])
+        return self._prepare(state["params"], critic, self.frozen_on_device(), dev, state["kl_coef"])
 
     def _prepare_impl(self, params, critic, frozen, rows, kl_coef):
         a, T = self.a, self.a.temperature
@@ -350,7 +359,7 @@ class RLAlgorithm:
     # ---- evaluation -----------------------------------------------------------------------------
     def evaluate(self, state) -> dict:
         """Held-out prompts: sampled rollouts (mean reward, KL to the reference, length) and greedy ones
-        (reward, exact match against the data's answers when present)."""
+        (the same), each with exact match against the data's answers when present."""
         ps = self.eval_set
         if ps is None:
             return {}
@@ -367,12 +376,18 @@ class RLAlgorithm:
                 tag = "greedy_" if greedy else ""
                 add = {f"{tag}reward": per_row["score"], f"{tag}kl": per_row["seq_kl"],
                        f"{tag}response_length": rows["mask"].sum(-1)}
-                if greedy and any(a is not None for a in ps.answers):
-                    add["exact_match"] = np.asarray([float(ps.answers[i] is not None and t.strip() == ps.answers[i].strip())
-                                                     for i, t in zip(idx, texts)])
+                if any(a is not None for a in ps.answers):  # greedy: "exact_match"; sampled: "sampled_exact_match"
+                    add["exact_match" if greedy else "sampled_exact_match"] = np.asarray(
+                        [float(ps.answers[i] is not None and t.strip() == ps.answers[i].strip())
+                         for i, t in zip(idx, texts)])
                 for k, v in add.items():
                     sums[k] = sums.get(k, 0.0) + float(np.sum(np.asarray(v)[real]))
         return {k: v / n for k, v in sums.items()}
+
+
+def _to_memory(tree, kind: str):
+    """The same arrays, same shardings, in another memory space of their devices ("device", "pinned_host")."""
+    return jax.tree.map(lambda x: jax.device_put(x, x.sharding.with_memory_kind(kind)), tree)
 
 
 # ---- the variants ---------------------------------------------------------------------------------
