@@ -223,6 +223,12 @@ class _RLConfig:
     truncation_penalty: float = -1.0  # the reward of a truncated response under "penalize"
     eval_prompts: int = 64  # held-out prompts rolled out at each evaluation (0 = off)
     offload_frozen: bool = False  # park reference + reward model in pinned host memory outside scoring
+    # Reward standardisation (NeMo-Aligner's reward_standardization): r <- clip((r - offset) / scale, +-clip),
+    # applied to the raw reward before the truncation penalty and the KL term. Offset/scale are usually a
+    # reward model's mean/std on held-out data (its eval reports reward_*_mean and reward_std).
+    reward_offset: float = 0.0
+    reward_scale: float = 1.0
+    reward_clip: Optional[float] = None
 
 
 @register_algorithm_config("ppo")

@@ -109,9 +109,10 @@ def evaluate_policies(out: Path, runs: dict[str, Path], config_dir: Path, fast: 
             params = base.merge_params(evaluator.decls, load_params(run), k, mesh, rules,
                                        params_lib.DTYPES[cfg.model.param_dtype], log=lambda *_: None)
             ev = evaluator.evaluate({"params": params, "kl_coef": jnp.float32(0.0)})
-            results[label] = {"reward": ev["reward"], "sampled_exact_match": ev.get("sampled_exact_match", float("nan")),
-                              "exact_match": ev.get("exact_match", float("nan")), "kl": ev["kl"],
-                              "greedy_reward": ev["greedy_reward"]}
+            nan = float("nan")
+            results[label] = {"reward": ev["reward"], "greedy_reward": ev["greedy_reward"],
+                              "sampled_exact_match": ev.get("sampled_exact_match", nan),
+                              "exact_match": ev.get("exact_match", nan), "kl": ev["kl"]}
             log(f"eval {label}: " + ", ".join(f"{k}={v:.4g}" for k, v in results[label].items()))
     results["_reward_source"] = "reward model" if reward else "exact_match rule"
     return results
@@ -133,11 +134,9 @@ def run_pipeline(out: Path, fast: bool = False, config_dir: Optional[Path] = Non
                  extra: Optional[dict] = None, log=print) -> dict:
     import jax
 
-    from jalign.config import load_config
+    from jalign.config import ConfigError, load_config
     from jalign.plot import plot_runs
     from jalign.trainer import train
-
-    from jalign.config import ConfigError
 
     config_dir = Path(config_dir or default_config_dir())
     if not (config_dir / CONFIG_FILES["sft"]).is_file():

@@ -113,6 +113,29 @@ def test_frozen_roles_parked_in_host_memory_give_the_same_update(reference, rm_d
     jax.tree.map(np.testing.assert_array_equal, r["frozen_after"], reference["frozen_before"])
 
 
+def test_reward_standardization_is_applied_before_the_penalty_and_kl(reference, rm_dir):
+    def scores(extra):
+        rt = runtime(ppo_overrides(rm_dir) + extra, single())
+        with rt.mesh, use_rules(rt.mesh, rt.rules):
+            algo = PPO(rt)
+            state = algo.init(jax.random.key(0))
+            _, per_row, pm, _ = algo.prepare(state, reference["rows"])
+            return jax.device_get(per_row)["score"], jax.device_get(pm)
+
+    standardize = ["algorithm.reward_offset=0.5", "algorithm.reward_scale=2.0", "algorithm.reward_clip=0.1"]
+    raw, _ = scores(["algorithm.truncated_response=keep"])
+    std, pm = scores(["algorithm.truncated_response=keep", *standardize])
+    assert np.ptp(raw) > 0.3 and np.all(raw != 0)  # the random reward model spreads the rows past the clip
+    expected = np.clip((raw - 0.5) / 2.0, -0.1, 0.1)
+    np.testing.assert_allclose(std, expected, rtol=1e-6, atol=1e-7)
+    assert pm["reward_mean"] == pytest.approx(float(np.mean(expected)), rel=1e-5)
+    # The random policy never ends within max_new_tokens: under "penalize" every row gets the penalty
+    # itself (in standardised units), not a standardised penalty.
+    assert not reference["rows"]["ended"].any()
+    penalized, _ = scores(["algorithm.truncation_penalty=-1.0", *standardize])
+    np.testing.assert_array_equal(penalized, np.full_like(raw, -1.0))
+
+
 @pytest.mark.parametrize("shape", [(8, 1, 1, 1), (2, 2, 2, 1)])
 def test_sharded_update_equals_unsharded(reference, rm_dir, shape):
     r = one_update(runtime(ppo_overrides(rm_dir), make_mesh(*shape)), rows=reference["rows"])
@@ -130,6 +153,7 @@ def test_size_errors_are_clear_and_raised_before_compiling(rm_dir):
         (["algorithm.minibatch_size=8", "algorithm.micro_batch_size=16"], "micro_batch_size=16 does not divide"),
         (["train.micro_batch=4"], "train.micro_batch is not used"),
         (["algorithm.reward_fn=exact_match"], "exactly one of algorithm.reward_model"),
+        (["algorithm.reward_scale=0"], "reward_scale and algorithm.reward_clip must be > 0"),
     ]
     for extra, text in cases:
         with pytest.raises(ConfigError, match=text):

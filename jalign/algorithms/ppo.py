@@ -284,6 +284,7 @@ class RLAlgorithm:
                                      self.rm_cfg)[:, a.reward_attribute].astype(jnp.float32)
         else:
             score = rows["score"]
+        score = rl.standardize_reward(score, a.reward_offset, a.reward_scale, a.reward_clip)
         mask = mask0
         if a.truncated_response == "penalize":
             score = jnp.where(ended, score, a.truncation_penalty)

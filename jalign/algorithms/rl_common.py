@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +81,16 @@ def check_sizes(cfg: Config, mesh, min_per_prompt: int = 1) -> Sizes:
                           f"algorithm.reward_fn (a rule-based reward, e.g. exact_match)")
     if a.temperature <= 0:
         raise ConfigError(f"{src}: algorithm.temperature must be > 0 for RL sampling, got {a.temperature}")
+    if a.reward_scale <= 0 or (a.reward_clip is not None and a.reward_clip <= 0):
+        raise ConfigError(f"{src}: algorithm.reward_scale and algorithm.reward_clip must be > 0, got "
+                          f"{a.reward_scale} and {a.reward_clip}")
     return Sizes(P, K, N, M, mu, dp)
+
+
+def standardize_reward(score, offset: float, scale: float, clip: Optional[float]):
+    """``clip((score - offset) / scale, -clip, clip)`` (no clipping when ``clip`` is None)."""
+    score = (score - offset) / scale
+    return score if clip is None else jnp.clip(score, -clip, clip)
 
 
 # ---- prompts ------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ out from every stage). The splits are disjoint whatever the seed; the seed only 
 ``addition_sloppy`` is the SFT data of the alignment story: each prompt is answered by five
 demonstrators, three of whom forget the carry out of the units digit (37+48 -> "75"). A model that
 learns these demonstrations answers carry problems wrongly when greedy (the sloppy answer is the mode)
-but still samples the right one 40% of the time, which is exactly the gap preference training and RL
-with a correctness reward are meant to close. ``addition`` holds the clean demonstrations.
+but still samples the right one some of the time (up to the demonstrators' 40%), which is exactly the
+gap preference training and RL with a correctness reward are meant to close. ``addition`` holds the clean demonstrations.
 
 Source names (``data.train`` / ``data.eval`` in a config), optionally with a size ``:N`` at the end:
 ``builtin:addition:train``, ``builtin:addition_sloppy:train``, ``builtin:addition_pairs:feedback``,
