@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -287,6 +287,27 @@ def new_train_state(rt: Runtime, decls, optimizer, shardings, rng) -> dict:
     k_params, k_state = jax.random.split(rng)
     params = initial_params(rt, decls, k_params, log=rt.log)
     return init_state(params, optimizer, shardings, k_state)
+
+
+class TrainedOnData:
+    """What SFT, reward-model and DPO training share: one trained model (``self.decls``,
+    ``self.optimizer``, ``self.shardings``) fed by a data pipeline (``self.data``) in ``self.accum``
+    micro-batches per step."""
+
+    def init(self, rng):
+        return new_train_state(self.rt, self.decls, self.optimizer, self.shardings, rng)
+
+    def abstract_state(self):
+        return abstract_state(self.decls, self.optimizer, self.shardings,
+                              params_lib.DTYPES[self.rt.cfg.model.param_dtype])
+
+    def batches(self, split: str):
+        return self.data.train_iterator() if split == "train" else self.data.eval_iterator()
+
+    def global_batch(self, host_batch: dict, accum: Optional[int] = None) -> dict:
+        """This process's rows -> the global, sharded [accum, micro, ...] batch (default: the train
+        step's ``self.accum``; evaluation passes 1)."""
+        return to_global_batch(host_batch, self.rt.mesh, self.rt.rules, self.accum if accum is None else accum)
 
 
 def accumulation_steps(cfg: Config) -> int:

@@ -33,7 +33,6 @@ from jalign.data.tokenizer import load_tokenizer
 from jalign.losses import (dpo_loss, dpo_sft_term, ipo_loss, rpo_bwd_kl_loss, rpo_fwd_kl_loss, rpo_sq_loss,
                            sequence_logps)
 from jalign.losses.ops import safe_divide
-from jalign.models import params as params_lib
 from jalign.models import transformer as tfm
 
 PREFERENCE_LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss, "rpo_sq": rpo_sq_loss, "rpo_fwd_kl": rpo_fwd_kl_loss,
@@ -63,7 +62,7 @@ def pair_sequence_logps(params, mb, cfg):
 
 
 @base.register("dpo")
-class DPO:
+class DPO(base.TrainedOnData):
     def __init__(self, rt: base.Runtime):
         self.rt = rt
         cfg, a = rt.cfg, rt.cfg.algorithm
@@ -185,8 +184,7 @@ class DPO:
         ref = self.reference_params()
         for split in store:
             for batch in self.data.ordered(split):
-                sums, index, valid = jax.device_get(self._ref_step(
-                    ref, base.to_global_batch(batch, self.rt.mesh, self.rt.rules, 1)))
+                sums, index, valid = jax.device_get(self._ref_step(ref, self.global_batch(batch, accum=1)))
                 keep = np.asarray(valid) > 0
                 if writer and keep.any():
                     store[split].oindex[np.asarray(index)[keep]].write(np.asarray(sums)[keep]).result()
@@ -218,22 +216,13 @@ class DPO:
 
     # -- protocol --
     def init(self, rng):
-        state = base.new_train_state(self.rt, self.decls, self.optimizer, self.shardings, rng)
+        state = super().init(rng)
         if self._reference is None and not (self.precomputed and self._store is not None):
             self._reference = jax.tree.map(jnp.copy, state["params"])  # own buffers: the policy's are donated
         return state
 
-    def abstract_state(self):
-        return base.abstract_state(self.decls, self.optimizer, self.shardings,
-                                   params_lib.DTYPES[self.rt.cfg.model.param_dtype])
-
-    def batches(self, split: str):
-        return self.data.train_iterator() if split == "train" else self.data.eval_iterator()
-
     def step(self, state, batch):
-        batch = self._with_reference(batch, "train")
-        return self._train_step(state, base.to_global_batch(batch, self.rt.mesh, self.rt.rules, self.accum),
-                                self._frozen())
+        return self._train_step(state, self.global_batch(self._with_reference(batch, "train")), self._frozen())
 
     def on_start(self, state, writer) -> dict:
         self.precompute_reference()
@@ -247,7 +236,7 @@ class DPO:
                 if i >= self.rt.cfg.train.eval_batches:
                     break
                 batch = self._with_reference(batch, "eval")
-                m = self._eval_step(state["params"], base.to_global_batch(batch, self.rt.mesh, self.rt.rules, 1),
+                m = self._eval_step(state["params"], self.global_batch(batch, accum=1),
                                     self._frozen())
                 for k, v in jax.device_get(m).items():
                     sums[k] = sums.get(k, 0.0) + float(np.asarray(v))

@@ -25,7 +25,6 @@ from jalign.data.preference import PairData, ScoredData
 from jalign.data.tokenizer import load_tokenizer
 from jalign.losses import bt_loss, bt_margin_loss, bt_scaled_loss, regression_loss
 from jalign.losses.ops import safe_divide
-from jalign.models import params as params_lib
 from jalign.models import transformer as tfm
 
 PAIR_LOSSES = ("bt", "bt_margin", "bt_scaled")
@@ -91,7 +90,7 @@ def start_report(algo, state, writer) -> dict:
 
 # ---- the algorithm ------------------------------------------------------------------------------
 @base.register("reward")
-class RewardModel:
+class RewardModel(base.TrainedOnData):
     def __init__(self, rt: base.Runtime):
         self.rt = rt
         cfg, a = rt.cfg, rt.cfg.algorithm
@@ -178,20 +177,9 @@ class RewardModel:
             m["reward_std"] = jnp.sqrt(jnp.maximum(m.pop("reward_sq_mean") - mean * mean, 0.0))
         return m
 
-    # -- protocol --
-    def init(self, rng):
-        return base.new_train_state(self.rt, self.decls, self.optimizer, self.shardings, rng)
-
-    def abstract_state(self):
-        return base.abstract_state(self.decls, self.optimizer, self.shardings,
-                                   params_lib.DTYPES[self.rt.cfg.model.param_dtype])
-
-    def batches(self, split: str):
-        return self.data.train_iterator() if split == "train" else self.data.eval_iterator()
-
+    # -- protocol (init, abstract_state, batches: base.TrainedOnData) --
     def step(self, state, batch):
-        state, m = self._train_step(state, base.to_global_batch(batch, self.rt.mesh, self.rt.rules, self.accum),
-                                    None)
+        state, m = self._train_step(state, self.global_batch(batch), None)
         return state, self._with_std(m)
 
     def on_start(self, state, writer) -> dict:
@@ -204,7 +192,7 @@ class RewardModel:
         for i, batch in enumerate(self.data.eval_iterator()):
             if i >= self.rt.cfg.train.eval_batches:
                 break
-            m = self._eval_step(state["params"], base.to_global_batch(batch, self.rt.mesh, self.rt.rules, 1))
+            m = self._eval_step(state["params"], self.global_batch(batch, accum=1))
             for k, v in jax.device_get(m).items():
                 sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64)
         if self.pairwise:

@@ -11,11 +11,10 @@ from jalign.data import pipeline
 from jalign.data.tokenizer import load_tokenizer
 from jalign.algorithms.base import policy_token_logps
 from jalign.losses import sft_loss
-from jalign.models import params as params_lib
 from jalign.models import transformer as tfm
 
 @base.register("sft")
-class SFT:
+class SFT(base.TrainedOnData):
     def __init__(self, rt: base.Runtime):
         self.rt = rt
         cfg = rt.cfg
@@ -48,19 +47,9 @@ class SFT:
         m = batch["loss_mask"]
         return {"nll_sum": -jnp.sum(jnp.where(m > 0, logps, 0.0)), "num_tokens": jnp.sum(m)}
 
-    # -- protocol --
-    def init(self, rng):
-        return base.new_train_state(self.rt, self.decls, self.optimizer, self.shardings, rng)
-
-    def abstract_state(self):
-        return base.abstract_state(self.decls, self.optimizer, self.shardings,
-                                   params_lib.DTYPES[self.rt.cfg.model.param_dtype])
-
-    def batches(self, split: str):
-        return self.data.train_iterator() if split == "train" else self.data.eval_iterator()
-
+    # -- protocol (init, abstract_state, batches: base.TrainedOnData) --
     def step(self, state, batch):
-        return self._train_step(state, base.to_global_batch(batch, self.rt.mesh, self.rt.rules, self.accum), None)
+        return self._train_step(state, self.global_batch(batch), None)
 
     def evaluate(self, state) -> dict:
         out = {}
@@ -69,7 +58,7 @@ class SFT:
             for i, batch in enumerate(self.data.eval_iterator()):
                 if i >= self.rt.cfg.train.eval_batches:
                     break
-                sums = self._eval_step(state["params"], base.to_global_batch(batch, self.rt.mesh, self.rt.rules, 1))
+                sums = self._eval_step(state["params"], self.global_batch(batch, accum=1))
                 nll += float(np.asarray(jax.device_get(sums["nll_sum"])))
                 count += float(np.asarray(jax.device_get(sums["num_tokens"])))
             out["loss"] = nll / max(count, 1.0)
