@@ -37,8 +37,10 @@ def read_series(run_dir: str | Path) -> dict[str, tuple[list, list]]:
 
 
 def plot_runs(runs: dict[str, str | Path], out_png: str | Path, keys: Optional[Sequence[str]] = None,
-              title: Optional[str] = None, max_panels: int = 12) -> Path:
-    """Plot ``{label: run_dir}`` into ``out_png``; returns the path."""
+              title: Optional[str] = None, max_panels: int = 12,
+              skip: Optional[dict[str, Sequence[str]]] = None) -> Path:
+    """Plot ``{label: run_dir}`` into ``out_png``; returns the path. ``skip``: {label: keys} left out of
+    those panels (e.g. a 500-step run that would squeeze 50-step curves sharing its x axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,7 +57,7 @@ def plot_runs(runs: dict[str, str | Path], out_png: str | Path, keys: Optional[S
     colors = {label: f"C{i % 10}" for i, label in enumerate(data)}  # one colour per run in every panel
     for ax, key in zip(axes.flat, keys):
         for label, series in data.items():
-            if key in series:
+            if key in series and key not in (skip or {}).get(label, ()):
                 xs, ys = series[key]
                 ax.plot(xs, ys, marker="o" if len(xs) < 12 else None, markersize=3, label=label,
                         color=colors[label])
