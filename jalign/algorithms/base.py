@@ -294,6 +294,20 @@ class TrainedOnData:
     ``self.optimizer``, ``self.shardings``) fed by a data pipeline (``self.data``) in ``self.accum``
     micro-batches per step."""
 
+    def setup_training(self, rt: Runtime, decls: dict) -> None:
+        """Runtime, tokenizer, the trained model's declarations, optimizer (with its schedule) and the
+        state shardings, from the config; subclasses then build their step functions and data."""
+        from jalign.data.tokenizer import load_tokenizer
+
+        cfg = rt.cfg
+        self.rt = rt
+        self.tokenizer = rt.tokenizer or load_tokenizer(cfg.model.tokenizer)
+        self.decls = decls
+        self.accum = accumulation_steps(cfg)
+        self.schedule = make_schedule(cfg.optim, cfg.train.steps)
+        self.optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+        self.shardings = state_shardings(decls, self.optimizer, rt.mesh, rt.rules)
+
     def init(self, rng):
         return new_train_state(self.rt, self.decls, self.optimizer, self.shardings, rng)
 

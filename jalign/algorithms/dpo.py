@@ -29,7 +29,6 @@ from jalign.algorithms.base import policy_token_logps
 from jalign.algorithms.evaluation import ExactMatchEval
 from jalign.algorithms.reward import pair_valid, stack_pairs, start_report, unstack_pairs
 from jalign.data.preference import PairData, records_fingerprint
-from jalign.data.tokenizer import load_tokenizer
 from jalign.losses import (dpo_loss, dpo_sft_term, ipo_loss, rpo_bwd_kl_loss, rpo_fwd_kl_loss, rpo_sq_loss,
                            sequence_logps)
 from jalign.losses.ops import safe_divide
@@ -64,14 +63,8 @@ def pair_sequence_logps(params, mb, cfg):
 @base.register("dpo")
 class DPO(base.TrainedOnData):
     def __init__(self, rt: base.Runtime):
-        self.rt = rt
         cfg, a = rt.cfg, rt.cfg.algorithm
-        self.tokenizer = rt.tokenizer or load_tokenizer(cfg.model.tokenizer)
-        self.decls = tfm.declare_params(cfg.model)
-        self.accum = base.accumulation_steps(cfg)
-        self.schedule = base.make_schedule(cfg.optim, cfg.train.steps)
-        self.optimizer = base.make_optimizer(cfg.optim, cfg.train.steps)
-        self.shardings = base.state_shardings(self.decls, self.optimizer, rt.mesh, rt.rules)
+        self.setup_training(rt, tfm.declare_params(cfg.model))
         self.precomputed = a.reference == "precomputed"
         frozen_shardings = None if self.precomputed else self.shardings["params"]
         self._train_step = base.make_train_step(self.loss_fn, self.normalizers, self.optimizer, self.schedule,

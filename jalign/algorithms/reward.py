@@ -22,7 +22,6 @@ import numpy as np
 
 from jalign.algorithms import base
 from jalign.data.preference import PairData, ScoredData
-from jalign.data.tokenizer import load_tokenizer
 from jalign.losses import bt_loss, bt_margin_loss, bt_scaled_loss, regression_loss
 from jalign.losses.ops import safe_divide
 from jalign.models import transformer as tfm
@@ -92,18 +91,12 @@ def start_report(algo, state, writer) -> dict:
 @base.register("reward")
 class RewardModel(base.TrainedOnData):
     def __init__(self, rt: base.Runtime):
-        self.rt = rt
         cfg, a = rt.cfg, rt.cfg.algorithm
         self.pairwise = a.loss in PAIR_LOSSES
         if self.pairwise and a.num_attributes != 1:
             raise ValueError(f"algorithm.loss={a.loss} trains one scalar reward: set algorithm.num_attributes=1 "
                              f"(got {a.num_attributes}); multi-attribute models use loss: regression")
-        self.tokenizer = rt.tokenizer or load_tokenizer(cfg.model.tokenizer)
-        self.decls = tfm.declare_params(cfg.model, lm_head=False, score_outputs=a.num_attributes)
-        self.accum = base.accumulation_steps(cfg)
-        self.schedule = base.make_schedule(cfg.optim, cfg.train.steps)
-        self.optimizer = base.make_optimizer(cfg.optim, cfg.train.steps)
-        self.shardings = base.state_shardings(self.decls, self.optimizer, rt.mesh, rt.rules)
+        self.setup_training(rt, tfm.declare_params(cfg.model, lm_head=False, score_outputs=a.num_attributes))
         loss_fn = self.pair_loss_fn if self.pairwise else self.regression_loss_fn
         norms = self.pair_normalizers if self.pairwise else self.regression_normalizers
         self._train_step = base.make_train_step(loss_fn, norms, self.optimizer, self.schedule, self.shardings,

@@ -8,7 +8,6 @@ import numpy as np
 from jalign.algorithms import base
 from jalign.algorithms.evaluation import ExactMatchEval
 from jalign.data import pipeline
-from jalign.data.tokenizer import load_tokenizer
 from jalign.algorithms.base import policy_token_logps
 from jalign.losses import sft_loss
 from jalign.models import transformer as tfm
@@ -16,14 +15,8 @@ from jalign.models import transformer as tfm
 @base.register("sft")
 class SFT(base.TrainedOnData):
     def __init__(self, rt: base.Runtime):
-        self.rt = rt
         cfg = rt.cfg
-        self.tokenizer = rt.tokenizer or load_tokenizer(cfg.model.tokenizer)
-        self.decls = tfm.declare_params(cfg.model)
-        self.accum = base.accumulation_steps(cfg)
-        self.schedule = base.make_schedule(cfg.optim, cfg.train.steps)
-        self.optimizer = base.make_optimizer(cfg.optim, cfg.train.steps)
-        self.shardings = base.state_shardings(self.decls, self.optimizer, rt.mesh, rt.rules)
+        self.setup_training(rt, tfm.declare_params(cfg.model))
         self._train_step = base.make_train_step(self.loss_fn, self.normalizers, self.optimizer, self.schedule,
                                                 self.shardings, rt.mesh)
         self._eval_step = jax.jit(self._eval_sums)
