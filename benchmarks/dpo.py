@@ -21,6 +21,7 @@ import numpy as np
 from jalign.algorithms import base
 from jalign.algorithms.dpo import DPO
 from jalign.config import load_config
+from jalign.roles import build_roles
 from sharding import make_mesh, make_rules, use_rules
 
 MODEL = ["model.vocab_size=8192", "model.hidden=256", "model.mlp=688", "model.layers=4", "model.heads=8",
@@ -74,31 +75,32 @@ def main(argv=None):
     T = a.prompt + a.response
     run_dir = tempfile.mkdtemp(prefix="jalign_bench_dpo_")
     cfg = load_config(None, MODEL + [
-        "algorithm.name=dpo", "algorithm.reference=live", "algorithm.eval_generate=0",
+        "algorithm.name=dpo", "algorithm.reference=live", "eval.prompts=0",
         "data.train=builtin:addition_pairs:train:64", "data.eval=null", f"data.seq_len={T}",
         f"train.global_batch={a.pairs}", f"train.out_dir={run_dir}", "mesh.data=1"])
     devices = jax.devices()[:1]
     mesh = make_mesh(1, 1, 1, 1, devices=devices)
     rt = base.Runtime(cfg=cfg, mesh=mesh, rules=make_rules(), run_dir=__import__("pathlib").Path(run_dir),
                       log=lambda *_: None)
-    algo = DPO(rt)
     batch = synthetic_batch(a.pairs, a.prompt, a.response, cfg.model.vocab_size)
-    with mesh, use_rules(mesh, rt.rules):
-        state = algo.init(jax.random.key(0))
+    with use_rules(mesh, rt.rules):
+        algo = DPO(rt)
+        roles = build_roles(cfg, algo.role_specs(), mesh, rt.rules, log=lambda *_: None)
+        state = algo.init_state(roles)
         t0 = time.perf_counter()
-        state, m = algo.step(state, batch)
+        state, m = algo.step(state, roles, batch)
         jax.block_until_ready(m)
         compile_s = time.perf_counter() - t0
         times = []
         for _ in range(a.steps):
             t = time.perf_counter()
-            state, m = algo.step(state, batch)
+            state, m = algo.step(state, roles, batch)
             jax.block_until_ready(m)
             times.append(time.perf_counter() - t)
     step_s = float(np.median(times))
     flops = step_flops(cfg, 2 * a.pairs, T)
     peak = matmul_gflops()
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     print(f"device: {devices[0].platform} x1 ({jax.device_count()} visible), model params {n_params / 1e6:.2f}M, "
           f"{a.pairs} pairs x 2 x {T} tokens (prompt {a.prompt} + response {a.response}), live reference")
     print(f"first step (compile + run): {compile_s:.1f} s; step time median of {a.steps}: {step_s * 1e3:.0f} ms "

@@ -22,6 +22,7 @@ import numpy as np
 from jalign.algorithms.base import Runtime
 from jalign.algorithms.ppo import PPO
 from jalign.config import load_config, validate_for_devices
+from jalign.roles import build_roles
 from sharding.mesh import make_mesh
 from sharding.rules import make_rules, use_rules
 
@@ -48,26 +49,30 @@ def main() -> None:
         "data.chat_template=none", f"data.seq_len={a.prompt_len + a.new}", "algorithm.name=ppo",
         "algorithm.reward_fn=contains", f"algorithm.max_new_tokens={a.new}", f"algorithm.ppo_epochs={a.epochs}",
         f"train.global_batch={a.prompts}", "algorithm.num_rollouts_per_prompt=1", f"train.out_dir={tmp}",
-        "optim.warmup_steps=0"])
+        "optim.warmup_steps=0", "train.timing=true"])
     mesh = make_mesh(**validate_for_devices(cfg, jax.device_count()))
     rules = make_rules()
     rt = Runtime(cfg=cfg, mesh=mesh, rules=rules, run_dir=tmp, log=lambda *_: None)
-    with mesh, use_rules(mesh, rules):
+    with use_rules(mesh, rules):
         algo = PPO(rt)
-        state = algo.init(jax.random.key(0))
-        it = algo.batches("train")
+        roles = build_roles(cfg, algo.role_specs(), mesh, rules, log=lambda *_: None)
+        state = algo.init_state(roles)
+        algo.start(state, roles)
+        it = algo.train_batches()
         t0 = time.perf_counter()
-        state, first = algo.step(state, next(it))
+        state, first = algo.step(state, roles, next(it))
+        jax.block_until_ready(first)
         first_total = time.perf_counter() - t0
         steady = []
         for _ in range(a.steps):
-            state, m = algo.step(state, next(it))
-            steady.append(m)
-    med = {k: statistics.median(m[k] for m in steady) for k in ("time_rollout", "time_score", "time_train",
-                                                                 "generate_tokens_per_s", "response_length")}
+            state, m = algo.step(state, roles, next(it))
+            steady.append(jax.device_get(m))
+    med = {k: statistics.median(float(m[k]) for m in steady) for k in ("time_rollout", "time_score", "time_train",
+                                                                        "response_length")}
+    med["generate_tokens_per_s"] = a.prompts * med["response_length"] / med["time_rollout"]
     total = med["time_rollout"] + med["time_score"] + med["time_train"]
     print(f"device={jax.devices()[0].platform} x{jax.device_count()}  prompts={a.prompts} x {a.prompt_len} tokens, "
-          f"new={a.new}, rows S={algo.S}, epochs={a.epochs}, dtype={a.dtype}")
+          f"new={a.new}, rows S={algo.P + algo.N}, epochs={a.epochs}, dtype={a.dtype}")
     print(f"first step (with compiles)  {first_total:8.2f} s")
     print(f"steady step                 {total:8.2f} s   (median of {a.steps})")
     print(f"  rollout                   {med['time_rollout']:8.2f} s   "

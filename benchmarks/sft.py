@@ -19,6 +19,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jalign.algorithms import base  # noqa: E402
+from jalign.data.fields import SFT_FIELDS  # noqa: E402
+from jalign.state import TrainedModel  # noqa: E402
 from jalign.config import ModelConfig, OptimConfig  # noqa: E402
 from jalign.losses import sft_loss  # noqa: E402
 from jalign.models import params as params_lib  # noqa: E402
@@ -60,8 +62,7 @@ def main() -> None:
     mesh = make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
     rules = make_rules()
     decls = tfm.declare_params(cfg)
-    opt = base.make_optimizer(OptimConfig(), 100)
-    shardings = base.state_shardings(decls, opt, mesh, rules)
+    trained = TrainedModel(decls, OptimConfig(), 100, mesh, rules, jnp.float32)
 
     def loss_fn(params, mb, norms, frozen):
         loss, m = sft_loss(base.policy_token_logps(params, mb, cfg), mb["loss_mask"], norms["num_tokens"])
@@ -74,18 +75,17 @@ def main() -> None:
                 positions=np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
                 segment_ids=np.ones((B, T), np.int32), loss_mask=np.ones((B, T), np.float32))
     with use_rules(mesh, rules):
-        state = base.init_state(params_lib.init_params(decls, 0, shardings=shardings["params"]), opt, shardings,
-                                jax.random.key(0))
-        step = base.make_train_step(loss_fn, lambda b: {"num_tokens": jnp.sum(b["loss_mask"])}, opt,
-                                    base.make_schedule(OptimConfig(), 100), shardings, mesh)
-        batch = base.to_global_batch(rows, mesh, rules, 1)
+        state = trained.new_state(params_lib.init_params(decls, 0, shardings=trained.param_shardings),
+                                  jax.random.key(0))
+        step = base.make_train_step(loss_fn, lambda b: {"num_tokens": jnp.sum(b["loss_mask"])}, trained)
+        batch = base.to_global_batch(rows, SFT_FIELDS, mesh, rules, 1)
         t0 = time.perf_counter()
-        state, m = step(state, batch, None)
+        state, m = step(state, None, batch)
         jax.block_until_ready(m)
         compile_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(args.steps):
-            state, m = step(state, batch, None)
+            state, m = step(state, None, batch)
         jax.block_until_ready(m)
         dt = (time.perf_counter() - t0) / args.steps
     tokens = B * T

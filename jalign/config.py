@@ -129,6 +129,7 @@ class TrainConfig:
     # Run at most this many steps in this invocation, then checkpoint and exit 0 (time-sliced or
     # preemptible queues: resubmit the same command to continue). None = run to train.steps.
     stop_after_steps: Optional[int] = None
+    timing: bool = False  # block on each phase of a step to time it (RL: rollout/score/train); slows the loop
 
 
 @dataclass
@@ -151,117 +152,30 @@ class DistributedConfig:
     cpu_collectives: Literal["gloo", "mpi"] = "gloo"  # cross-process collectives on CPU
 
 
-# ---- algorithm configs: one dataclass per algorithm, chosen by ``algorithm.name`` ----------------
-ALGORITHM_CONFIGS: dict[str, type] = {}
-
-
-def register_algorithm_config(name: str):
-    def deco(cls):
-        ALGORITHM_CONFIGS[name] = cls
-        return cls
-
-    return deco
-
-
-@register_algorithm_config("sft")
 @dataclass
-class SFTConfig:
-    name: str = "sft"
-    eval_generate: int = 64  # held-out prompts scored by greedy exact match at each eval (0 = off)
-    max_new_tokens: int = 8
+class RoleConfig:
+    """A frozen model an algorithm uses (reference, reward, teacher, judge, opponent, ...).
 
-
-@register_algorithm_config("reward")
-@dataclass
-class RewardConfig:
-    name: str = "reward"
-    loss: Literal["bt", "bt_margin", "bt_scaled", "regression"] = "bt"
-    num_attributes: int = 1
-    margin_scale: float = 1.0  # bt_margin: m = scale * (R_c - R_r); bt_scaled: s = scale * (R_c - R_r) (data rewards)
-
-
-@register_algorithm_config("dpo")
-@dataclass
-class DPOConfig:
-    name: str = "dpo"
-    loss: Literal["dpo", "ipo", "rpo_sq", "rpo_fwd_kl", "rpo_bwd_kl"] = "dpo"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    eta: float = 1.0  # RPO: delta* = eta * (R_chosen - R_rejected)
-    length_normalize: bool = False
-    sft_weight: float = 0.0
-    reference: Literal["live", "precomputed"] = "live"  # precomputed: once, into RUN_DIR/reference_logps (zarr)
-    eval_generate: int = 64
-    max_new_tokens: int = 8
-
-
-@dataclass
-class _RLConfig:
-    """What PPO, GRPO and RLOO share: rollout, reward, KL to the reference, minibatching, evaluation.
-
-    One step = ``train.global_batch`` prompts x ``num_rollouts_per_prompt`` samples (the rollout
-    batch), then ``ppo_epochs`` passes over it in minibatches of ``minibatch_size`` rows (None = the
-    whole rollout), each split into accumulation steps of ``micro_batch_size`` rows (None = minibatch).
+    ``source``: ``policy-init`` (the weights the policy starts from), ``run:DIR[@STEP]`` (a jalign run or
+    ``jalign convert`` directory), ``hf:DIR`` (a Hugging Face directory), or a bare directory (detected).
     """
 
-    name: str = ""
-    reward_model: Optional[str] = None  # a trained reward-model run dir, or ...
-    reward_fn: Optional[str] = None  # ... a rule-based reward from jalign.rewards (e.g. exact_match)
-    reward_attribute: int = 0  # which reward-model output is the reward
-    num_rollouts_per_prompt: int = 1
+    source: str = "policy-init"
+    offload: bool = False  # park in pinned host memory between uses (copied to the devices for each use)
+
+
+@dataclass
+class EvalConfig:
+    """Generation-based evaluation on held-out prompts (``data.eval``), run by the loop at every evaluation
+    (``train.eval_every``) and before the first step; the same for every algorithm."""
+
+    prompts: int = 64  # held-out prompts answered at each evaluation (0 = off)
     max_new_tokens: int = 8
+    greedy: bool = True  # greedy answers: exact_match, greedy_reward, greedy_kl
+    sampled: bool = False  # also samples at `temperature`: sampled_exact_match, reward, kl
     temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    ppo_epochs: int = 1
-    minibatch_size: Optional[int] = None
-    micro_batch_size: Optional[int] = None
-    clip_eps: float = 0.2
-    entropy_coef: float = 0.0
-    kl_coef: float = 0.05
-    truncated_response: Literal["keep", "mask", "penalize"] = "penalize"  # no EOS within max_new_tokens
-    truncation_penalty: float = -1.0  # the reward of a truncated response under "penalize"
-    eval_prompts: int = 64  # held-out prompts rolled out at each evaluation (0 = off)
-    offload_frozen: bool = False  # park reference + reward model in pinned host memory outside scoring
-    # Reward standardisation (NeMo-Aligner's reward_standardization): r <- clip((r - offset) / scale, +-clip),
-    # applied to the raw reward before the truncation penalty and the KL term. Offset/scale are usually a
-    # reward model's mean/std on held-out data (its eval reports reward_*_mean and reward_std).
-    reward_offset: float = 0.0
-    reward_scale: float = 1.0
-    reward_clip: Optional[float] = None
-
-
-@register_algorithm_config("ppo")
-@dataclass
-class PPOConfig(_RLConfig):
-    name: str = "ppo"
-    critic_init_from: Optional[str] = None  # default: the reward-model run, else model.init_from
-    critic_lr: Optional[float] = None  # default optim.lr
-    kl_estimator: Literal["k1", "abs", "k3"] = "k1"  # per-token KL in the reward r_t
-    kl_target: Optional[float] = None  # set for the adaptive KL coefficient (Ziegler et al. 2019)
-    kl_horizon: float = 10000.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
-    value_clip: float = 0.2
-
-
-@register_algorithm_config("grpo")
-@dataclass
-class GRPOConfig(_RLConfig):
-    name: str = "grpo"
-    num_rollouts_per_prompt: int = 4
-    kl_coef: float = 0.04  # k3 KL to the reference, in the loss
-    scale_advantages: bool = True  # False: Dr. GRPO (no division by the group std)
-    loss_aggregation: Literal["token", "sequence"] = "token"  # global token mean, or per-sequence mean
-
-
-@register_algorithm_config("rloo")
-@dataclass
-class RLOOConfig(_RLConfig):
-    name: str = "rloo"
-    num_rollouts_per_prompt: int = 4
-    kl_in: Literal["reward", "loss"] = "reward"  # R - beta * sum_t k1, or + beta * k3 token mean in the loss
+    at_start: bool = True  # evaluate the starting model (step 0) so every run records its own "before"
+    log_samples: int = 4  # completions per evaluation written to RUN_DIR/samples.jsonl (0 = none)
 
 
 @dataclass
@@ -272,8 +186,13 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    algorithm: Any = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    roles: dict[str, RoleConfig] = field(default_factory=dict)
+    algorithm: Any = None  # the dataclass of the algorithm named by algorithm.name (jalign.algorithms.registry)
     source: Optional[str] = None  # the YAML file this came from (informational)
+    # dotted keys given explicitly in the YAML or on the command line (not defaults); e.g. an architecture
+    # key set explicitly must agree with the weights' source, one left out is taken from it
+    explicit: frozenset = field(default_factory=frozenset, repr=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -421,15 +340,53 @@ def _build_dataclass(cls, data: dict, path: tuple, where: _Where):
 
 
 def _algorithm_class(data: dict, where: _Where):
-    name = data.get("algorithm", {}).get("name", "sft") if isinstance(data.get("algorithm", {}), dict) else None
-    if name not in ALGORITHM_CONFIGS:
-        close = difflib.get_close_matches(str(name), list(ALGORITHM_CONFIGS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(
-            f"{where(('algorithm', 'name'))}: unknown algorithm {name!r}{hint} "
-            f"(known: {', '.join(sorted(ALGORITHM_CONFIGS))})"
-        )
-    return ALGORITHM_CONFIGS[name]
+    """The algorithm class named by ``algorithm.name`` (default ``sft``), through the registry."""
+    from jalign.algorithms.registry import UnknownAlgorithm, resolve
+
+    section = data.get("algorithm", {})
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where(('algorithm',))}: expected a mapping with a name, got {section!r}")
+    name = section.get("name", "sft")
+    try:
+        return resolve(name)
+    except UnknownAlgorithm as e:
+        raise ConfigError(f"{where(('algorithm', 'name'))}: {e}") from None
+
+
+def _roles(value, path: tuple, where: _Where) -> dict:
+    """``roles: {name: source string | {source, offload}}`` -> {name: RoleConfig}."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where(path)}: expected a mapping of role names to sources, got {value!r}")
+    out = {}
+    for name, spec in value.items():
+        if isinstance(spec, str):
+            spec = {"source": spec}
+        out[name] = _coerce(spec, RoleConfig, path + (name,), where)
+    return out
+
+
+def _check_roles(roles: dict, algo_cls, where: _Where) -> None:
+    known = list(getattr(algo_cls, "role_names", ()))
+    for name in roles:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = f"; did you mean 'roles.{close[0]}'?" if close else ""
+            have = ", ".join(known) if known else "none"
+            raise ConfigError(f"{where(('roles', name))}: unknown role for algorithm {algo_cls.name!r}{hint} "
+                              f"(its roles: {have})")
+
+
+def _explicit_keys(data: dict, prefix: tuple = ()) -> set:
+    keys = set()
+    for k, v in data.items():
+        keys.add(".".join(map(str, prefix + (k,))))
+        if isinstance(v, dict) and len(prefix) < 1:
+            keys |= _explicit_keys(v, prefix + (k,))
+    return keys
 
 
 # --------------------------------------------------------------------------------------------------
@@ -441,6 +398,8 @@ def _set_dotted(data: dict, path: tuple, value, override_text: str):
         nxt = node.get(p)
         if nxt is None:
             nxt = node[p] = {}
+        if isinstance(nxt, str) and path[0] == "roles":  # roles.NAME=SOURCE then roles.NAME.offload=true
+            nxt = node[p] = {"source": nxt}
         if not isinstance(nxt, dict):
             raise ConfigError(f"override '{override_text}': {'.'.join(path)}: {p} is not a section")
         node = nxt
@@ -472,19 +431,29 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) ->
     where = _Where(str(path) if path else None, lines, override_where)
     algo_cls = _algorithm_class(data, where)
     hints = dict(typing.get_type_hints(Config))
-    hints["algorithm"] = algo_cls
-    names = [f.name for f in dataclasses.fields(Config) if f.name != "source"]
+    hints["algorithm"] = algo_cls.config_class
+    names = [f.name for f in dataclasses.fields(Config) if f.name not in ("source", "explicit")]
     kwargs = {}
     for key, value in data.items():
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{where((key,))}: unknown section{hint} (valid: {', '.join(names)})")
-        kwargs[key] = _coerce(value, hints[key], (key,), where)
+        if key == "roles":
+            kwargs[key] = _roles(value, (key,), where)
+        elif key == "algorithm" and value is None:
+            continue
+        else:
+            kwargs[key] = _coerce(value, hints[key], (key,), where)
     if "algorithm" not in kwargs:
-        kwargs["algorithm"] = algo_cls()
+        kwargs["algorithm"] = algo_cls.config_class()
+    if hasattr(kwargs["algorithm"], "name"):  # a built-in name or the import path the config gave
+        section = data.get("algorithm") or {}
+        kwargs["algorithm"].name = section.get("name", algo_cls.name)
+    _check_roles(kwargs.get("roles", {}), algo_cls, where)
     cfg = Config(**kwargs)
     cfg.source = str(path) if path else None
+    cfg.explicit = frozenset(_explicit_keys(data))
     validate_static(cfg, where)
     return cfg
 
@@ -574,4 +543,5 @@ def dump_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config (every default filled in) as YAML."""
     data = to_dict(cfg)
     data.pop("source", None)
+    data.pop("explicit", None)
     Path(path).write_text(yaml.safe_dump(data, sort_keys=False))

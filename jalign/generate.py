@@ -190,7 +190,7 @@ def generate(params, cfg: ModelConfig, prompt_ids, *, max_new_tokens: int, min_n
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
              eos_ids: Sequence[int] = (), stop_ids: Sequence[int] = (), pad_id: int = 0, rng=0,
              prompt_mask=None, mesh=None, rules=DEFAULT_RULES, prompt_bucket: int = 64,
-             batch_bucket: bool = True, new_bucket: Optional[int] = None) -> dict:
+             batch_bucket: bool = True, new_bucket: Optional[int] = None, return_device: bool = False) -> dict:
     """Sample continuations of a batch of prompts; returns numpy arrays (see the module docstring).
 
     tokens/logprobs/logprobs_tempered [B, max_new_tokens], lengths [B] (generated tokens including the
@@ -200,6 +200,11 @@ def generate(params, cfg: ModelConfig, prompt_ids, *, max_new_tokens: int, min_n
     Buckets: batch -> power of two (times the data-parallel size), prompt -> multiple of
     ``prompt_bucket``, new tokens -> power of two, or ``new_bucket`` when given (the KV cache holds
     prompt bucket + new bucket slots; decoding stops as soon as every row has ended).
+
+    ``return_device=True`` keeps everything on the devices, in the bucketed shapes (rows beyond the real
+    batch are inactive, with length 0), and adds the left-padded prompt block the sampler used:
+    ``prompt_tokens``, ``prompt_positions``, ``prompt_segment_ids`` [B, P], ``prompt_lengths`` [B] (jalign's
+    rollout layout: ``jalign.rollout.experience.rollout_rows`` turns it into training rows on device).
     """
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -232,6 +237,7 @@ def generate(params, cfg: ModelConfig, prompt_ids, *, max_new_tokens: int, min_n
     scalars = (key, jnp.float32(temperature), jnp.float32(top_p), jnp.int32(min_new_tokens),
                jnp.int32(max_new_tokens), jnp.bool_(greedy), jnp.asarray(end_arr), jnp.int32(pad_id))
     if mesh is None:
+        args = tuple(jnp.asarray(a) for a in args)
         out = fn(params, *args, *scalars)
     else:
         spec = logical_to_spec(("batch",), rules) if B % dp == 0 else PartitionSpec()
@@ -239,6 +245,9 @@ def generate(params, cfg: ModelConfig, prompt_ids, *, max_new_tokens: int, min_n
                      for a in args)
         with use_rules(mesh, rules):
             out = fn(params, *args, *scalars)
+    if return_device:
+        return dict(out, prompt_tokens=args[0], prompt_positions=args[1], prompt_segment_ids=args[2],
+                    prompt_lengths=args[3])
     out = {k: _to_host(v) for k, v in out.items()}
     res = {k: out[k][:n_rows, :max_new_tokens] for k in ("tokens", "logprobs", "logprobs_tempered")}
     res.update(lengths=out["lengths"][:n_rows], ended_with_eos=out["ended_with_eos"][:n_rows],

@@ -37,14 +37,14 @@ FULL = {
 }
 # Smoke run (tests): a few steps each, small evaluations.
 FAST = {
-    "sft": ["train.steps=30", "train.eval_every=30", "train.checkpoint_every=30", "algorithm.eval_generate=16"],
+    "sft": ["train.steps=30", "train.eval_every=30", "train.checkpoint_every=30", "eval.prompts=16"],
     "rm": ["train.steps=10", "train.eval_every=10", "train.eval_batches=2", "train.checkpoint_every=10"],
     "ppo": ["train.steps=3", "train.eval_every=3", "train.checkpoint_every=3", "train.global_batch=8",
-            "algorithm.minibatch_size=16", "algorithm.eval_prompts=16"],
+            "algorithm.minibatch_size=16", "eval.prompts=16"],
     "dpo": ["train.steps=10", "train.eval_every=10", "train.eval_batches=2", "train.checkpoint_every=10",
-            "algorithm.eval_generate=16"],
+            "eval.prompts=16"],
     "grpo": ["train.steps=3", "train.eval_every=3", "train.checkpoint_every=3", "train.global_batch=8",
-             "algorithm.num_rollouts_per_prompt=4", "algorithm.minibatch_size=16", "algorithm.eval_prompts=16"],
+             "algorithm.num_rollouts_per_prompt=4", "algorithm.minibatch_size=16", "eval.prompts=16"],
 }
 
 
@@ -52,67 +52,45 @@ def default_config_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "configs"
 
 
-ARCH_KEYS = ("vocab_size", "hidden", "mlp", "layers", "heads", "kv_heads", "head_dim", "qkv_bias", "qk_norm",
-             "tie_embeddings", "tokenizer")
-
-
-def sft_architecture(out: Path) -> list[str]:
-    """``model.*`` overrides copying the SFT run's architecture, so every later stage matches it even
-    when its own config file was written for another size."""
-    from jalign.config import load_config
-
-    path = out / "sft" / "config.yaml"
-    if not path.is_file():
-        return []
-    m = load_config(path).model
-    return [f"model.{k}={'null' if getattr(m, k) is None else getattr(m, k)}" for k in ARCH_KEYS]
-
-
 def stage_overrides(stage: str, out: Path, fast: bool, extra: Optional[dict] = None) -> list[str]:
     o = [f"train.out_dir={out / stage}", *QUIET]
-    if stage != "sft":
-        o += sft_architecture(out)
-        o.append(f"model.init_from={out / 'sft'}")
+    if stage != "sft":  # the architecture comes from the SFT run itself
+        o.append(f"model.init_from=run:{out / 'sft'}")
     if stage == "ppo":
-        o.append(f"algorithm.reward_model={out / 'rm'}")
+        o.append(f"roles.reward=run:{out / 'rm'}")
     o += (FAST if fast else FULL)[stage]
     return o + list((extra or {}).get(stage, []))
 
 
 def evaluate_policies(out: Path, runs: dict[str, Path], config_dir: Path, fast: bool, log=print) -> dict:
-    """The same held-out evaluation for every policy: {label: {reward, exact_match, kl}}."""
-    import jax
-    import jax.numpy as jnp
-
-    from jalign.algorithms import base
-    from jalign.algorithms.ppo import GRPO
-    from jalign.checkpoint import load_params
-    from jalign.config import load_config, validate_for_devices
+    """The same held-out evaluation for every policy (``jalign.evaluation.GenerationEval``): greedy and sampled
+    answers to the eval prompts, scored by the reward model, exact match, KL to the SFT policy."""
+    from jalign.config import load_config
+    from jalign.models import load
     from jalign.models import params as params_lib
-    from sharding.mesh import make_mesh
-    from sharding.rules import make_rules, use_rules
+    from jalign.trainer import setup
+    from jalign.roles import build_roles
+    from sharding.rules import use_rules
 
     rm = out / "rm"
-    reward = [f"algorithm.reward_model={rm}", "algorithm.reward_fn=null"] if (rm / "checkpoints").is_dir() else []
-    cfg = load_config(config_dir / CONFIG_FILES["grpo"], [*sft_architecture(out),
-        f"model.init_from={out / 'sft'}", f"train.out_dir={out / 'eval'}", *reward,
-        f"algorithm.eval_prompts={32 if fast else 512}", "train.global_batch=8", "algorithm.num_rollouts_per_prompt=8",
-        "algorithm.minibatch_size=16"])
-    mesh = make_mesh(**validate_for_devices(cfg, jax.device_count()))
-    rules = make_rules(cfg.mesh.rules)
-    rt = base.Runtime(cfg=cfg, mesh=mesh, rules=rules, run_dir=out / "eval", log=lambda *_: None)
+    reward = [f"roles.reward=run:{rm}", "algorithm.reward_fn=null"] if (rm / "checkpoints").is_dir() else []
+    cfg = load_config(config_dir / CONFIG_FILES["grpo"], [
+        f"model.init_from=run:{out / 'sft'}", f"train.out_dir={out / 'eval'}", *reward,
+        f"eval.prompts={32 if fast else 512}", "eval.greedy=true", "eval.sampled=true", "eval.log_samples=0",
+        "train.global_batch=8", "algorithm.num_rollouts_per_prompt=8", "algorithm.minibatch_size=16"])
+    rt, evaluator = setup(cfg)
+    rt.log = lambda *_: None
     results = {}
-    with mesh, use_rules(mesh, rules):
-        evaluator = GRPO(rt)
-        k = jax.random.key(0)
+    with use_rules(rt.mesh, rt.rules):
+        roles = build_roles(cfg, evaluator.role_specs(), rt.mesh, rt.rules, log=rt.log)
         for label, run in runs.items():
-            params = base.merge_params(evaluator.decls, load_params(run), k, mesh, rules,
-                                       params_lib.DTYPES[cfg.model.param_dtype], log=lambda *_: None)
-            ev = evaluator.evaluate({"params": params, "kl_coef": jnp.float32(0.0)})
+            params = load.load_params(load.parse_source(f"run:{run}", where=label), evaluator.decls, mesh=rt.mesh,
+                                      rules=rt.rules, dtype=params_lib.DTYPES[cfg.model.param_dtype], log=rt.log)
+            ev = evaluator.generation_eval(params, cfg.model, roles)
             nan = float("nan")
-            results[label] = {"reward": ev["reward"], "greedy_reward": ev["greedy_reward"],
+            results[label] = {"reward": ev.get("reward", nan), "greedy_reward": ev.get("greedy_reward", nan),
                               "sampled_exact_match": ev.get("sampled_exact_match", nan),
-                              "exact_match": ev.get("exact_match", nan), "kl": ev["kl"]}
+                              "exact_match": ev.get("exact_match", nan), "kl": ev.get("kl", nan)}
             log(f"eval {label}: " + ", ".join(f"{k}={v:.4g}" for k, v in results[label].items()))
     results["_reward_source"] = "reward model" if reward else "exact_match rule"
     return results

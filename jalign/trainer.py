@@ -1,6 +1,9 @@
-"""THE loop: restore-or-init, step, log, eval, checkpoint, stop. It knows no algorithm.
+"""THE loop: restore-or-init, roles, step, log, evaluate, checkpoint, export, stop. It knows no algorithm.
 
     jalign train CONFIG.yaml key=value ...   ->   train(load_config(CONFIG, overrides))
+
+Step N+1 is dispatched before step N's metrics are read, so the host never waits for a step it does not
+need to see; the loop waits only where it must decide something (logging, evaluation, checkpoint, the end).
 """
 from __future__ import annotations
 
@@ -11,16 +14,21 @@ from pathlib import Path
 import jax
 
 from jalign import distributed
-from jalign.algorithms.base import Runtime, get_algorithm
+from jalign.algorithms.base import Runtime
+from jalign.algorithms.registry import resolve
 from jalign.checkpoint import Checkpointer
 from jalign.config import Config, dump_config, validate_for_devices
+from jalign.evaluation import reduce_eval
 from jalign.metrics import MetricsWriter, to_host
+from jalign.models.architecture import resolve_architecture
+from jalign.roles import build_roles
 from sharding.mesh import make_mesh
 from sharding.rules import make_rules, use_rules
 
 
 class TrainingDiverged(RuntimeError):
-    """Too many non-finite steps in a row; the last good checkpoint is kept."""
+    """Too many non-finite steps in a row (or a run that ended in a non-finite streak); the last good
+    checkpoint is kept."""
 
 
 class _StopSignal:
@@ -46,33 +54,16 @@ class _StopSignal:
             signal.signal(sig, prev)
 
 
-def resolve_model(cfg: Config) -> None:
-    """With ``model.hf_path`` the architecture comes from the checkpoint's config.json; the YAML keeps
-    only how to run it (dtypes, remat, attention backend) and where weights/tokenizer come from."""
-    m = cfg.model
-    if not m.hf_path:
-        return
-    from jalign.models.hf_io import model_config_from_hf
-
-    keep = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention,
-                hf_path=m.hf_path, init_from=m.init_from,
-                tokenizer=m.hf_path if m.tokenizer == "byte" else m.tokenizer)
-    cfg.model = model_config_from_hf(m.hf_path, seq_len=cfg.data.seq_len, **keep)
-
-
 def setup(cfg: Config):
     """Mesh, rules, run directory, algorithm; validation happens before any device allocation."""
     distributed.initialize(cfg)
-    resolve_model(cfg)
+    resolve_architecture(cfg)
     sizes = validate_for_devices(cfg, jax.device_count())
     mesh = make_mesh(**sizes)
     rules = make_rules(cfg.mesh.rules)
-    run_dir = Path(cfg.train.out_dir)
-    if jax.process_index() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
-    rt = Runtime(cfg=cfg, mesh=mesh, rules=rules, run_dir=run_dir, log=_print_on_main)
-    algo = get_algorithm(cfg.algorithm.name)(rt)
+    rt = Runtime(cfg=cfg, mesh=mesh, rules=rules, run_dir=Path(cfg.train.out_dir), log=_print_on_main)
+    with use_rules(mesh, rules):
+        algo = resolve(cfg.algorithm.name)(rt)
     return rt, algo
 
 
@@ -91,14 +82,49 @@ def _stop_everywhere(flag: bool) -> bool:
     return bool(multihost_utils.process_allgather(jax.numpy.asarray(int(flag))).max())
 
 
+def evaluate(algo, state, roles, step: int) -> dict:
+    """The algorithm's eval metrics (reduced from (sum, count) pairs) and the shared generation-based eval."""
+    out = reduce_eval(algo, state, roles, algo.cfg.train.eval_batches)
+    if algo.generation_eval is not None:
+        params, mcfg = algo.policy(state, roles)
+        out.update(algo.generation_eval(params, mcfg, roles, step))
+    return out
+
+
 def train(cfg: Config) -> dict:
     """Run (or resume) training; returns the last train and eval metrics.
 
-    On several processes an exception exits this process at once (``distributed.fail_fast``): a
-    normal exit would wait in jax's shutdown barrier for peers that may be blocked waiting for it.
+    On several processes an exception exits this process at once (``distributed.fail_fast``): a normal exit
+    would wait in jax's shutdown barrier for peers that may be blocked waiting for it.
     """
     with distributed.fail_fast():
         return _train(cfg)
+
+
+class _Progress:
+    """Host-side bookkeeping of the steps whose metrics have been read."""
+
+    def __init__(self, writer, t, start):
+        self.writer, self.t = writer, t
+        self.bad_in_a_row, self.last_good = 0, start
+        self.window_tokens, self.window_start = 0.0, time.time()
+        self.last: dict = {}
+
+    def read(self, step: int, metrics: dict) -> None:
+        t = self.t
+        metrics = to_host(metrics)
+        skipped = bool(metrics.get("skipped", 0))
+        self.bad_in_a_row = self.bad_in_a_row + 1 if skipped else 0
+        if not skipped:
+            self.last_good = step
+        self.window_tokens += metrics.get("num_tokens", 0.0)
+        if step % t.log_every == 0 or step == t.steps or skipped:
+            elapsed = max(time.time() - self.window_start, 1e-9)
+            metrics["tokens_per_s"] = self.window_tokens / elapsed
+            self.window_tokens, self.window_start = 0.0, time.time()
+            self.writer.write(step, metrics)
+        self.writer.progress(step, metrics)
+        self.last.update(metrics)
 
 
 def _train(cfg: Config) -> dict:
@@ -106,58 +132,72 @@ def _train(cfg: Config) -> dict:
     t = cfg.train
     writer = None
     ckpt = Checkpointer(rt.run_dir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpointing)
-    last: dict = {}
     with use_rules(rt.mesh, rt.rules), _StopSignal() as stop:
-        train_iter = algo.batches("train")
-        latest = ckpt.latest_step() if t.resume else None
-        if latest is not None:
-            state, meta = ckpt.restore(latest, algo.abstract_state(), train_iter)
-            rt.log(f"resumed from {ckpt.directory}/{latest}")
-        else:
-            state = algo.init(jax.random.key(t.seed))
-        start = int(jax.device_get(state["step"]))
-        writer = MetricsWriter(rt.run_dir, t.steps, t.tensorboard, t.progress, start_step=start)
-        rt.log = writer.message
-        if hasattr(algo, "on_start"):
-            last.update(_prefixed(algo.on_start(state, writer), ""))
-        bad_in_a_row, step = 0, start
-        window_tokens, window_start = 0.0, time.time()
         try:
+            train_iter = algo.train_batches()
+            latest = ckpt.latest_step() if t.resume else None
+            roles = build_roles(cfg, algo.role_specs(), rt.mesh, rt.rules, log=rt.log)
+            if latest is not None:
+                state, _ = ckpt.restore(latest, algo.abstract_state(), train_iter)
+                rt.log(f"resumed from {ckpt.directory}/{latest}")
+            else:
+                state = algo.init_state(roles)
+            if jax.process_index() == 0:  # only once the run really starts: a failed start overwrites nothing
+                rt.run_dir.mkdir(parents=True, exist_ok=True)
+                dump_config(cfg, rt.run_dir / "config.yaml")
+            start = int(jax.device_get(state.step))
+            writer = MetricsWriter(rt.run_dir, t.steps, t.tensorboard, t.progress, start_step=start)
+            rt.log = writer.message
+            algo.start(state, roles)
+            progress = _Progress(writer, t, start)
+            last = progress.last
+            counts = {f"data/{_split(cfg, spec)}_{k}": float(v) for spec, c in algo.data_counts().items()
+                      for k, v in c.items()}
+            if counts:
+                writer.write(start, counts)
+                last.update(counts)
+            if start == 0 and t.eval_every and cfg.eval.at_start:
+                _log_eval(writer, 0, evaluate(algo, state, roles, 0), last)
+            step, pending = start, None
             while step < t.steps:
                 batch = next(train_iter)
-                state, metrics = algo.step(state, batch)
+                state, metrics = algo.step(state, roles, batch)
                 step += 1
-                metrics = to_host(metrics)
-                bad_in_a_row = bad_in_a_row + 1 if metrics.get("skipped", 0) else 0
-                window_tokens += metrics.get("num_tokens", 0.0)
-                if step % t.log_every == 0 or step == t.steps or bad_in_a_row:
-                    elapsed = max(time.time() - window_start, 1e-9)
-                    metrics["tokens_per_s"] = window_tokens / elapsed
-                    window_tokens, window_start = 0.0, time.time()
-                    writer.write(step, metrics)
-                writer.progress(step, metrics)
-                last.update(metrics)
-                if bad_in_a_row >= t.max_nonfinite:
+                if pending is not None:  # step N+1 is dispatched: now read step N
+                    progress.read(*pending)
+                pending = (step, metrics)
+                eval_due = bool(t.eval_every) and (step % t.eval_every == 0 or step == t.steps)
+                ckpt_due = bool(t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps
+                must_read = eval_due or ckpt_due or step % t.log_every == 0 or step == t.steps
+                if must_read:
+                    progress.read(*pending)
+                    pending = None
+                if progress.bad_in_a_row >= t.max_nonfinite:
                     raise TrainingDiverged(
-                        f"{bad_in_a_row} non-finite steps in a row (train.max_nonfinite={t.max_nonfinite}); "
+                        f"{progress.bad_in_a_row} non-finite steps in a row (train.max_nonfinite={t.max_nonfinite}); "
                         f"stopping at step {step}; the last good checkpoint is kept in {ckpt.directory}")
-                if t.eval_every and (step % t.eval_every == 0 or step == t.steps):
-                    ev = to_host(algo.evaluate(state))
-                    writer.write(step, ev, prefix="eval/")
-                    writer.message(f"step {step}: " + ", ".join(f"eval/{k}={v:.4g}" for k, v in ev.items()
-                                                                  if isinstance(v, float)))
-                    last.update(_prefixed(ev, "eval/"))
-                sliced = t.stop_after_steps is not None and step - start >= t.stop_after_steps
-                stopping = _stop_everywhere(stop.requested) or sliced
-                due = (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps
-                if (due and not bad_in_a_row) or stopping:  # keep the last good checkpoint during a bad streak
+                if eval_due:
+                    _log_eval(writer, step, evaluate(algo, state, roles, step), last)
+                # on several processes agreeing on a stop is a collective: only where the loop syncs anyway
+                signalled = (must_read or jax.process_count() == 1) and _stop_everywhere(stop.requested)
+                stopping = signalled or (t.stop_after_steps is not None and step - start >= t.stop_after_steps)
+                if stopping and pending is not None:
+                    progress.read(*pending)
+                    pending = None
+                if (ckpt_due and not progress.bad_in_a_row) or stopping:  # keep the last good one in a bad streak
                     ckpt.save(step, state, train_iter, meta={"step": step}, force=True)
                 if stopping:
                     writer.message(f"stopping early: checkpoint at step {step} written, exiting")
                     break
+            if pending is not None:
+                progress.read(*pending)
+            if progress.bad_in_a_row:
+                raise TrainingDiverged(
+                    f"the run ended in {progress.bad_in_a_row} non-finite step(s) (updates skipped, no checkpoint "
+                    f"written for them); the last good checkpoint is kept in {ckpt.directory}")
             ckpt.wait()
             if t.export_hf and step == t.steps:
-                algo.export(state, t.export_hf)
+                algo.export(state, roles, t.export_hf)
         finally:
             ckpt.close()
             if writer is not None:
@@ -166,5 +206,11 @@ def _train(cfg: Config) -> dict:
     return last
 
 
-def _prefixed(d: dict, prefix: str) -> dict:
-    return {f"{prefix}{k}": v for k, v in (d or {}).items()}
+def _log_eval(writer, step: int, ev: dict, last: dict) -> None:
+    writer.write(step, ev, prefix="eval/")
+    writer.message(f"step {step}: " + ", ".join(f"eval/{k}={v:.4g}" for k, v in ev.items() if isinstance(v, float)))
+    last.update({f"eval/{k}": v for k, v in ev.items()})
+
+
+def _split(cfg: Config, spec: str) -> str:
+    return "train" if spec == cfg.data.train else "eval"

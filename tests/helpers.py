@@ -11,3 +11,10 @@ def assert_trees_close(actual, expected, rtol=1e-5):
         assert np.abs(a - b).max() <= rtol * max(np.abs(b).max(), 1e-30), (np.abs(a - b).max(), np.abs(b).max())
 
     jax.tree.map(check, actual, expected)
+
+
+def roles_for(algo):
+    """The frozen models an algorithm declares, built the way the loop builds them."""
+    from jalign.roles import build_roles
+
+    return build_roles(algo.cfg, algo.role_specs(), algo.rt.mesh, algo.rt.rules, log=lambda *_: None)

@@ -23,9 +23,9 @@ def record_batches(directory: str) -> None:
     steps = []
     original = sft.SFT.step
 
-    def step(self, state, batch):
+    def step(self, state, roles, batch):
         steps.append({k: np.asarray(batch[k]) for k in ("tokens", "loss_mask")})
-        out = original(self, state, batch)
+        out = original(self, state, roles, batch)
         path = Path(directory) / f"batches_{jax.process_index()}.npz"
         np.savez(path, **{f"{k}_{i}": v for i, b in enumerate(steps) for k, v in b.items()})
         return out

@@ -16,15 +16,15 @@ from jalign.data.tokenizer import load_tokenizer
 from jalign.metrics import read_metrics
 from jalign.trainer import train
 from sharding import make_mesh, make_rules, use_rules
-from helpers import assert_trees_close
+from helpers import assert_trees_close, roles_for
 
 ROOT = Path(__file__).parent.parent
 TINY = [
     "model.hidden=32", "model.mlp=64", "model.layers=1", "model.heads=4", "model.kv_heads=2", "model.init_from=null",
     "data.train=builtin:addition_pairs:train:64", "data.eval=builtin:addition_pairs:eval:16", "data.seq_len=16",
     "train.global_batch=8", "train.steps=10", "train.eval_batches=2", "train.log_every=1", "train.progress=false",
-    "train.tensorboard=false", "train.async_checkpointing=false", "algorithm.eval_generate=4",
-    "algorithm.max_new_tokens=4", "algorithm.sft_weight=0.5", "algorithm.length_normalize=true",
+    "train.tensorboard=false", "train.async_checkpointing=false", "eval.prompts=4",
+    "eval.max_new_tokens=4", "algorithm.sft_weight=0.5", "algorithm.length_normalize=true",
     # eps well above float32 gradient noise (see tests/test_train_step.py)
     "optim.lr=1e-2", "optim.warmup_steps=0", "optim.schedule=constant", "optim.eps=1e-4", "optim.weight_decay=0.1",
 ]
@@ -38,29 +38,31 @@ def make_algo(tmp_path, shape=None, *extra):
 
 
 def run(algo, steps=1, batches=None):
-    """(metrics per step, params after step 1, the algorithm's state after the last step)."""
+    """(metrics per step, params after step 1, the algorithm's state after the last step, batches, roles)."""
     rt = algo.rt
-    with rt.mesh, use_rules(rt.mesh, rt.rules):
-        it = algo.batches("train")
+    with use_rules(rt.mesh, rt.rules):
+        it = algo.train_batches()
         batches = batches or [next(it) for _ in range(steps)]
-        state = algo.init(jax.random.key(0))
-        algo.precompute_reference()
+        roles = roles_for(algo)
+        state = algo.init_state(roles)
+        algo.start(state, roles)
         metrics, first = [], None
         for b in batches:
-            state, m = algo.step(state, b)
+            state, m = algo.step(state, roles, b)
             metrics.append({k: float(v) for k, v in jax.device_get(m).items()})
-            first = first or jax.device_get(state["params"])
-    return metrics, first, state, batches
+            first = first or jax.device_get(state.params)
+    return metrics, first, state, batches, roles
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     algo = make_algo(tmp_path_factory.mktemp("single"))
-    ref_before = jax.device_get(algo.init(jax.random.key(0))["params"])
-    with algo.rt.mesh:
-        batch = next(algo.batches("train"))
-    metrics, first, state, batches = run(algo, batches=[batch] * 3)  # the same batch: its loss must fall
-    return dict(algo=algo, metrics=metrics, params=first, batches=batches, ref_before=ref_before, state=state)
+    with use_rules(algo.rt.mesh, algo.rt.rules):
+        ref_before = jax.device_get(algo.init_state(roles_for(algo)).params)
+    batch = next(algo.train_batches())
+    metrics, first, state, batches, roles = run(algo, batches=[batch] * 3)  # the same batch: its loss must fall
+    return dict(algo=algo, metrics=metrics, params=first, batches=batches, ref_before=ref_before, state=state,
+                roles=roles)
 
 
 def test_policy_equal_to_reference_gives_log2_and_zero_accuracy(reference):
@@ -76,10 +78,10 @@ def test_policy_equal_to_reference_gives_log2_and_zero_accuracy(reference):
 
 
 def test_reference_params_unchanged_by_training(reference):
-    algo, state = reference["algo"], reference["state"]
-    after = jax.device_get(algo.reference_params())
+    state = reference["state"]
+    after = jax.device_get(reference["roles"]["reference"])
     jax.tree.map(np.testing.assert_array_equal, after, reference["ref_before"])
-    moved = jax.device_get(state["params"])["layers"]["q"]
+    moved = jax.device_get(state.params)["layers"]["q"]
     assert np.abs(moved - reference["ref_before"]["layers"]["q"]).max() > 1e-4
 
 
@@ -87,7 +89,7 @@ def test_reference_params_unchanged_by_training(reference):
 def test_sharded_equals_single_device(shape, accum, reference, tmp_path):
     """(2,2,2,1) also runs 2 accumulation steps of 4 rows: accumulation == the big batch."""
     algo = make_algo(tmp_path, shape, f"train.micro_batch={8 // accum}")
-    metrics, params, _, _ = run(algo, batches=reference["batches"][:1])
+    metrics, params, _, _, _ = run(algo, batches=reference["batches"][:1])
     ref = reference["metrics"][0]
     for k in ("loss", "preference_loss", "sft_loss", "accuracy", "grad_norm"):
         np.testing.assert_allclose(metrics[0][k], ref[k], rtol=1e-5, atol=1e-7, err_msg=k)
@@ -96,17 +98,17 @@ def test_sharded_equals_single_device(shape, accum, reference, tmp_path):
 
 def test_precomputed_reference_equals_live(reference, tmp_path):
     algo = make_algo(tmp_path, None, "algorithm.reference=precomputed")
-    metrics, params, _, _ = run(algo, batches=reference["batches"][:2])
+    metrics, params, _, _, roles = run(algo, batches=reference["batches"][:2])
     for got, want in zip(metrics, reference["metrics"][:2]):
         for k in ("loss", "preference_loss", "sft_loss", "accuracy", "margin_mean"):
             np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
     assert_trees_close(params, reference["params"])
     store = tmp_path / "reference_logps"
-    assert (store / "done.json").is_file() and (store / "train" / ".zarray").is_file()
-    assert algo._reference is None  # released after precomputation
-    # a second run over the same data reuses the store instead of recomputing
+    assert (store / "done.json").is_file() and (store / "train" / "ref_logps" / ".zarray").is_file()
+    assert "reference" not in roles  # released after precomputation
+    # a second run over the same data reuses the store instead of recomputing (and loads no reference)
     again = make_algo(tmp_path, None, "algorithm.reference=precomputed")
-    assert again.precompute_reference() is False and again._store is not None
+    assert again.columns.ready() and "reference" not in again.role_specs()
 
 
 def test_overlong_pairs_truncate_prompt_left_then_response_or_drop():

@@ -8,15 +8,18 @@ import numpy as np
 import pytest
 
 from jalign.algorithms import base
-from jalign.algorithms.ppo import GRPO, PPO, RLOO
+from jalign.algorithms.grpo import GRPO
+from jalign.algorithms.ppo import PPO
+from jalign.algorithms.rloo import RLOO
 from jalign.checkpoint import Checkpointer
 from jalign.config import ConfigError, dump_config, load_config
 from jalign.models import params as params_lib
 from jalign.models import transformer as tfm
 from jalign.rewards import REWARDS, register_reward
+from jalign.rollout.experience import rollout_rows
 from sharding import make_mesh, make_rules, use_rules
 
-from test_train_step import assert_trees_close
+from helpers import assert_trees_close, roles_for
 
 MODEL = ["model.vocab_size=128", "model.hidden=32", "model.mlp=64", "model.layers=2", "model.heads=4",
          "model.kv_heads=2"]
@@ -47,25 +50,40 @@ def single():
 
 
 def ppo_overrides(rm_dir):
-    return ["algorithm.name=ppo", f"algorithm.reward_model={rm_dir}", "train.global_batch=8",
+    return ["algorithm.name=ppo", f"roles.reward=run:{rm_dir}", "train.global_batch=8",
             "algorithm.num_rollouts_per_prompt=2", "algorithm.micro_batch_size=8", "algorithm.max_new_tokens=6",
             "algorithm.temperature=0.7", "algorithm.entropy_coef=0.01"]
 
 
-def one_update(rt, rows=None):
+def on_mesh(out, mesh, rules):
+    """A rollout (the sampler's device output) placed on another mesh, rows over the data-parallel axes."""
+    def put(x):
+        axes = (("batch",) + (None,) * (np.ndim(x) - 1)) if np.ndim(x) else ()
+        return jax.device_put(np.asarray(x), base.field_sharding(mesh, rules, axes, leading_accum=False))
+
+    return {k: put(v) for k, v in out.items()}
+
+
+def one_update(rt, out=None):
     """init -> (rollout) -> score -> one PPO update; returns everything the tests compare."""
-    with rt.mesh, use_rules(rt.mesh, rt.rules):
+    with use_rules(rt.mesh, rt.rules):
         algo = PPO(rt)
-        state = algo.init(jax.random.key(0))
-        if rows is None:
-            rows, info, _ = algo.rollout(state["params"], np.arange(8), jax.random.key(5))
-        frozen_before = jax.device_get(algo.frozen())
-        initial = jax.device_get(state["params"])
-        prep, _, pm, _ = algo.prepare(state, rows)
+        roles = roles_for(algo)
+        state = algo.init_state(roles)
+        if out is None:
+            idx = np.repeat(np.arange(8), algo.sizes.per_prompt)  # the rollout batch: K samples of 8 prompts
+            out = algo.sample(state.params, [algo.train_prompts.ids[i] for i in idx], jax.random.key(5))
+        else:
+            out = on_mesh(out, rt.mesh, rt.rules)
+        frozen_before = jax.device_get(roles.params)
+        initial = jax.device_get(state.params)
+        prep, pm, _ = algo._score(state.params, state.extra["critic"]["params"], algo.scoring_roles(roles), out,
+                                  None, state.extra["kl_coef"])
         state, metrics = algo.update(state, prep, 0)
-        return dict(algo=algo, rows=rows, pm=jax.device_get(pm), metrics=metrics, initial=initial,
-                    actor=jax.device_get(state["params"]), critic=jax.device_get(state["critic"]["params"]),
-                    frozen_before=frozen_before, frozen_after=jax.device_get(algo.frozen()))
+        return dict(algo=algo, roles=roles, out=jax.device_get(out), rows=jax.device_get(rollout_rows(out, 0)),
+                    pm=jax.device_get(pm), metrics=jax.device_get(metrics), initial=initial,
+                    actor=jax.device_get(state.params), critic=jax.device_get(state.extra["critic"]["params"]),
+                    frozen_before=frozen_before, frozen_after=jax.device_get(roles.params))
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +104,7 @@ def test_update_changes_actor_and_critic_but_not_frozen_roles(reference):
     assert max(jax.tree.leaves(moved)) > 0
     # reference and reward model are bit-identical after training
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), r["frozen_after"], r["frozen_before"])
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), r["frozen_before"]["ref"], r["initial"])
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), r["frozen_before"]["reference"], r["initial"])
     assert r["frozen_before"]["reward"] is not None
 
 
@@ -94,19 +112,19 @@ def test_rollout_logprobs_equal_a_fresh_forward_pass(reference):
     r = reference
     rows, algo = r["rows"], r["algo"]
     mask = rows["mask"] > 0
-    assert mask.sum() > 8 and np.abs(rows["gen_logps"][mask]).min() > 0
+    assert mask.sum() > 8 and np.abs(rows["sampler_logps"][mask]).min() > 0
     fresh = jax.jit(lambda p, b: base.policy_token_logps(p, b, algo.cfg.model, 0.7))(
         r["initial"], {k: jnp.asarray(rows[k]) for k in ("tokens", "positions", "segment_ids", "targets")})
-    np.testing.assert_allclose(np.asarray(fresh)[mask], rows["gen_logps"][mask], atol=2e-5)
+    np.testing.assert_allclose(np.asarray(fresh)[mask], rows["sampler_logps"][mask], atol=2e-5)
     assert r["pm"]["logprob_max_diff"] < 2e-5
 
 
 def test_frozen_roles_parked_in_host_memory_give_the_same_update(reference, rm_dir):
-    r = one_update(runtime(ppo_overrides(rm_dir) + ["algorithm.offload_frozen=true"], single()),
-                   rows=reference["rows"])
-    kinds = {x.sharding.memory_kind for x in jax.tree.leaves(r["algo"].frozen())}
+    r = one_update(runtime(ppo_overrides(rm_dir) + ["roles.reference.offload=true", "roles.reward.offload=true"],
+                           single()), out=reference["out"])
+    kinds = {x.sharding.memory_kind for x in jax.tree.leaves(r["roles"].params)}
     assert kinds == {"pinned_host"}
-    assert {x.sharding.memory_kind for x in jax.tree.leaves(r["algo"].frozen_on_device())} == {"device"}
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(r["roles"].on_device())} == {"device"}
     for key in ("actor_loss", "value_loss", "kl", "reward_mean"):
         assert r["metrics"].get(key, r["pm"].get(key)) == reference["metrics"].get(key, reference["pm"].get(key))
     jax.tree.map(np.testing.assert_array_equal, r["actor"], reference["actor"])
@@ -116,11 +134,13 @@ def test_frozen_roles_parked_in_host_memory_give_the_same_update(reference, rm_d
 def test_reward_standardization_is_applied_before_the_penalty_and_kl(reference, rm_dir):
     def scores(extra):
         rt = runtime(ppo_overrides(rm_dir) + extra, single())
-        with rt.mesh, use_rules(rt.mesh, rt.rules):
+        with use_rules(rt.mesh, rt.rules):
             algo = PPO(rt)
-            state = algo.init(jax.random.key(0))
-            _, per_row, pm, _ = algo.prepare(state, reference["rows"])
-            return jax.device_get(per_row)["score"], jax.device_get(pm)
+            roles = roles_for(algo)
+            state = algo.init_state(roles)
+            prep, pm, _ = algo._score(state.params, state.extra["critic"]["params"], algo.scoring_roles(roles),
+                                      on_mesh(reference["out"], rt.mesh, rt.rules), None, state.extra["kl_coef"])
+            return jax.device_get(prep)["score"], jax.device_get(pm)
 
     standardize = ["algorithm.reward_offset=0.5", "algorithm.reward_scale=2.0", "algorithm.reward_clip=0.1"]
     raw, _ = scores(["algorithm.truncated_response=keep"])
@@ -138,7 +158,7 @@ def test_reward_standardization_is_applied_before_the_penalty_and_kl(reference, 
 
 @pytest.mark.parametrize("shape", [(8, 1, 1, 1), (2, 2, 2, 1)])
 def test_sharded_update_equals_unsharded(reference, rm_dir, shape):
-    r = one_update(runtime(ppo_overrides(rm_dir), make_mesh(*shape)), rows=reference["rows"])
+    r = one_update(runtime(ppo_overrides(rm_dir), make_mesh(*shape)), out=reference["out"])
     for key in ("actor_loss", "value_loss", "policy_loss", "entropy"):
         np.testing.assert_allclose(r["metrics"][key], reference["metrics"][key], rtol=1e-5, atol=1e-7)
     assert_trees_close(r["actor"], reference["actor"])
@@ -152,7 +172,7 @@ def test_size_errors_are_clear_and_raised_before_compiling(rm_dir):
         (["algorithm.micro_batch_size=4"], "not divisible by the data-parallel size"),
         (["algorithm.minibatch_size=8", "algorithm.micro_batch_size=16"], "micro_batch_size=16 does not divide"),
         (["train.micro_batch=4"], "train.micro_batch is not used"),
-        (["algorithm.reward_fn=exact_match"], "exactly one of algorithm.reward_model"),
+        (["algorithm.reward_fn=exact_match"], "exactly one of roles.reward"),
         (["algorithm.reward_scale=0"], "reward_scale and algorithm.reward_clip must be > 0"),
     ]
     for extra, text in cases:
@@ -176,12 +196,14 @@ def test_critic_free_advantages_raise_a_trivial_reward(name):
     rt = runtime([f"algorithm.name={name}", "algorithm.reward_fn=first_is_digit", "train.global_batch=4",
                   "algorithm.num_rollouts_per_prompt=8", "algorithm.max_new_tokens=2", "algorithm.kl_coef=0.0",
                   "algorithm.truncated_response=keep", "optim.lr=3e-2", "train.steps=40"], single())
-    with rt.mesh, use_rules(rt.mesh, rt.rules):
+    with use_rules(rt.mesh, rt.rules):
         algo = {"grpo": GRPO, "rloo": RLOO}[name](rt)
-        state = algo.init(jax.random.key(0))
-        it = algo.batches("train")
+        roles = roles_for(algo)
+        state = algo.init_state(roles)
+        algo.start(state, roles)
+        it = algo.train_batches()
         rewards = []
         for _ in range(25):
-            state, m = algo.step(state, next(it))
-            rewards.append(m["reward_mean"])
+            state, m = algo.step(state, roles, next(it))
+            rewards.append(float(m["reward_mean"]))
     assert np.mean(rewards[:3]) < 0.3 and np.mean(rewards[-3:]) > 0.7, rewards

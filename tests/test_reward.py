@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 
 from jalign.algorithms import base
-from jalign.algorithms.reward import RewardModel, last_valid_index, reward_scores
+from jalign.algorithms.reward import RewardModel
+from jalign.models.heads import last_valid_index, sequence_scores as reward_scores
 from jalign.config import ModelConfig, load_config
 from jalign.metrics import read_metrics
 from jalign.models import params as params_lib
 from jalign.models import transformer as tfm
 from jalign.trainer import train
 from sharding import make_mesh, make_rules, use_rules
-from helpers import assert_trees_close
+from helpers import assert_trees_close, roles_for
 
 ROOT = Path(__file__).parent.parent
 TINY = [
@@ -42,11 +43,12 @@ def make_algo(tmp_path, shape=None, *extra):
 
 def run(algo, batches):
     rt = algo.rt
-    with rt.mesh, use_rules(rt.mesh, rt.rules):
-        state = algo.init(jax.random.key(0))
+    with use_rules(rt.mesh, rt.rules):
+        roles = roles_for(algo)
+        state = algo.init_state(roles)
         metrics = []
         for b in batches:
-            state, m = algo.step(state, b)
+            state, m = algo.step(state, roles, b)
             metrics.append({k: float(v) for k, v in jax.device_get(m).items()})
     return metrics, state
 
@@ -54,10 +56,9 @@ def run(algo, batches):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     algo = make_algo(tmp_path_factory.mktemp("single"), None, *PAIR)
-    with algo.rt.mesh:
-        batch = next(algo.batches("train"))
+    batch = next(algo.train_batches())
     metrics, state = run(algo, [batch])
-    return dict(batch=batch, metrics=metrics, params=jax.device_get(state["params"]))
+    return dict(batch=batch, metrics=metrics, params=jax.device_get(state.params))
 
 
 def test_first_step_metrics(reference):
@@ -76,7 +77,7 @@ def test_sharded_equals_single_device(shape, accum, reference, tmp_path):
     metrics, state = run(algo, [reference["batch"]])
     for k in ("loss", "accuracy", "reward_chosen_mean", "reward_rejected_mean", "reward_std", "grad_norm"):
         np.testing.assert_allclose(metrics[0][k], reference["metrics"][0][k], rtol=1e-5, atol=1e-6, err_msg=k)
-    assert_trees_close(jax.device_get(state["params"]), reference["params"])
+    assert_trees_close(jax.device_get(state.params), reference["params"])
 
 
 def test_score_is_read_at_the_last_valid_token():
@@ -117,16 +118,17 @@ def test_regression_masks_unlabelled_attributes(tmp_path):
                      f"data.train={tmp_path / 'train.jsonl'}", f"data.eval={tmp_path / 'eval.jsonl'}",
                      "optim.lr=3e-3")
     assert algo.data.attribute_names == ["correct", "helpful"]
-    with algo.rt.mesh:
-        it = algo.batches("train")
-        batches = [next(it) for _ in range(1)]
+    it = algo.train_batches()
+    batches = [next(it) for _ in range(1)]
     assert batches[0]["attr_mask_0"].sum() < 8  # some "correct" labels are null
     metrics, state = run(algo, batches * 8)
     losses = [m["loss"] for m in metrics]
     assert losses[-1] < 0.5 * losses[0]
     assert metrics[0]["num_values"] == batches[0]["attr_mask_0"].sum() + batches[0]["attr_mask_1"].sum()
-    with algo.rt.mesh, use_rules(algo.rt.mesh, algo.rt.rules):
-        ev = algo.evaluate(state)
+    from jalign.evaluation import reduce_eval
+
+    with use_rules(algo.rt.mesh, algo.rt.rules):
+        ev = reduce_eval(algo, state, roles_for(algo), 0)
     assert set(ev) == {"loss", "mae", "mae_correct", "mae_helpful"}
 
 

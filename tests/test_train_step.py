@@ -6,6 +6,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jalign.algorithms import base
+from jalign.data.fields import SFT_FIELDS
+from jalign.state import TrainedModel, adam_count
 from jalign.config import ModelConfig, OptimConfig
 from jalign.losses import sft_loss
 from jalign.models import params as params_lib
@@ -54,15 +56,14 @@ def random_rows(rows, T, seed=0, vocab=64):
 def run_step(mesh, batch_rows, accum, steps=1, cfg=CFG):
     rules = make_rules()
     decls = tfm.declare_params(CFG)
-    opt = base.make_optimizer(OPT, 10)
-    shardings = base.state_shardings(decls, opt, mesh, rules)
+    trained = TrainedModel(decls, OPT, 10, mesh, rules, jnp.float32)
     with use_rules(mesh, rules):
-        params = params_lib.init_params(decls, 0, shardings=shardings["params"])
-        state = base.init_state(params, opt, shardings, jax.random.key(1))
-        step = base.make_train_step(make_sft_loss(cfg), normalizers, opt, base.make_schedule(OPT, 10), shardings, mesh)
+        params = params_lib.init_params(decls, 0, shardings=trained.param_shardings)
+        state = trained.new_state(params, jax.random.key(1))
+        step = base.make_train_step(make_sft_loss(cfg), normalizers, trained)
         losses = []
         for _ in range(steps):
-            state, metrics = step(state, base.to_global_batch(batch_rows, mesh, rules, accum), None)
+            state, metrics = step(state, None, base.to_global_batch(batch_rows, SFT_FIELDS, mesh, rules, accum))
             losses.append(float(metrics["loss"]))
     return losses, state
 
@@ -75,7 +76,7 @@ def single_device_mesh():
 def reference():
     batch = random_rows(8, 24)
     losses, state = run_step(single_device_mesh(), batch, accum=1, steps=1)
-    return batch, losses, jax.device_get(state["params"])
+    return batch, losses, jax.device_get(state.params)
 
 
 @pytest.mark.parametrize("shape", [(8, 1, 1, 1), (2, 2, 2, 1), (1, 4, 2, 1), (2, 1, 4, 1)])
@@ -84,16 +85,16 @@ def test_sharded_step_equals_single_device(shape, reference):
     mesh = make_mesh(*shape)
     losses, state = run_step(mesh, batch, accum=1, steps=1)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-    assert_trees_close(state["params"], ref_params)
+    assert_trees_close(state.params, ref_params)
     # the arrays really are split as the rules say
     specs = params_lib.param_specs(tfm.declare_params(CFG), mesh, make_rules())
     assert specs["layers"]["q"] == P(None, "fsdp", "tensor", None)
     assert specs["embed"] == P("tensor", "fsdp")
-    assert state["params"]["layers"]["q"].sharding.spec == P(None, "fsdp", "tensor", None)
-    assert state["params"]["layers"]["down"].sharding.spec == P(None, "tensor", "fsdp")
-    mu = state["opt_state"][1][0].mu["layers"]["gate"]  # Adam moments follow the params
+    assert state.params["layers"]["q"].sharding.spec == P(None, "fsdp", "tensor", None)
+    assert state.params["layers"]["down"].sharding.spec == P(None, "tensor", "fsdp")
+    mu = state.opt_state[1][0].mu["layers"]["gate"]  # Adam moments follow the params
     assert mu.sharding.spec == P(None, "fsdp", "tensor")
-    shard_shape = state["params"]["layers"]["q"].addressable_shards[0].data.shape
+    shard_shape = state.params["layers"]["q"].addressable_shards[0].data.shape
     assert shard_shape == (CFG.layers, CFG.hidden // shape[1], CFG.heads // shape[2], CFG.resolved_head_dim)
 
 
@@ -101,7 +102,7 @@ def test_gradient_accumulation_equals_big_batch(reference):
     batch, ref_losses, ref_params = reference
     losses, state = run_step(make_mesh(2, 2, 2, 1), batch, accum=2, steps=1)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-    assert_trees_close(state["params"], ref_params)
+    assert_trees_close(state.params, ref_params)
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 1, 4), (1, 1, 2, 4)])
@@ -111,7 +112,7 @@ def test_sequence_parallel_step_equals_single_device(shape, reference):
     assert CFG.attention == "xla"  # the model switches to the ring from the mesh alone
     losses, state = run_step(make_mesh(*shape), batch, accum=1, steps=1)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-    assert_trees_close(state["params"], ref_params)
+    assert_trees_close(state.params, ref_params)
 
 
 def test_nonfinite_loss_skips_update():
@@ -119,22 +120,21 @@ def test_nonfinite_loss_skips_update():
     mesh = make_mesh(8, 1, 1, 1)
     rules = make_rules()
     decls = tfm.declare_params(CFG)
-    opt = base.make_optimizer(OPT, 10)
-    shardings = base.state_shardings(decls, opt, mesh, rules)
+    trained = TrainedModel(decls, OPT, 10, mesh, rules, jnp.float32)
 
     def bad_loss(params, mb, norms, frozen):
         loss, m = sft_loss_fn(params, mb, norms, frozen)
         return loss * jnp.nan, dict(m, loss=loss * jnp.nan)
 
     with use_rules(mesh, rules):
-        params = params_lib.init_params(decls, 0, shardings=shardings["params"])
+        params = params_lib.init_params(decls, 0, shardings=trained.param_shardings)
         before = jax.device_get(params)
-        state = base.init_state(params, opt, shardings, jax.random.key(1))
-        step = base.make_train_step(bad_loss, normalizers, opt, base.make_schedule(OPT, 10), shardings, mesh)
-        state, metrics = step(state, base.to_global_batch(batch, mesh, rules, 1), None)
+        state = trained.new_state(params, jax.random.key(1))
+        step = base.make_train_step(bad_loss, normalizers, trained)
+        state, metrics = step(state, None, base.to_global_batch(batch, SFT_FIELDS, mesh, rules, 1))
     assert int(metrics["skipped"]) == 1
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), state["params"], before)
-    assert int(base._adam_count(state["opt_state"])) == 0
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), state.params, before)
+    assert int(adam_count(state.opt_state)) == 0
 
 
 def test_packed_loss_equals_unpacked():

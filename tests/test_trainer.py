@@ -19,7 +19,7 @@ TINY = [
     "model.hidden=32", "model.mlp=64", "model.layers=1", "model.heads=4", "model.kv_heads=2",
     "data.seq_len=32", "train.global_batch=16", "train.micro_batch=8", "train.log_every=1",
     "train.eval_every=0", "train.progress=false", "train.tensorboard=false", "train.async_checkpointing=false",
-    "mesh.data=4", "mesh.fsdp=2", "algorithm.eval_generate=0",
+    "mesh.data=4", "mesh.fsdp=2", "eval.prompts=0",
 ]
 
 

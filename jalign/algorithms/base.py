@@ -1,16 +1,25 @@
-"""What every algorithm shares: the registry, the run context, train state, optimizer and the jitted
-supervised step (gradient accumulation, clipping, skip-on-non-finite).
+"""What every algorithm shares: the protocol the loop calls, the runtime, batch placement from declared fields
+and the jitted supervised step (gradient accumulation, clipping, skip-on-non-finite).
 
-An algorithm is a small object with ``init(rng)``, ``abstract_state()``, ``step(state, host_batch)``,
-``evaluate(state)``, ``batches(split)`` and ``export(state, out_dir)``; the loop in
-``jalign.trainer`` calls only these.
+The loop (``jalign.trainer``) calls only:
+
+    algo = Cls(rt)                                  # reads data, builds programs; no weights yet
+    specs = algo.role_specs()                       # frozen models it needs -> jalign.roles.build_roles
+    state = algo.init_state(roles)                  # or a checkpoint restored onto algo.abstract_state()
+    algo.start(state, roles)                        # once per run start (e.g. precompute reference columns)
+    state, metrics = algo.step(state, roles, batch) # batch from algo.train_batches(); metrics stay on device
+    sums = algo.eval_sums(state, roles, batch)      # {name: (sum, count)} over algo.eval_batches()
+    algo.eval_finish(means), algo.generation_eval   # derived metrics; the shared generation-based eval
+    algo.export(state, roles, out_dir)
+
+A supervised algorithm (SFT, reward model, DPO, KTO, ...) is :class:`SupervisedAlgorithm` plus its loss,
+normalisers and data kind: see ``jalign/algorithms/sft.py`` for the smallest one.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -18,31 +27,13 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jalign.config import Config, OptimConfig
+from jalign.config import Config, ConfigError
 from jalign.losses import chunked_token_logps
 from jalign.models import params as params_lib
 from jalign.models import transformer as tfm
-from sharding.rules import logical_to_spec
-
-ALGORITHMS: dict[str, type] = {}
-
-
-def register(name: str):
-    def deco(cls):
-        ALGORITHMS[name] = cls
-        return cls
-
-    return deco
-
-
-# Built-in algorithms live in modules named after them and register themselves on import.
-BUILTIN_MODULES = {"sft": "sft", "reward": "reward", "dpo": "dpo", "ppo": "ppo", "grpo": "ppo", "rloo": "ppo"}
-
-
-def get_algorithm(name: str):
-    if name not in ALGORITHMS and name in BUILTIN_MODULES:
-        importlib.import_module(f"jalign.algorithms.{BUILTIN_MODULES[name]}")
-    return ALGORITHMS[name]
+from jalign.roles import RoleSpec, Roles, policy_init_seed, policy_source
+from jalign.state import TrainedModel, TrainState, adam_count
+from sharding.rules import active_mesh, logical_to_spec
 
 
 @dataclasses.dataclass
@@ -57,271 +48,36 @@ class Runtime:
     log: Callable[[str], None] = print
 
     @property
-    def process_index(self) -> int:
-        return jax.process_index()
-
-    @property
-    def process_count(self) -> int:
-        return jax.process_count()
-
-    @property
     def data_parallel(self) -> int:
         return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
 
-class Algorithm(Protocol):
-    def init(self, rng: jax.Array) -> dict: ...
-    def abstract_state(self) -> dict: ...
-    def step(self, state: dict, batch: dict) -> tuple[dict, dict]: ...
-    def evaluate(self, state: dict) -> dict: ...
-    def batches(self, split: str): ...
-    def export(self, state: dict, out_dir: str) -> None: ...
-
-
-# ---- optimizer ----------------------------------------------------------------------------------
-def make_schedule(o: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup to ``lr``, then cosine / linear decay to ``lr * min_lr_ratio``, or constant."""
-    warm = max(o.warmup_steps, 0)
-    decay_steps = max(total_steps - warm, 1)
-    end = o.lr * o.min_lr_ratio
-    if o.schedule == "constant":
-        after = optax.constant_schedule(o.lr)
-    elif o.schedule == "linear":
-        after = optax.linear_schedule(o.lr, end, decay_steps)
-    else:
-        after = optax.cosine_decay_schedule(o.lr, decay_steps, alpha=o.min_lr_ratio)
-    if warm == 0:
-        return after
-    return optax.join_schedules([optax.linear_schedule(o.lr / warm, o.lr, warm - 1 or 1), after], [warm])
-
-
-def make_optimizer(o: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    schedule = make_schedule(o, total_steps)
-    parts = []
-    if o.grad_clip:
-        parts.append(optax.clip_by_global_norm(o.grad_clip))
-    parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                             mask=_decay_mask_from_paths))
-    return optax.chain(*parts)
-
-
-def _decay_mask_from_paths(params):
-    """Decay every parameter except norm scales and biases (decided by name, stacked layers included)."""
-
-    def keep(path, _):
-        name = str(getattr(path[-1], "key", path[-1]))
-        return not (name.endswith("norm") or name.endswith("bias"))
-
-    return jax.tree_util.tree_map_with_path(keep, params)
-
-
-# ---- state --------------------------------------------------------------------------------------
-def state_shardings(decls, optimizer, mesh: Mesh, rules) -> dict:
-    p_shard = params_lib.param_shardings(decls, mesh, rules)
-    abstract = params_lib.abstract_params(decls)
-    opt_abstract = jax.eval_shape(optimizer.init, abstract)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return {
-        "step": replicated,
-        "params": p_shard,
-        "opt_state": params_lib.shardings_like_params(opt_abstract, p_shard, mesh),
-        "rng": replicated,
-    }
-
-
-def abstract_state(decls, optimizer, shardings, param_dtype=jnp.float32) -> dict:
-    params = params_lib.abstract_params(decls, param_dtype)
-    opt = jax.eval_shape(optimizer.init, params)
-    tree = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "opt_state": opt,
-            "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-
-def init_state(params, optimizer, shardings, rng) -> dict:
-    """Train state from (already sharded) params; the optimizer state is created sharded."""
-    opt_state = jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(params)
-    return {
-        "step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]),
-        "params": params,
-        "opt_state": opt_state,
-        "rng": jax.device_put(jax.random.key_data(rng).astype(jnp.uint32).reshape(-1)[-2:], shardings["rng"]),
-    }
-
-
 # ---- batches ------------------------------------------------------------------------------------
-def batch_sharding(mesh: Mesh, rules, ndim: int, leading_accum: bool = True) -> NamedSharding:
-    """[accum, rows, seq, ...]: rows over the data-parallel axes, seq over "sequence"."""
-    axes = (None, "batch", "seq") if leading_accum else ("batch", "seq")
-    axes = axes + (None,) * (ndim - len(axes))
-    return NamedSharding(mesh, logical_to_spec(axes[:ndim], rules))
+def field_sharding(mesh: Mesh, rules, axes: tuple, leading_accum: bool = True) -> NamedSharding:
+    """The sharding of a batch field from its declared logical axes (plus the accumulation axis)."""
+    return NamedSharding(mesh, logical_to_spec(((None,) if leading_accum else ()) + tuple(axes), rules))
 
 
-def to_global_batch(host_batch: dict, mesh: Mesh, rules, accum: int) -> dict:
-    """Process-local numpy rows [rows_local, ...] -> global arrays [accum, rows_global/accum, ...].
+def to_global_batch(host_batch: dict, fields: dict, mesh: Mesh, rules, accum: int) -> dict:
+    """Process-local numpy rows [rows_local, ...] -> global arrays [accum, rows_global / accum, ...].
 
-    Each process holds ``rows_local = accum * micro_local`` rows; row ``a*micro_local + i`` goes to
-    accumulation step ``a``. Assembled with ``make_array_from_process_local_data`` so it is correct on
-    several hosts (each contributes its own slice of every micro-batch).
+    ``fields`` declares each key's logical axes (``jalign.data.fields``); a key without a declaration is an
+    error rather than a guess from its rank. Each process holds ``rows_local = accum * micro_local`` rows; row
+    ``a*micro_local + i`` goes to accumulation step ``a``. Assembled with ``make_array_from_process_local_data``
+    so it is correct on several hosts (each contributes its own slice of every micro-batch).
     """
     out = {}
     for k, v in host_batch.items():
+        if k not in fields:
+            raise KeyError(f"batch field {k!r} has no declared logical axes (declared: {sorted(fields)})")
         v = np.asarray(v)
+        axes = fields[k]
+        if v.ndim != len(axes):
+            raise ValueError(f"batch field {k!r}: rank {v.ndim} but declared axes {axes}")
         local = v.reshape((accum, v.shape[0] // accum) + v.shape[1:])
-        sharding = batch_sharding(mesh, rules, local.ndim)
         global_shape = (accum, local.shape[1] * jax.process_count()) + local.shape[2:]
-        out[k] = jax.make_array_from_process_local_data(sharding, local, global_shape)
+        out[k] = jax.make_array_from_process_local_data(field_sharding(mesh, rules, axes), local, global_shape)
     return out
-
-
-# ---- the supervised step ------------------------------------------------------------------------
-LossFn = Callable[[Any, dict, dict, Any], tuple[jax.Array, dict]]
-
-
-def make_train_step(loss_fn: LossFn, normalizers_fn: Callable[[dict], dict], optimizer, schedule,
-                    shardings: dict, mesh: Mesh, frozen_shardings=None):
-    """Jitted ``(state, batch, frozen) -> (state, metrics)`` with gradient accumulation.
-
-    ``batch`` leaves are [accum, micro, ...]. ``normalizers_fn(batch)`` computes global counts (valid
-    tokens / pairs) over the whole optimizer batch; ``loss_fn(params, micro_batch, normalizers,
-    frozen)`` returns a loss already divided by those counts, so summing over micro-batches gives the
-    big-batch loss and gradient exactly. A non-finite loss or gradient norm skips the update
-    (params and optimizer state unchanged) and reports ``skipped = 1``.
-    """
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def step(state, batch, frozen):
-        norms = normalizers_fn(batch)
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-        def micro(carry, mb):
-            g_acc, m_acc = carry
-            (_, metrics), grads = grad_fn(state["params"], mb, norms, frozen)
-            return (jax.tree.map(jnp.add, g_acc, grads), jax.tree.map(jnp.add, m_acc, metrics)), None
-
-        first = jax.tree.map(lambda x: x[0], batch)
-        metric_shapes = jax.eval_shape(lambda: loss_fn(state["params"], first, norms, frozen)[1])
-        zeros = (jax.tree.map(jnp.zeros_like, state["params"]),
-                 jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
-        (grads, metrics), _ = jax.lax.scan(micro, zeros, batch)
-        grad_norm = optax.tree.norm(grads)
-        updates, new_opt = optimizer.update(grads, state["opt_state"], state["params"])
-        new_params = optax.apply_updates(state["params"], updates)
-        # An update that overflows the params (an absurd step on finite gradients) is skipped too, so
-        # a non-finite streak never starts from parameters that were already ruined.
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(new_params))
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        count = _adam_count(state["opt_state"])
-        new_state = {
-            "step": state["step"] + 1,
-            "params": keep(new_params, state["params"]),
-            "opt_state": keep(new_opt, state["opt_state"]),
-            "rng": state["rng"],
-        }
-        metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(count), skipped=1 - finite.astype(jnp.int32))
-        return new_state, metrics
-
-    return jax.jit(step, in_shardings=(shardings, None, frozen_shardings),
-                   out_shardings=(shardings, replicated), donate_argnums=(0,))
-
-
-def _adam_count(opt_state):
-    """The optimizer's own update count (advances only on applied updates), for the LR metric."""
-    for leaf in jax.tree.leaves(opt_state):
-        if leaf.shape == () and jnp.issubdtype(leaf.dtype, jnp.integer):
-            return leaf
-    return jnp.zeros((), jnp.int32)
-
-
-# ---- parameters from another run ----------------------------------------------------------------
-def merge_params(decls, source: dict, rng, mesh: Mesh, rules, dtype=jnp.float32, log=print) -> dict:
-    """Params for ``decls`` taking every matching (path, shape) tensor from ``source``; the rest random.
-
-    Used to start a reward model or critic from an SFT policy (trunk copied, fresh score head) and a
-    policy from a checkpoint that also has heads it does not need.
-    """
-    shardings = params_lib.param_shardings(decls, mesh, rules)
-    fresh = params_lib.init_params(decls, rng, dtype, shardings)
-    src, fresh_flat, shard_flat = params_lib.flatten(source), params_lib.flatten(fresh), params_lib.flatten(shardings)
-    out, missing = {}, []
-    for path, d in params_lib.flatten_decls(decls).items():
-        if path in src and tuple(src[path].shape) == tuple(d.shape):
-            out[path] = _place(src[path], dtype, shard_flat[path])
-        else:
-            out[path] = fresh_flat[path]
-            missing.append(path)
-    if missing:
-        log(f"initialised fresh (not in the source checkpoint): {', '.join(missing)}")
-    return params_lib.unflatten(out)
-
-
-def _place(value, dtype, sharding):
-    """A source tensor onto ``sharding``. Host-local values (numpy, single-device arrays from
-    ``load_params``) go through numpy: ``device_put`` of a single-device jax.Array onto a sharding that
-    spans several processes is an error, while the same numpy value on every process is not."""
-    if isinstance(value, jax.Array) and not value.is_fully_addressable:
-        return jax.device_put(value.astype(dtype), sharding)
-    return jax.device_put(np.asarray(jax.device_get(value)).astype(np.dtype(dtype)), sharding)
-
-
-# ---- what policy-style algorithms share ---------------------------------------------------------
-def initial_params(rt: Runtime, decls, rng, log=print) -> dict:
-    """Params for ``decls`` from ``model.init_from`` (a jalign run), ``model.hf_path`` or random init."""
-    m = rt.cfg.model
-    dtype = params_lib.DTYPES[m.param_dtype]
-    if m.init_from:
-        from jalign.models.hf_io import load_params_checkpoint
-
-        source = load_params_checkpoint(m.init_from, m)  # a training run dir or a `jalign convert` dir
-        return merge_params(decls, source, rng, rt.mesh, rt.rules, dtype, log)
-    if m.hf_path:
-        from jalign.models.hf_io import load_hf_params
-
-        source = load_hf_params(m.hf_path, m, mesh=rt.mesh, rules=rt.rules, dtype=dtype)
-        return merge_params(decls, source, rng, rt.mesh, rt.rules, dtype, log)
-    shardings = params_lib.param_shardings(decls, rt.mesh, rt.rules)
-    return params_lib.init_params(decls, rng, dtype, shardings)
-
-
-def new_train_state(rt: Runtime, decls, optimizer, shardings, rng) -> dict:
-    """A fresh train state: params from ``initial_params``, optimizer state created sharded like them."""
-    k_params, k_state = jax.random.split(rng)
-    params = initial_params(rt, decls, k_params, log=rt.log)
-    return init_state(params, optimizer, shardings, k_state)
-
-
-class TrainedOnData:
-    """What SFT, reward-model and DPO training share: one trained model (``self.decls``,
-    ``self.optimizer``, ``self.shardings``) fed by a data pipeline (``self.data``) in ``self.accum``
-    micro-batches per step."""
-
-    def setup_training(self, rt: Runtime, decls: dict) -> None:
-        """Runtime, tokenizer, the trained model's declarations, optimizer (with its schedule) and the
-        state shardings, from the config; subclasses then build their step functions and data."""
-        from jalign.data.tokenizer import load_tokenizer
-
-        cfg = rt.cfg
-        self.rt = rt
-        self.tokenizer = rt.tokenizer or load_tokenizer(cfg.model.tokenizer)
-        self.decls = decls
-        self.accum = accumulation_steps(cfg)
-        self.schedule = make_schedule(cfg.optim, cfg.train.steps)
-        self.optimizer = make_optimizer(cfg.optim, cfg.train.steps)
-        self.shardings = state_shardings(decls, self.optimizer, rt.mesh, rt.rules)
-
-    def init(self, rng):
-        return new_train_state(self.rt, self.decls, self.optimizer, self.shardings, rng)
-
-    def abstract_state(self):
-        return abstract_state(self.decls, self.optimizer, self.shardings,
-                              params_lib.DTYPES[self.rt.cfg.model.param_dtype])
-
-    def batches(self, split: str):
-        return self.data.train_iterator() if split == "train" else self.data.eval_iterator()
-
-    def global_batch(self, host_batch: dict, accum: Optional[int] = None) -> dict:
-        """This process's rows -> the global, sharded [accum, micro, ...] batch (default: the train
-        step's ``self.accum``; evaluation passes 1)."""
-        return to_global_batch(host_batch, self.rt.mesh, self.rt.rules, self.accum if accum is None else accum)
 
 
 def accumulation_steps(cfg: Config) -> int:
@@ -331,15 +87,259 @@ def accumulation_steps(cfg: Config) -> int:
 def rows_per_process(cfg: Config) -> int:
     n = jax.process_count()
     if cfg.train.global_batch % n:
-        raise ValueError(f"train.global_batch={cfg.train.global_batch} is not divisible by {n} processes")
+        raise ConfigError(f"train.global_batch={cfg.train.global_batch} is not divisible by {n} processes")
     return cfg.train.global_batch // n
+
+
+# ---- the supervised step ------------------------------------------------------------------------
+LossFn = Callable[[Any, dict, dict, Any], tuple[jax.Array, dict]]
+
+
+def require_mesh_context(what: str) -> None:
+    """Training programs are traced inside ``use_rules(mesh, rules)``: outside it every activation
+    constraint would silently be dropped, so tracing one there is an error."""
+    if active_mesh() is None:
+        raise RuntimeError(f"{what} traced outside sharding.rules.use_rules(mesh, rules): activation sharding "
+                           "constraints would be dropped; trace it inside the run's mesh context")
+
+
+def make_train_step(loss_fn: LossFn, normalizers_fn: Callable[[dict], dict], trained: TrainedModel):
+    """Jitted ``(state, roles, batch) -> (state, metrics)`` with gradient accumulation.
+
+    ``batch`` leaves are [accum, micro, ...]. ``normalizers_fn(batch)`` computes global counts (valid
+    tokens / pairs) over the whole optimizer batch; ``loss_fn(params, micro_batch, normalizers, roles)``
+    returns a loss already divided by those counts, so summing over micro-batches gives the big-batch loss
+    and gradient exactly. A non-finite loss, gradient norm or updated parameters skip the update (params
+    and optimizer state unchanged) and report ``skipped = 1``. ``roles`` (frozen params) are an input:
+    never differentiated, never donated.
+    """
+    optimizer, schedule = trained.optimizer, trained.schedule
+    shardings = trained.shardings()
+
+    def step(state: TrainState, roles, batch):
+        require_mesh_context("the train step")
+        norms = normalizers_fn(batch)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        def micro(carry, mb):
+            g_acc, m_acc = carry
+            (_, metrics), grads = grad_fn(state.params, mb, norms, roles)
+            return (jax.tree.map(jnp.add, g_acc, grads), jax.tree.map(jnp.add, m_acc, metrics)), None
+
+        first = jax.tree.map(lambda x: x[0], batch)
+        metric_shapes = jax.eval_shape(lambda: loss_fn(state.params, first, norms, roles)[1])
+        zeros = (jax.tree.map(jnp.zeros_like, state.params),
+                 jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
+        (grads, metrics), _ = jax.lax.scan(micro, zeros, batch)
+        grad_norm = optax.tree.norm(grads)
+        updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        # An update that overflows the params (an absurd step on finite gradients) is skipped too, so a
+        # non-finite streak never starts from parameters that were already ruined.
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(new_params))
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        count = adam_count(state.opt_state)
+        new_state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
+                                  opt_state=keep(new_opt, state.opt_state))
+        metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(count), skipped=1 - finite.astype(jnp.int32))
+        return new_state, metrics
+
+    return jax.jit(step, in_shardings=(shardings, None, None), out_shardings=(shardings, trained.replicated),
+                   donate_argnums=(0,))
 
 
 LOGPROB_CHUNK = 512
 
 
 def policy_token_logps(params, batch, cfg, temperature: float = 1.0):
-    """log p(target_t | tokens_<=t) / T-tempered, for every position of packed rows [B, T]."""
+    """log p(target_t | tokens_<=t) / T-tempered, for every position of rows [B, T]."""
     hidden = tfm.forward(params, batch["tokens"], batch["positions"], batch["segment_ids"], cfg)
     return chunked_token_logps(hidden, tfm.unembed_matrix(params, cfg), batch["targets"], LOGPROB_CHUNK,
                                temperature)
+
+
+# ---- the protocol -------------------------------------------------------------------------------
+class Algorithm:
+    """Base of every algorithm; see the module docstring for what the loop calls.
+
+    Subclasses are registered with ``jalign.algorithms.registry.register(name, config=...)``;
+    ``role_names`` lists the roles a config may set under ``roles:`` (checked when the config loads).
+    """
+
+    name: str = ""
+    config_class: type = None
+    role_names: tuple = ()
+    generation_eval = None  # a jalign.evaluation.GenerationEval, or None
+
+    def __init__(self, rt: Runtime):
+        from jalign.data.tokenizer import load_tokenizer
+
+        self.rt, self.cfg, self.a = rt, rt.cfg, rt.cfg.algorithm
+        self.tokenizer = rt.tokenizer or load_tokenizer(self.cfg.model.tokenizer)
+
+    # roles and state
+    def role_specs(self) -> dict[str, RoleSpec]:
+        return {}
+
+    def init_state(self, roles: Roles) -> TrainState:
+        raise NotImplementedError
+
+    def abstract_state(self) -> TrainState:
+        raise NotImplementedError
+
+    def start(self, state: TrainState, roles: Roles) -> None:
+        """Once per invocation, after the state exists and before the first step or evaluation."""
+
+    # data and steps
+    def train_batches(self):
+        raise NotImplementedError
+
+    def step(self, state: TrainState, roles: Roles, batch) -> tuple[TrainState, dict]:
+        raise NotImplementedError
+
+    def eval_batches(self):
+        return ()
+
+    def eval_sums(self, state: TrainState, roles: Roles, batch) -> dict:
+        return {}
+
+    def eval_finish(self, means: dict) -> dict:
+        """Metrics derived from the reduced means (e.g. a loss that combines terms of different counts)."""
+        return means
+
+    def data_counts(self) -> dict:
+        """Example counts of the data (examples / truncated / dropped per split), logged at the start."""
+        return {}
+
+    # the trained policy, for generation-based evaluation and export
+    def policy(self, state: TrainState, roles: Roles):
+        """(params, model config) that generation uses."""
+        return state.params, self.cfg.model
+
+    def tokenizer_dir(self) -> Optional[str]:
+        path = getattr(self.tokenizer, "path", None)
+        return None if path is None else str(Path(path).parent)
+
+    def export(self, state: TrainState, roles: Roles, out_dir: str) -> None:
+        """A Hugging Face directory of the trained policy with the tokenizer files."""
+        from jalign.models.hf_io import save_hf
+
+        params, cfg = self.policy(state, roles)
+        save_hf(params, cfg, out_dir, tokenizer_dir=self.tokenizer_dir())
+
+
+def initial_policy_params(rt: Runtime, decls, *, allow_fresh=(), role: str = "policy") -> dict:
+    """The trained model's starting params for ``decls`` from the policy's source, straight onto their
+    shardings (strict: only ``allow_fresh`` paths may be missing from the source)."""
+    from jalign.models import load
+
+    key, source = policy_source(rt.cfg)
+    return load.load_params(source, decls, mesh=rt.mesh, rules=rt.rules,
+                            dtype=params_lib.DTYPES[rt.cfg.model.param_dtype], seed=policy_init_seed(rt.cfg.train.seed),
+                            allow_fresh=allow_fresh, role=role, where=key, log=rt.log)
+
+
+def state_rng(train_seed: int):
+    """The key a fresh train state keeps (split from ``train.seed`` beside the policy's init seed)."""
+    return jax.random.split(jax.random.key(train_seed))[1]
+
+
+class SupervisedAlgorithm(Algorithm):
+    """One trained model fed by a data pipeline in ``accum`` micro-batches per step.
+
+    A subclass sets ``lm_head`` / ``score_outputs`` (or overrides ``declare``), ``make_data`` (a data kind
+    with ``train_iterator()``, ``eval_iterator()``, ``fields``, ``counts``), ``loss`` and ``normalizers``.
+    Its eval reduces each metric by the normaliser named in ``metric_counts`` (default: the first one);
+    metrics in ``total_metrics`` are reported as sums.
+    """
+
+    lm_head = True
+    score_outputs = 0
+    allow_fresh: tuple = ()  # parameters the policy's source may lack (a new reward model's score head)
+    metric_counts: dict = {}
+    total_metrics: tuple = ("num_tokens", "num_pairs", "num_values", "num_examples")
+    step_roles: tuple = ()  # roles the train step reads
+
+    def __init__(self, rt: Runtime):
+        super().__init__(rt)
+        cfg = self.cfg
+        self.decls = self.declare()
+        self.accum = accumulation_steps(cfg)
+        self.trained = TrainedModel(self.decls, cfg.optim, cfg.train.steps, rt.mesh, rt.rules,
+                                    params_lib.DTYPES[cfg.model.param_dtype])
+        self.data = self.make_data()
+        self.fields = self.batch_fields()
+        self._train_step = make_train_step(self.loss, self.normalizers, self.trained)
+        self._eval_step = jax.jit(self._eval_sums)
+        from jalign.evaluation import GenerationEval
+
+        self.generation_eval = GenerationEval.for_examples(self, self.eval_examples())
+
+    # -- to implement --
+    def declare(self) -> dict:
+        return tfm.declare_params(self.cfg.model, lm_head=self.lm_head, score_outputs=self.score_outputs)
+
+    def make_data(self):
+        raise NotImplementedError
+
+    def batch_fields(self) -> dict:
+        """{batch key: logical axes} of the data's batches (``jalign.data.fields``)."""
+        return self.data.fields
+
+    def loss(self, params, mb: dict, norms: dict, roles) -> tuple[jax.Array, dict]:
+        raise NotImplementedError
+
+    def normalizers(self, batch: dict) -> dict:
+        raise NotImplementedError
+
+    def eval_examples(self) -> list:
+        """(prompt_ids, reference answer) of held-out examples for the generation-based evaluation."""
+        return self.data.eval_examples() if hasattr(self.data, "eval_examples") else []
+
+    # -- protocol --
+    def init_state(self, roles):
+        params = initial_policy_params(self.rt, self.decls, allow_fresh=self.allow_fresh)
+        return self.trained.new_state(params, state_rng(self.cfg.train.seed))
+
+    def abstract_state(self):
+        return self.trained.abstract_state()
+
+    def train_batches(self):
+        return self.data.train_iterator()
+
+    def global_batch(self, host_batch: dict, accum: Optional[int] = None) -> dict:
+        return to_global_batch(host_batch, self.fields, self.rt.mesh, self.rt.rules,
+                               self.accum if accum is None else accum)
+
+    def prepare_batch(self, host_batch: dict, split: str) -> dict:
+        """Host-side additions to a batch before placement (precomputed columns)."""
+        return host_batch
+
+    def step_inputs(self, roles) -> dict:
+        return roles.on_device(self.step_roles) if self.step_roles else {}
+
+    def step(self, state, roles, batch):
+        return self._train_step(state, self.step_inputs(roles), self.global_batch(self.prepare_batch(batch, "train")))
+
+    def eval_batches(self):
+        if not getattr(self.data, "has_eval", False):
+            return ()
+        return self.data.eval_iterator()
+
+    def _eval_sums(self, params, roles, batch):
+        mb = jax.tree.map(lambda x: x[0], batch)  # drop the accumulation axis
+        norms = self.normalizers(batch)
+        _, metrics = self.loss(params, mb, {k: jnp.ones_like(v) for k, v in norms.items()}, roles)
+        default = next(iter(norms))
+        out = {}
+        for k, v in metrics.items():
+            count = 1.0 if k in self.total_metrics else norms[self.metric_counts.get(k, default)]
+            out[k] = (v, jnp.asarray(count, jnp.float32))
+        return out
+
+    def eval_sums(self, state, roles, batch):
+        return self._eval_step(state.params, self.step_inputs(roles),
+                               self.global_batch(self.prepare_batch(batch, "eval"), accum=1))
+
+    def data_counts(self):
+        return getattr(self.data, "counts", {})

@@ -1,59 +1,51 @@
 """Reward models: trunk + linear score head read at the last valid token.
 
-* Pairwise (``loss: bt | bt_margin | bt_scaled``): chosen and rejected rows go through the model in
-  one forward pass (stacked on the batch axis, ``[b, 2, T] -> [2b, T]``, which keeps every row on the
-  device that holds its pair), one scalar per sequence, Bradley-Terry family losses over valid pairs.
-  ``bt_margin`` uses ``m = margin_scale * (R_c - R_r)`` and ``bt_scaled`` ``s = margin_scale * (R_c - R_r)``
-  with the data's ``chosen_reward`` / ``rejected_reward`` (1 / 0 when absent).
-* Regression (``loss: regression``, data ``{"prompt", "response", "attributes": {...}}``): one output
-  per attribute (``num_attributes``), masked MSE (SteerLM / HelpSteer2 / NeMo-Aligner style).
+* Pairwise (``loss: bt | bt_margin | bt_scaled``): chosen and rejected rows go through the model in one
+  forward pass (stacked on the batch axis, ``[b, 2, T] -> [2b, T]``, which keeps every row on the device that
+  holds its pair), one scalar per sequence, Bradley-Terry family losses over valid pairs. ``bt_margin`` uses
+  ``m = margin_scale * (R_c - R_r)`` and ``bt_scaled`` ``s = margin_scale * (R_c - R_r)`` with the data's
+  ``chosen_reward`` / ``rejected_reward`` (1 / 0 when absent).
+* Regression (``loss: regression``, data ``{"prompt", "response", "attributes": {...}}``): one output per
+  attribute (``num_attributes``), masked MSE (SteerLM / HelpSteer2 / NeMo-Aligner style).
 
-The model starts from ``model.init_from`` / ``model.hf_path`` (trunk copied, head freshly initialised).
-``reward_scores`` is the pure scoring function other algorithms (PPO) call.
+The model starts from the policy's source (``model.init_from`` / ``model.hf_path``): trunk copied, the score
+head (which an SFT policy lacks) freshly initialised.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jalign.algorithms import base
+from jalign.algorithms.base import SupervisedAlgorithm
+from jalign.algorithms.registry import register
+from jalign.config import ConfigError
+from jalign.data import fields
 from jalign.data.preference import PairData, ScoredData
 from jalign.losses import bt_loss, bt_margin_loss, bt_scaled_loss, regression_loss
 from jalign.losses.ops import safe_divide
 from jalign.models import transformer as tfm
+from jalign.models.heads import sequence_scores
 
 PAIR_LOSSES = ("bt", "bt_margin", "bt_scaled")
+PAIR_LOSS_FNS = {"bt": bt_loss, "bt_margin": bt_margin_loss, "bt_scaled": bt_scaled_loss}
 
 
-# ---- pure helpers (shared with DPO / PPO) -------------------------------------------------------
-def last_valid_index(segment_ids: jax.Array) -> jax.Array:
-    """[B, T] -> [B] index of the last position with ``segment_ids > 0`` (0 for an all-padding row)."""
-    T = segment_ids.shape[-1]
-    pos = jnp.arange(T, dtype=jnp.int32)
-    return jnp.max(jnp.where(segment_ids > 0, pos, 0), axis=-1)
+@dataclass
+class RewardConfig:
+    name: str = "reward"
+    loss: Literal["bt", "bt_margin", "bt_scaled", "regression"] = "bt"
+    num_attributes: int = 1
+    margin_scale: float = 1.0  # bt_margin: m = scale * (R_c - R_r); bt_scaled: s = scale * (R_c - R_r) (data rewards)
 
 
-def reward_scores(params, tokens, positions, segment_ids, cfg) -> jax.Array:
-    """[B, A] float32 scores of each row, read at its last valid token (``segment_ids > 0``).
-
-    Rows hold one sequence each (prompt + response, the final EOS included), right-padded. The read
-    is a one-hot reduction over the sequence axis, so a sequence-sharded hidden state is never gathered.
-    """
-    hidden = tfm.forward(params, tokens, positions, segment_ids, cfg)
-    scores = tfm.score_head(params, hidden)  # [B, T, A]
-    last = last_valid_index(segment_ids)
-    pick = (jnp.arange(tokens.shape[-1], dtype=jnp.int32)[None, :] == last[:, None]).astype(scores.dtype)
-    return jnp.einsum("bta,bt->ba", scores, pick)
-
-
-def stack_pairs(mb: dict, fields) -> dict:
+# ---- pure helpers (shared with DPO) -------------------------------------------------------------
+def stack_pairs(mb: dict, names) -> dict:
     """``{f: [b, 2, ...] -> [2b, ...]}`` from ``chosen_f`` / ``rejected_f``: rows 2i / 2i+1 are pair i."""
     out = {}
-    for f in fields:
+    for f in names:
         c, r = mb[f"chosen_{f}"], mb[f"rejected_{f}"]
         out[f] = jnp.stack([c, r], axis=1).reshape((2 * c.shape[0],) + c.shape[1:])
     return out
@@ -71,183 +63,106 @@ def pair_valid(batch: dict, mask_field: str = "loss_mask") -> jax.Array:
     return batch["valid"] * has("chosen") * has("rejected")
 
 
-def start_report(algo, state, writer) -> dict:
-    """At the start of a run: log the data counts (examples / truncated / dropped) of the train split at
-    step 0, and on a fresh run (step 0) evaluate the starting model, so "before" numbers are in the log."""
-    out = {}
-    for spec, counts in algo.data.counts.items():
-        split = "train" if spec == algo.rt.cfg.data.train else "eval"
-        out.update({f"data/{split}_{k}": float(v) for k, v in counts.items()})
-    writer.write(int(jax.device_get(state["step"])), out)
-    if int(jax.device_get(state["step"])) == 0 and algo.rt.cfg.train.eval_every:
-        ev = algo.evaluate(state)
-        writer.write(0, ev, prefix="eval/")
-        writer.message("step 0: " + ", ".join(f"eval/{k}={v:.4g}" for k, v in ev.items()))
-        out.update({f"eval/{k}": v for k, v in ev.items()})
-    return out
-
-
 # ---- the algorithm ------------------------------------------------------------------------------
-@base.register("reward")
-class RewardModel(base.TrainedOnData):
-    def __init__(self, rt: base.Runtime):
-        cfg, a = rt.cfg, rt.cfg.algorithm
+@register("reward", config=RewardConfig)
+class RewardModel(SupervisedAlgorithm):
+    lm_head = False
+    allow_fresh = ("score", "score_bias")
+
+    def __init__(self, rt):
+        a = rt.cfg.algorithm
         self.pairwise = a.loss in PAIR_LOSSES
         if self.pairwise and a.num_attributes != 1:
-            raise ValueError(f"algorithm.loss={a.loss} trains one scalar reward: set algorithm.num_attributes=1 "
-                             f"(got {a.num_attributes}); multi-attribute models use loss: regression")
-        self.setup_training(rt, tfm.declare_params(cfg.model, lm_head=False, score_outputs=a.num_attributes))
-        loss_fn = self.pair_loss_fn if self.pairwise else self.regression_loss_fn
-        norms = self.pair_normalizers if self.pairwise else self.regression_normalizers
-        self._train_step = base.make_train_step(loss_fn, norms, self.optimizer, self.schedule, self.shardings,
-                                                rt.mesh)
-        self._eval_step = jax.jit(self._eval_sums)
+            raise ConfigError(f"algorithm.loss={a.loss} trains one scalar reward: set algorithm.num_attributes=1 "
+                              f"(got {a.num_attributes}); multi-attribute models use loss: regression")
+        super().__init__(rt)
+
+    def declare(self):
+        return tfm.declare_params(self.cfg.model, lm_head=False, score_outputs=self.a.num_attributes)
+
+    def make_data(self):
         if self.pairwise:
-            self.data = PairData(cfg, self.tokenizer, mode="score", log=rt.log)
-        else:
-            self.data = ScoredData(cfg, self.tokenizer, num_attributes=a.num_attributes, log=rt.log)
+            return PairData(self.cfg, self.tokenizer, mode="score", log=self.rt.log)
+        return ScoredData(self.cfg, self.tokenizer, num_attributes=self.a.num_attributes, log=self.rt.log)
+
+    def batch_fields(self):
+        return fields.pair_fields("score") if self.pairwise else fields.scored_fields(self.a.num_attributes)
+
+    def eval_examples(self):
+        return []  # a reward model does not generate
 
     # -- math --
-    def _pair_rewards(self, params, mb):
-        both = stack_pairs(mb, ("tokens", "positions", "segment_ids"))
-        r = reward_scores(params, both["tokens"], both["positions"], both["segment_ids"], self.rt.cfg.model)
-        return unstack_pairs(r[:, 0])
+    def loss(self, params, mb, norms, roles):
+        return self._pair_loss(params, mb, norms) if self.pairwise else self._regression_loss(params, mb, norms)
 
-    def pair_loss_fn(self, params, mb, norms, frozen):
-        a = self.rt.cfg.algorithm
-        r_c, r_r = self._pair_rewards(params, mb)
+    def normalizers(self, batch):
+        if self.pairwise:
+            return {"num_pairs": jnp.sum(pair_valid(batch))}
+        _, mask = self._attr(batch)
+        return {"num_values": jnp.sum(mask), "num_values_per_attr": jnp.sum(mask, axis=tuple(range(mask.ndim - 1)))}
+
+    def _pair_loss(self, params, mb, norms):
+        a = self.a
+        both = stack_pairs(mb, ("tokens", "positions", "segment_ids"))
+        r = sequence_scores(params, both["tokens"], both["positions"], both["segment_ids"], self.cfg.model)
+        r_c, r_r = unstack_pairs(r[:, 0])
         v, n = pair_valid(mb), norms["num_pairs"]
-        strength = a.margin_scale * (mb["chosen_reward"] - mb["rejected_reward"])
+        fn = PAIR_LOSS_FNS[a.loss]
         if a.loss == "bt":
-            loss, m = bt_loss(r_c, r_r, v, n)
-        elif a.loss == "bt_margin":
-            loss, m = bt_margin_loss(r_c, r_r, strength, v, n)
+            loss, m = fn(r_c, r_r, v, n)
         else:
-            loss, m = bt_scaled_loss(r_c, r_r, strength, v, n)
+            loss, m = fn(r_c, r_r, a.margin_scale * (mb["chosen_reward"] - mb["rejected_reward"]), v, n)
         rc, rr = jnp.where(v > 0, r_c, 0.0), jnp.where(v > 0, r_r, 0.0)
         m["reward_sq_mean"] = safe_divide(jnp.sum(v * (rc * rc + rr * rr)) / 2, n)  # for reward_std
         m["num_tokens"] = jnp.sum(v[:, None] * (mb["chosen_loss_mask"] + mb["rejected_loss_mask"]))
         return loss, m
 
-    @staticmethod
-    def pair_normalizers(batch):
-        return {"num_pairs": jnp.sum(pair_valid(batch))}
-
     def _attr(self, mb):
-        A = self.rt.cfg.algorithm.num_attributes
+        A = self.a.num_attributes
         target = jnp.stack([mb[f"attr_value_{i}"] for i in range(A)], axis=-1)
         mask = jnp.stack([mb[f"attr_mask_{i}"] for i in range(A)], axis=-1) * mb["valid"][..., None]
         return target, mask
 
-    def regression_loss_fn(self, params, mb, norms, frozen):
-        pred = reward_scores(params, mb["tokens"], mb["positions"], mb["segment_ids"], self.rt.cfg.model)
+    def _regression_loss(self, params, mb, norms):
+        pred = sequence_scores(params, mb["tokens"], mb["positions"], mb["segment_ids"], self.cfg.model)
         target, mask = self._attr(mb)
         loss, m = regression_loss(pred, target, mask, norms["num_values"], norms["num_values_per_attr"])
         m["num_tokens"] = jnp.sum(mb["valid"][:, None] * mb["loss_mask"])
         return loss, m
 
-    def regression_normalizers(self, batch):
-        _, mask = self._attr(batch)
-        return {"num_values": jnp.sum(mask), "num_values_per_attr": jnp.sum(mask, axis=tuple(range(mask.ndim - 1)))}
+    # -- metrics --
+    def step(self, state, roles, batch):
+        state, m = super().step(state, roles, batch)
+        return state, with_std(m)
 
-    def _eval_sums(self, params, batch):
-        """Per-batch *sums* (losses called with unit divisors), divided by the counts on the host."""
+    def _eval_sums(self, params, roles, batch):
+        if self.pairwise:
+            return super()._eval_sums(params, roles, batch)
         mb = jax.tree.map(lambda x: x[0], batch)
-        if self.pairwise:
-            _, m = self.pair_loss_fn(params, mb, {"num_pairs": 1.0}, None)
-            return m
-        A = self.rt.cfg.algorithm.num_attributes
-        _, m = self.regression_loss_fn(params, mb, {"num_values": 1.0, "num_values_per_attr": jnp.ones(A)}, None)
-        _, mask = self._attr(mb)
-        m["per_attr_count"] = jnp.sum(mask, axis=0)
-        return m
-
-    @staticmethod
-    def _with_std(m: dict) -> dict:
-        m = dict(m)
-        if "reward_sq_mean" in m:
-            mean = (m["reward_chosen_mean"] + m["reward_rejected_mean"]) / 2
-            m["reward_std"] = jnp.sqrt(jnp.maximum(m.pop("reward_sq_mean") - mean * mean, 0.0))
-        return m
-
-    # -- protocol (init, abstract_state, batches: base.TrainedOnData) --
-    def step(self, state, batch):
-        state, m = self._train_step(state, self.global_batch(batch), None)
-        return state, self._with_std(m)
-
-    def on_start(self, state, writer) -> dict:
-        return start_report(self, state, writer)
-
-    def evaluate(self, state) -> dict:
-        if not self.data.has_eval:
-            return {}
-        sums: dict = {}
-        for i, batch in enumerate(self.data.eval_iterator()):
-            if i >= self.rt.cfg.train.eval_batches:
-                break
-            m = self._eval_step(state["params"], self.global_batch(batch, accum=1))
-            for k, v in jax.device_get(m).items():
-                sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64)
-        if self.pairwise:
-            n = max(float(sums["num_pairs"]), 1.0)
-            out = {k: float(sums[k]) / n for k in ("loss", "accuracy", "reward_chosen_mean", "reward_rejected_mean",
-                                                   "margin_mean", "reward_sq_mean")}
-            out = {k: float(v) for k, v in self._with_std(out).items()}
-            out["num_pairs"] = float(sums["num_pairs"])
-            return out
-        n = max(float(sums["num_values"]), 1.0)
-        out = {"loss": float(sums["loss"]) / n, "mae": float(sums["mae"]) / n}
-        counts = np.maximum(sums["per_attr_count"], 1.0)
-        for a, name in enumerate(self.data.attribute_names):
-            out[f"mae_{name}"] = float(sums[f"mae_attr_{a}"]) / float(counts[a])
+        norms = self.normalizers(batch)
+        A = self.a.num_attributes
+        _, m = self._regression_loss(params, mb, {"num_values": 1.0, "num_values_per_attr": jnp.ones(A)})
+        out = {"loss": (m["loss"], norms["num_values"]), "mae": (m["mae"], norms["num_values"])}
+        for i, name in enumerate(self.data.attribute_names):
+            out[f"mae_{name}"] = (m[f"mae_attr_{i}"], norms["num_values_per_attr"][i])
         return out
 
-    def export(self, state, out_dir: str) -> None:
-        export_reward_model(state["params"], self.rt.cfg.model, out_dir, self.rt.cfg.algorithm,
+    def eval_finish(self, means):
+        means = {k: v for k, v in means.items() if k not in ("num_tokens",)}
+        return {k: float(v) for k, v in with_std(means).items()}
+
+    def export(self, state, roles, out_dir):
+        from jalign.models.hf_heads import export_reward_model
+
+        export_reward_model(state.params, self.cfg.model, out_dir, self.a,
                             attribute_names=getattr(self.data, "attribute_names", None) or ["reward"],
-                            tokenizer_dir=self.data.tokenizer_dir(), pad_id=self.tokenizer.pad_id)
+                            tokenizer_dir=self.tokenizer_dir(), pad_id=self.tokenizer.pad_id)
 
 
-def export_reward_model(params, cfg, out_dir, algo_cfg, *, attribute_names, tokenizer_dir=None, pad_id=0) -> str:
-    """A Hugging Face ``LlamaForSequenceClassification``-style directory.
-
-    The trunk is written by ``hf_io.save_hf``; the head becomes ``score.weight`` [num_labels, hidden]
-    in its own ``score.safetensors`` shard (added to the index); config.json gets
-    ``architectures: [<Family>ForSequenceClassification]``, ``num_labels``, ``id2label`` and
-    ``pad_token_id``. HF's head has no bias, so ``score_bias`` (zero for Bradley-Terry training, where
-    it gets no gradient) is kept in ``reward_head.json`` with the loss, the attribute names and
-    the read-out rule.
-    """
-    import dataclasses
-
-    from jalign.models.hf_io import _write_header, save_hf
-
-    trunk = {k: v for k, v in params.items() if k not in ("score", "score_bias", "lm_head")}
-    out_dir = Path(out_dir)
-    # save_hf writes lm_head unless embeddings are tied; the classifier has none.
-    save_hf(trunk, dataclasses.replace(cfg, tie_embeddings=True), out_dir, tokenizer_dir=tokenizer_dir)
-    if jax.process_index() != 0:
-        return str(out_dir)
-    weight = np.ascontiguousarray(np.asarray(jax.device_get(params["score"]), np.float32).T)  # [A, D]
-    bias = np.asarray(jax.device_get(params["score_bias"]), np.float32)
-    with open(out_dir / "score.safetensors", "wb") as f:
-        _write_header(f, [("score.weight", weight.shape, weight.dtype)])
-        f.write(weight.tobytes())
-    index_path = out_dir / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
-    index["weight_map"]["score.weight"] = "score.safetensors"
-    index["metadata"]["total_size"] += weight.nbytes
-    index_path.write_text(json.dumps(index, indent=2))
-    config = json.loads((out_dir / "config.json").read_text())
-    arch = config["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")
-    config.update(architectures=[arch], num_labels=len(attribute_names), tie_word_embeddings=cfg.tie_embeddings,
-                  id2label={str(i): n for i, n in enumerate(attribute_names)},
-                  label2id={n: i for i, n in enumerate(attribute_names)}, pad_token_id=pad_id)
-    if len(attribute_names) > 1:
-        config["problem_type"] = "regression"
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    (out_dir / "reward_head.json").write_text(json.dumps({
-        "loss": algo_cfg.loss, "num_attributes": len(attribute_names), "attributes": list(attribute_names),
-        "score_bias": bias.tolist(), "read_out": "last token with segment_ids > 0 (prompt + response + EOS)",
-    }, indent=2))
-    return str(out_dir)
+def with_std(m: dict) -> dict:
+    """``reward_std`` from the pairwise mean of squares and the two means."""
+    m = dict(m)
+    if "reward_sq_mean" in m:
+        mean = (m["reward_chosen_mean"] + m["reward_rejected_mean"]) / 2
+        m["reward_std"] = jnp.sqrt(jnp.maximum(m.pop("reward_sq_mean") - mean * mean, 0.0))
+    return m
