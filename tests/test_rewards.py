@@ -136,7 +136,8 @@ def test_verifier_is_fast_and_never_evals(monkeypatch):
 def test_rewards_import_no_symbolic_package():
     import subprocess
 
-    code = "import jalign.rewards, sys; bad = [m for m in ('sympy', 'math_verify', 'jax') if m in sys.modules]; assert not bad, bad"
+    code = ("import jalign.rewards, sys; "
+            "bad = [m for m in ('sympy', 'math_verify', 'jax') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -163,8 +164,10 @@ def test_get_reward_by_name_and_path(tmp_path, monkeypatch):
     assert isinstance(get_reward("exact_match"), Reward)
     assert get_reward("exact_match")("2+2=", " 4 ", "4") == 1.0
     f = tmp_path / "my_rewards.py"
-    f.write_text("def starts(prompt, response, reference, *, prefix='#'):\n    return float(response.startswith(prefix))\n"
-                 "def by_unit(prompt, response, reference, *, fields):\n    return float(fields.get('unit', '?') in response)\n"
+    f.write_text("def starts(prompt, response, reference, *, prefix='#'):\n"
+                 "    return float(response.startswith(prefix))\n"
+                 "def by_unit(prompt, response, reference, *, fields):\n"
+                 "    return float(fields.get('unit', '?') in response)\n"
                  "def two_args(prompt, response):\n    return 1.0\n"
                  "NOT_FN = 3\n")
     r = get_reward(f"{f}:starts", {"prefix": "ok"})

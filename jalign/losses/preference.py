@@ -74,8 +74,9 @@ def kto_loss(pi_logps, ref_logps, desirable, kl, valid=None, num_seqs: Optional[
     N = ``num_seqs`` (global valid completions). ``lambda - lambda sigmoid(x) = lambda sigmoid(-x)`` is what
     is computed (stable for any |x|).
 
-    Metrics: ``loss``, ``kl`` (z0), ``rewards_desirable`` / ``rewards_undesirable`` (sum of beta r_i over that
-    label / N), ``desirable_fraction``, ``accuracy`` (1[r_i > z0] on desirable, 1[r_i < z0] on undesirable);
+    Metrics: ``loss``, ``kl`` (z0, weighted by this batch's share of N so that it sums to z0),
+    ``rewards_desirable`` / ``rewards_undesirable`` (sum of beta r_i over that label / N),
+    ``desirable_fraction``, ``accuracy`` (1[r_i > z0] on desirable, 1[r_i < z0] on undesirable);
     ``num_seqs`` (local).
     """
     pi, ref = (jnp.asarray(x, jnp.float32) for x in (pi_logps, ref_logps))
@@ -89,7 +90,7 @@ def kto_loss(pi_logps, ref_logps, desirable, kl, valid=None, num_seqs: Optional[
     df = d.astype(jnp.float32)
     metrics = {
         "loss": loss,
-        "kl": z0,
+        "kl": z0 * safe_divide(jnp.sum(v), n),  # z0 as a contribution: sums to z0 over the micro-batches
         "rewards_desirable": safe_divide(_wsum(beta * r * df, v), n),
         "rewards_undesirable": safe_divide(_wsum(beta * r * (1.0 - df), v), n),
         "desirable_fraction": safe_divide(_wsum(df, v), n),
