@@ -162,6 +162,28 @@ def test_generalized_jsd_vs_numpy(rng, beta):
     assert finite_tree(big)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_padded_vocabulary_with_minus_inf_logits(rng, beta):
+    """Ids masked with -inf logits on both sides (vocabulary padding) contribute nothing and no NaN."""
+    hs, Ws = _model(rng, V=36)
+    ht, Wt = _model(rng, V=36, scale=3.0)
+    mask = _mask(rng, *hs.shape[:2])
+    pad = np.zeros(36, np.float32)
+    pad[32:] = -np.inf
+    zs, zt = hs @ Ws + pad, ht @ Wt + pad
+    per = _np_jsd((hs @ Ws)[..., :32], (ht @ Wt)[..., :32], beta, 1.0)
+    f = lambda z: jnp.sum(jnp.where(mask > 0, L.token_generalized_jsd(z, zt, beta=beta), 0.0))
+    close(f(zs), per[mask > 0].sum(), rtol=1e-4)
+    g = jax.grad(f)(zs)
+    assert finite_tree(g) and np.all(np.asarray(g)[..., 32:] == 0)
+    # top-k KD over all ids including the padding == the real-vocabulary KL
+    s_lp = jax.nn.log_softmax(zs, -1)
+    t_lp = jax.nn.log_softmax(zt, -1)
+    kd = lambda s: L.kd_topk_loss(s, t_lp, mask)[0]
+    close(kd(s_lp), _np_jsd((hs @ Ws)[..., :32], (ht @ Wt)[..., :32], 0.0, 1.0)[mask > 0].mean(), rtol=1e-4)
+    assert finite_tree(jax.grad(kd)(s_lp))
+
+
 def test_reverse_kl_distill_loss(rng):
     B, T = 4, 6
     s = -rng.random((B, T)).astype(np.float32) * 3

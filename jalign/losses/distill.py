@@ -19,6 +19,11 @@ import jax.numpy as jnp
 
 from jalign.losses.ops import _valid_and_count, _wsum, safe_divide
 
+# Log-probs are floored here before the KL sums: a token of probability 0 on both sides (e.g. vocabulary
+# padding masked with -inf logits) then contributes 0 * finite = 0 in the forward *and* backward pass,
+# instead of 0 * inf = NaN. exp(-1e4) is 0 in float32, so the floor changes no finite divergence.
+_LOG_FLOOR = -1e4
+
 
 # ----------------------------------------------------------------------------- chunking over positions
 def _chunked(fn, arrays, chunk_size: int):
@@ -116,8 +121,8 @@ def _topk_terms(student_logps, teacher_logps, mask, num_tokens, temperature):
     valid = (m > 0)[..., None]
     s = jnp.where(valid, s, 0.0)  # padded positions: finite garbage-free values before any arithmetic
     t = jnp.where(valid, jax.lax.stop_gradient(t), 0.0)
-    log_q = jax.nn.log_softmax(s / temperature, axis=-1)
-    log_p = jax.nn.log_softmax(t / temperature, axis=-1)
+    log_q = jnp.maximum(jax.nn.log_softmax(s / temperature, axis=-1), _LOG_FLOOR)
+    log_p = jnp.maximum(jax.nn.log_softmax(t / temperature, axis=-1), _LOG_FLOOR)
     metrics = {
         # probability mass of the k ids before renormalisation (when the inputs are full-vocab log-probs)
         "teacher_topk_mass": safe_divide(_wsum(jnp.exp(jax.nn.logsumexp(t, axis=-1)), m), n),
@@ -179,9 +184,10 @@ def token_generalized_jsd(student_logits, teacher_logits, *, beta: float, temper
     JSD_beta / (1 - beta) tend to). The teacher is a constant. Reductions over the last axis only, so a
     vocabulary-sharded input is reduced in place.
     """
-    log_s = jax.nn.log_softmax(jnp.asarray(student_logits, jnp.float32) / temperature, axis=-1)
-    log_t = jax.lax.stop_gradient(jax.nn.log_softmax(jnp.asarray(teacher_logits, jnp.float32) / temperature,
-                                                     axis=-1))
+    log_s = jnp.maximum(jax.nn.log_softmax(jnp.asarray(student_logits, jnp.float32) / temperature, axis=-1),
+                        _LOG_FLOOR)
+    log_t = jax.lax.stop_gradient(jnp.maximum(
+        jax.nn.log_softmax(jnp.asarray(teacher_logits, jnp.float32) / temperature, axis=-1), _LOG_FLOOR))
     if beta == 0.0:
         return jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1)
     if beta == 1.0:
