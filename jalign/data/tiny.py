@@ -169,6 +169,7 @@ BUILTIN = {  # name -> (generator, data kinds it can serve)
     "addition_sloppy": (addition_sloppy, ("sft",)),
     "addition_pairs": (preference_pairs, ("preference",)),
     "addition_prompts": (addition_prompts, ("prompt",)),
+    **__import__("jalign.data.tiny_math", fromlist=["BUILTIN"]).BUILTIN,  # math, math_sloppy, math_pairs, math_prompts
 }
 
 
