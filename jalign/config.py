@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,9 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the file:line (or override) and the key."""
+from jalign.errors import ConfigError  # noqa: F401  (re-exported: jalign.config.ConfigError)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -88,7 +87,9 @@ class DataConfig:
     seq_len: int = 64
     packing: bool = True
     overlong: Literal["truncate", "drop"] = "truncate"
-    chat_template: str = "tiny"  # "tiny", "none", "hf" (from the tokenizer's config) or a jinja file
+    # "auto" (the tokenizer's own template if it has one, "tiny" for the byte tokenizer, else "none"),
+    # "tiny", "none", "hf" (from the tokenizer's config) or a jinja file; see jalign.data.chat
+    chat_template: str = "auto"
     shuffle: bool = True
     seed: int = 0
     skip_bad_lines: bool = False
@@ -279,13 +280,25 @@ class Config:
 # --------------------------------------------------------------------------------------------------
 # YAML with line numbers
 # --------------------------------------------------------------------------------------------------
+class _DuplicateKey(Exception):
+    """A mapping sets one key twice: (dotted key, first line, second line)."""
+
+
 def _node_to_python(node: yaml.Node, path: tuple, lines: dict, loader: yaml.SafeLoader):
     lines.setdefault(path, node.start_mark.line + 1)  # a key's own line wins over its value's
     if isinstance(node, yaml.MappingNode):
         out = {}
         for key_node, value_node in node.value:
             key = loader.construct_object(key_node)
-            lines[path + (key,)] = key_node.start_mark.line + 1
+            line = key_node.start_mark.line + 1
+            try:
+                seen = key in out
+            except TypeError:  # an unhashable key such as [a, b]
+                raise yaml.constructor.ConstructorError(None, None, f"unhashable key {key!r}",
+                                                        key_node.start_mark) from None
+            if seen:  # plain PyYAML lets the last one win silently
+                raise _DuplicateKey(".".join(map(str, path + (key,))), lines[path + (key,)], line)
+            lines[path + (key,)] = line
             out[key] = _node_to_python(value_node, path + (key,), lines, loader)
         return out
     if isinstance(node, yaml.SequenceNode):
@@ -294,12 +307,17 @@ def _node_to_python(node: yaml.Node, path: tuple, lines: dict, loader: yaml.Safe
 
 
 def load_yaml_with_lines(path: str | Path) -> tuple[dict, dict]:
-    """Safe-load a YAML mapping, returning (data, {key_path_tuple: line_number})."""
+    """Safe-load a YAML mapping, returning (data, {key_path_tuple: line_number}).
+
+    A key (or section) given twice in one mapping is an error naming both lines.
+    """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text (UTF-8) file: {e}") from None
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -307,10 +325,15 @@ def load_yaml_with_lines(path: str | Path) -> tuple[dict, dict]:
             return {}, {}
         lines: dict = {}
         data = _node_to_python(node, (), lines, loader)
+    except _DuplicateKey as e:
+        key, first, second = e.args
+        what = "section" if "." not in key else "key"
+        raise ConfigError(f"{path}:{second}: {key}: duplicate {what} (already set at line {first}); "
+                          "remove one of them") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
     finally:
         loader.dispose()
     if not isinstance(data, dict):
@@ -329,8 +352,13 @@ class _Where:
 
     def __call__(self, path: tuple) -> str:
         dotted = ".".join(str(p) for p in path)
-        if path in self.overrides:
-            return f"override '{self.overrides[path]}': {dotted}"
+        for n in range(len(path), 0, -1):  # the override that set this value, or a section holding it
+            if path[:n] in self.overrides:
+                return f"override '{self.overrides[path[:n]]}': {dotted}"
+        if path not in self.lines:  # a section or key only an override created (e.g. 'modle.hidden=8')
+            below = [text for key, text in self.overrides.items() if key[:len(path)] == path]
+            if below:
+                return f"override '{below[-1]}': {dotted}"
         for n in range(len(path), 0, -1):
             if path[:n] in self.lines:
                 return f"{self.file}:{self.lines[path[:n]]}: {dotted}"
@@ -492,30 +520,157 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) ->
 # --------------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Range:
+    """An interval of allowed values for a numeric key (``None`` ends are unbounded)."""
+
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    lo_open: bool = False
+    hi_open: bool = False
+    hint: str = ""
+
+    def holds(self, v) -> bool:
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+
+    def describe(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+    def with_hint(self, hint: str) -> "_Range":
+        return dataclasses.replace(self, hint=hint)
+
+
+_POSITIVE = _Range(0, lo_open=True)
+_NON_NEGATIVE = _Range(0)
+_AT_LEAST_1 = _Range(1)
+_FRACTION = _Range(0, 1)
+_BETA = _Range(0, 1, hi_open=True)
+_PROBABILITY = _Range(0, 1, lo_open=True)
+_SEED = _Range(0, 2**32 - 1, hint="numpy and grain take seeds in [0, 2**32)")
+
+# Allowed ranges of the numeric keys, per schema class *name* (so algorithm configs defined in other
+# modules can be listed here, and subclasses inherit their base's entries). Every float key must also
+# be finite. Optional keys are only checked when set.
+_VALUE_RANGES: dict[str, dict[str, _Range]] = {
+    "RopeScalingConfig": {"factor": _POSITIVE, "low_freq_factor": _POSITIVE, "high_freq_factor": _POSITIVE,
+                          "original_max_position_embeddings": _AT_LEAST_1},
+    "ModelConfig": {"vocab_size": _AT_LEAST_1, "hidden": _AT_LEAST_1, "mlp": _AT_LEAST_1, "layers": _AT_LEAST_1,
+                    "heads": _AT_LEAST_1, "kv_heads": _AT_LEAST_1, "head_dim": _AT_LEAST_1,
+                    "rope_theta": _POSITIVE, "norm_eps": _POSITIVE, "init_std": _POSITIVE,
+                    "max_seq_len": _AT_LEAST_1},
+    "DataConfig": {"seq_len": _Range(2), "seed": _SEED, "max_examples": _AT_LEAST_1},
+    "OptimConfig": {"lr": _POSITIVE, "warmup_steps": _NON_NEGATIVE, "min_lr_ratio": _FRACTION,
+                    "weight_decay": _NON_NEGATIVE, "b1": _BETA, "b2": _BETA, "eps": _POSITIVE,
+                    "grad_clip": _POSITIVE.with_hint("null turns clipping off")},
+    "TrainConfig": {"steps": _AT_LEAST_1, "global_batch": _AT_LEAST_1, "micro_batch": _AT_LEAST_1,
+                    "eval_every": _NON_NEGATIVE.with_hint("0 turns evaluation off"), "eval_batches": _AT_LEAST_1,
+                    "log_every": _AT_LEAST_1,
+                    "checkpoint_every": _NON_NEGATIVE.with_hint("0 checkpoints only at the end"),
+                    "keep_checkpoints": _AT_LEAST_1, "max_nonfinite": _AT_LEAST_1,
+                    "stop_after_steps": _AT_LEAST_1},
+    "DistributedConfig": {"num_processes": _AT_LEAST_1, "process_id": _NON_NEGATIVE,
+                          "local_device_ids": _NON_NEGATIVE, "initialization_timeout": _AT_LEAST_1,
+                          "heartbeat_timeout": _AT_LEAST_1, "shutdown_timeout": _AT_LEAST_1},
+    "SFTConfig": {"eval_generate": _NON_NEGATIVE, "max_new_tokens": _AT_LEAST_1},
+    "RewardConfig": {"num_attributes": _AT_LEAST_1, "margin_scale": _NON_NEGATIVE},
+    "DPOConfig": {"beta": _POSITIVE, "label_smoothing": _Range(0, 0.5, hi_open=True), "eta": _POSITIVE,
+                  "sft_weight": _NON_NEGATIVE, "eval_generate": _NON_NEGATIVE, "max_new_tokens": _AT_LEAST_1},
+    "_RLConfig": {"reward_attribute": _NON_NEGATIVE, "num_rollouts_per_prompt": _AT_LEAST_1,
+                  "max_new_tokens": _AT_LEAST_1, "temperature": _POSITIVE, "top_k": _NON_NEGATIVE.with_hint("0 = off"),
+                  "top_p": _PROBABILITY, "ppo_epochs": _AT_LEAST_1, "minibatch_size": _AT_LEAST_1,
+                  "micro_batch_size": _AT_LEAST_1, "clip_eps": _POSITIVE, "entropy_coef": _NON_NEGATIVE,
+                  "kl_coef": _NON_NEGATIVE, "eval_prompts": _NON_NEGATIVE, "reward_scale": _POSITIVE,
+                  "reward_clip": _POSITIVE.with_hint("null turns clipping off")},
+    "PPOConfig": {"critic_lr": _POSITIVE, "kl_target": _POSITIVE, "kl_horizon": _POSITIVE, "gamma": _FRACTION,
+                  "lam": _FRACTION, "value_clip": _POSITIVE},
+}
+_MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+
+
+def _ranges_for(cls) -> dict[str, _Range]:
+    out: dict[str, _Range] = {}
+    for klass in reversed(cls.__mro__):  # a subclass's entries override its base's
+        out.update(_VALUE_RANGES.get(klass.__name__, {}))
+    return out
+
+
+def _check_number(value, rng: Optional[_Range], path: tuple, where: "_Where") -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where(path)}: must be a finite number, got {value}")
+    if rng is not None and not rng.holds(value):
+        hint = f" ({rng.hint})" if rng.hint else ""
+        raise ConfigError(f"{where(path)}: must be {rng.describe()}, got {value!r}{hint}")
+
+
+def validate_values(obj, path: tuple, where: "_Where") -> None:
+    """Every numeric key of a schema instance (recursively) against ``_VALUE_RANGES``; floats finite."""
+    ranges = _ranges_for(type(obj))
+    for f in dataclasses.fields(obj):
+        value, sub = getattr(obj, f.name), path + (f.name,)
+        if dataclasses.is_dataclass(value):
+            validate_values(value, sub, where)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                _check_number(v, ranges.get(f.name), sub + (i,), where)
+        elif value is not None:
+            _check_number(value, ranges.get(f.name), sub, where)
+
+
+def _validate_rules(rules: dict, where: "_Where") -> None:
+    for name, axes in rules.items():
+        flat = [] if axes is None else (list(axes) if isinstance(axes, list) else [axes])
+        for a in flat:
+            if a not in _MESH_AXES:
+                close = difflib.get_close_matches(str(a), _MESH_AXES, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"{where(('mesh', 'rules', name))}: unknown mesh axis {a!r}{hint} "
+                                  f"(mesh axes: {', '.join(_MESH_AXES)}, or null)")
+        if len(set(flat)) != len(flat):
+            raise ConfigError(f"{where(('mesh', 'rules', name))}: a mesh axis is listed twice in {axes!r}")
+
+
 def validate_static(cfg: Config, where: Optional[_Where] = None) -> None:
-    """Checks that need no device information."""
+    """Checks that need no device information: value ranges of every key, then their combinations."""
     where = where or _Where(cfg.source, {}, {})
+    for section in ("model", "mesh", "data", "optim", "train", "distributed", "algorithm"):
+        if dataclasses.is_dataclass(getattr(cfg, section)):
+            validate_values(getattr(cfg, section), (section,), where)
     m = cfg.model
     if m.hidden % m.heads and m.head_dim is None:
         raise ConfigError(f"{where(('model', 'heads'))}: hidden={m.hidden} is not divisible by heads={m.heads}; set model.head_dim")
     if m.heads % m.kv_heads:
         raise ConfigError(f"{where(('model', 'kv_heads'))}: heads={m.heads} is not divisible by kv_heads={m.kv_heads}")
-    for key in ("data", "fsdp", "tensor", "sequence"):
+    r = m.rope_scaling
+    if r is not None and r.type == "llama3" and r.high_freq_factor <= r.low_freq_factor:
+        raise ConfigError(f"{where(('model', 'rope_scaling', 'high_freq_factor'))}: must be greater than "
+                          f"low_freq_factor={r.low_freq_factor} (llama3 scaling interpolates between them), "
+                          f"got {r.high_freq_factor}")
+    if m.hf_path is None and cfg.data.seq_len > m.max_seq_len:  # with hf_path, checked once config.json is read
+        raise ConfigError(f"{where(('data', 'seq_len'))}: {cfg.data.seq_len} exceeds model.max_seq_len="
+                          f"{m.max_seq_len}")
+    for key in _MESH_AXES:
         v = getattr(cfg.mesh, key)
         if v == 0 or v < -1:
             raise ConfigError(f"{where(('mesh', key))}: must be a positive size or -1, got {v}")
-    if sum(getattr(cfg.mesh, k) == -1 for k in ("data", "fsdp", "tensor", "sequence")) > 1:
+    if sum(getattr(cfg.mesh, k) == -1 for k in _MESH_AXES) > 1:
         raise ConfigError(f"{where(('mesh',))}: at most one mesh axis may be -1")
+    _validate_rules(cfg.mesh.rules, where)
     t = cfg.train
     mb = t.micro_batch or t.global_batch
-    if t.global_batch <= 0 or mb <= 0:
-        raise ConfigError(f"{where(('train', 'global_batch'))}: batch sizes must be positive")
     if t.global_batch % mb:
         raise ConfigError(
             f"{where(('train', 'micro_batch'))}: global_batch={t.global_batch} is not divisible by micro_batch={mb}"
         )
-    if cfg.data.seq_len < 2:
-        raise ConfigError(f"{where(('data', 'seq_len'))}: must be at least 2")
+    d = cfg.distributed
+    if d.num_processes is not None and d.process_id is not None and d.process_id >= d.num_processes:
+        raise ConfigError(f"{where(('distributed', 'process_id'))}: {d.process_id} is not in "
+                          f"[0, distributed.num_processes={d.num_processes})")
 
 
 def resolve_mesh_shape(mesh: MeshConfig, num_devices: int, where: str = "mesh") -> dict[str, int]:
@@ -556,6 +711,9 @@ def validate_for_devices(cfg: Config, num_devices: int) -> dict[str, int]:
             raise ConfigError(f"{src}: model.{key}={val} is not divisible by mesh.tensor={tp}")
     if m.hidden % sizes["fsdp"]:
         raise ConfigError(f"{src}: model.hidden={m.hidden} is not divisible by mesh.fsdp={sizes['fsdp']}")
+    if cfg.data.seq_len > m.max_seq_len:
+        origin = f" (max_position_embeddings of {m.hf_path}/config.json)" if m.hf_path else ""
+        raise ConfigError(f"{src}: data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}{origin}")
     sp = sizes["sequence"]
     if sp > 1:
         # mesh.sequence > 1 runs ring attention (the model picks it from the mesh); its zigzag layout

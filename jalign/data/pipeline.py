@@ -19,7 +19,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from jalign.data.formats import DataError
 from jalign.data.packing import empty_like, pack, pad_row
+from jalign.errors import ConfigError
 
 
 def _read_options():
@@ -31,7 +33,8 @@ def _read_options():
 
 def _check(records: Sequence, batch_rows_per_process: int, process_index: int, process_count: int):
     if not records:
-        raise ValueError("no examples to iterate over (empty data set, or all were dropped)")
+        raise DataError("no examples to iterate over (an empty data set, or every example was dropped: "
+                        "see data.seq_len and data.overlong)")
     if batch_rows_per_process < 1:
         raise ValueError(f"batch_rows_per_process must be >= 1, got {batch_rows_per_process}")
     if not 0 <= process_index < process_count:
@@ -184,10 +187,16 @@ class _ConfigData:
                              f"{self.process_count} processes")
         self.rows = cfg.train.global_batch // self.process_count
         d = cfg.data
+        from jalign.data.chat import describe_template
+
+        self.log(f"data: {describe_template(d.chat_template, tokenizer)}")
         self.train_examples = self._load(load_source, d.train, d.max_examples)
         self.train_records = self._tokenize(d.train, self.train_examples)
+        self._check_kept("train", d.train, self.train_examples, self.train_records)
         self.eval_examples_raw = self._load(load_source, d.eval, None) if d.eval else []
         self.eval_records = self._tokenize(d.eval, self.eval_examples_raw) if d.eval else []
+        if d.eval:
+            self._check_kept("eval", d.eval, self.eval_examples_raw, self.eval_records)
         self.has_eval = bool(self.eval_records)
         self._eval_batches = None
 
@@ -202,6 +211,16 @@ class _ConfigData:
 
     def _tokenize(self, spec: str, examples: list) -> list:
         raise NotImplementedError
+
+    def _check_kept(self, split: str, spec: str, examples: list, records: list) -> None:
+        """Examples that all vanished in tokenization: name the source and the key that dropped them."""
+        if records or not examples:
+            return
+        d = self.cfg.data
+        why = ("data.overlong=drop drops longer ones" if d.overlong == "drop" else
+               "cut at data.seq_len, none keeps a response token")
+        raise ConfigError(f"data.{split}={spec}: none of its {len(examples)} examples fits data.seq_len="
+                          f"{d.seq_len} ({why}); raise data.seq_len")
 
     def _log_counts(self, spec: str, counts: dict) -> None:
         self.log(f"data: {spec}: {counts['examples']} examples ({counts['truncated']} truncated, "
