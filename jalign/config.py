@@ -536,9 +536,12 @@ class _Range:
         return self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
 
     def describe(self) -> str:
+        def num(x):
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
         if self.hi is None:
-            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
-        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+            return f"{'>' if self.lo_open else '>='} {num(self.lo)}"
+        return f"in {'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
 
     def with_hint(self, hint: str) -> "_Range":
         return dataclasses.replace(self, hint=hint)

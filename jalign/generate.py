@@ -343,6 +343,12 @@ def generate_main(argv: list[str]) -> int:
     eos = sorted(tok.eos_ids)
     pad = tok.pad_id if tok.pad_id is not None else 0
     encoded = [encode_prompt(p, template, tok) for p in prompts]  # template errors before any output
+    longest = max(map(len, encoded))
+    if longest + a.max_new_tokens > cfg.max_seq_len:
+        from jalign.config import ConfigError
+
+        raise ConfigError(f"--max-new-tokens {a.max_new_tokens}: the longest prompt ({longest} tokens) plus the "
+                          f"new tokens exceeds the model's max_seq_len={cfg.max_seq_len}")
     with _output(a.out) as out_f:
         for start in range(0, len(prompts), a.batch_size):
             chunk = prompts[start:start + a.batch_size]

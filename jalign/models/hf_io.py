@@ -295,13 +295,15 @@ def _diagnose_safetensors(path: Path, size: int) -> Optional[str]:
     if spans:
         begin, stop, name, *_ = max(spans, key=lambda t: t[1])
         if stop > available:
-            return (f"truncated: tensor {name} ends at byte {stop:,} of the data but the file holds only "
-                    f"{available:,} bytes of data after the header (an interrupted download or copy?)")
+            return (f"tensor {name} ends at byte {stop:,} of the data but the file holds only {available:,} "
+                    "bytes of data after the header (truncated: an interrupted download or copy?)")
     end, prev = 0, None
     for begin, stop, name, shape, dtype in sorted(spans):
-        if begin < end or stop < begin:
-            other = f" and tensor {prev[2]} {list(prev[:2])}" if prev and begin < end else ""
-            return f"data_offsets {[begin, stop]} of tensor {name}{other} overlap or are out of order"
+        if stop < begin:
+            return f"tensor {name}: data_offsets {[begin, stop]} end before they start"
+        if begin < end:
+            return (f"tensor {name} (data_offsets {[begin, stop]}) overlaps tensor {prev[2]} "
+                    f"(data_offsets {list(prev[:2])})")
         if begin > end:
             return f"a gap of {begin - end:,} bytes before tensor {name}: data_offsets must be contiguous"
         need = math.prod(shape) * _ST_ITEMSIZE.get(dtype, 0)
