@@ -51,6 +51,14 @@ def _set_jax_option(name: str, value) -> None:
         os.environ[name.upper()] = str(value)
 
 
+def _configured_jax_cache_dir(env) -> Optional[str]:
+    """A cache directory jax was already given (its env variable, or set in this process)."""
+    given = env.get("JAX_COMPILATION_CACHE_DIR")
+    if not given and "jax" in sys.modules:
+        given = sys.modules["jax"].config.jax_compilation_cache_dir
+    return given or None
+
+
 def setup_compilation_cache(enabled: bool = True, env=os.environ) -> Optional[str]:
     """Turn XLA's persistent compilation cache on (returns its directory) or off (returns None)."""
     explicit = env.get("JALIGN_COMPILATION_CACHE", "").strip()
@@ -58,9 +66,7 @@ def setup_compilation_cache(enabled: bool = True, env=os.environ) -> Optional[st
         _set_jax_option("jax_enable_compilation_cache", False)
         return None
     if not explicit:
-        given = env.get("JAX_COMPILATION_CACHE_DIR")
-        if not given and "jax" in sys.modules:
-            given = sys.modules["jax"].config.jax_compilation_cache_dir
+        given = _configured_jax_cache_dir(env)
         if given:
             return given
     directory = os.path.expanduser(explicit) if explicit else default_compilation_cache_dir(env)
@@ -103,14 +109,16 @@ def run_command(cmd: str, fn: Callable[[list[str]], int], argv: list[str], debug
         print(f"jalign {cmd}: interrupted", file=sys.stderr)
         return 130
     except OSError as e:
+        error = e
         status, message = (EXIT_BAD_INPUT if e.errno in _INPUT_ERRNOS or e.errno is None else 1), describe_os_error(e)
     except Exception as e:
+        error = e
         status = next((code for cls, code in _user_errors().items() if isinstance(e, cls)), None)
         if status is None:
             raise  # a bug, not the input: keep the traceback
         message = str(e)
     if debug:
-        traceback.print_exc()
+        traceback.print_exception(error)
     print(f"jalign {cmd}: error: {message}", file=sys.stderr)
     return status
 
