@@ -40,7 +40,7 @@ def _check(records: Sequence, batch_rows_per_process: int, process_index: int, p
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if len(records) < process_count:
-        raise ValueError(f"{len(records)} examples cannot be sharded over {process_count} processes")
+        raise DataError(f"{len(records)} examples cannot be sharded over {process_count} processes")
 
 
 def _check_packable(records: Sequence, packing: bool):
@@ -136,7 +136,7 @@ def make_eval_iterator(records: Sequence[dict], *, seq_len: int, batch_rows_per_
     if batch_rows_per_process < 1 or not 0 <= process_index < process_count:
         raise ValueError("bad batch_rows_per_process / process_index / process_count")
     if not records:
-        raise ValueError("no eval examples")
+        raise DataError("no eval examples (an empty eval set, or every example was dropped: see data.seq_len)")
     _check_packable(records, packing)
     bins = packing_bins or batch_rows_per_process
     shards = [_shard_rows(records, seq_len, packing, p, process_count, bins) if (packing or p == process_index)
@@ -183,8 +183,8 @@ class _ConfigData:
         self.cfg, self.tokenizer, self.log = cfg, tokenizer, log
         self.process_index, self.process_count = _process_info(process_index, process_count)
         if cfg.train.global_batch % self.process_count:
-            raise ValueError(f"train.global_batch={cfg.train.global_batch} is not divisible by "
-                             f"{self.process_count} processes")
+            raise ConfigError(f"{cfg.source or '<config>'}: train.global_batch={cfg.train.global_batch} is not "
+                              f"divisible by {self.process_count} processes")
         self.rows = cfg.train.global_batch // self.process_count
         d = cfg.data
         from jalign.data.chat import describe_template

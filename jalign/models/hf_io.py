@@ -76,7 +76,7 @@ def read_hf_config(hf_dir) -> dict:
 
 # the numeric keys model_config_from_hf reads
 _HF_INT_KEYS = ("hidden_size", "num_attention_heads", "vocab_size", "intermediate_size", "num_hidden_layers")
-_HF_OPTIONAL_INT_KEYS = ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+_HF_OPTIONAL_INT_KEYS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
 _HF_FLOAT_KEYS = ("rope_theta", "rms_norm_eps")
 _ROPE_KEYS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
               "linear": ("factor",)}
