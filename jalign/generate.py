@@ -335,9 +335,10 @@ def generate_main(argv: list[str]) -> int:
         return 2
     params, cfg, tok_spec, template = _load_model(a.model, a.seed)
     from jalign.data.chat import describe_template, encode_prompt
-    from jalign.data.tokenizer import load_tokenizer
+    from jalign.data.tokenizer import check_vocab, load_tokenizer
 
     tok = load_tokenizer(tok_spec)
+    check_vocab(cfg.vocab_size, tok, f"--model {a.model}: the model's vocab_size")
     template = a.chat_template or template
     print(f"jalign generate: {describe_template(template, tok)}", file=sys.stderr)
     eos = sorted(tok.eos_ids)

@@ -321,3 +321,14 @@ def test_cli_process_fills_the_cache_dir(tmp_path, hf_model):
                     "--max-new-tokens", "2", "--out", str(tmp_path / "o.jsonl")],
                    env=env, cwd=ROOT, check=True, capture_output=True)
     assert any((tmp_path / "cache" / "jalign" / "xla").iterdir())
+
+
+def test_generate_refuses_a_tokenizer_larger_than_the_model(capsys, tmp_path, hf_model):
+    d = copy(hf_model, tmp_path / "m")
+    cfg = transformers.LlamaConfig(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, eos_token_id=100)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)  # the tokenizer reaches id 252
+    rc, err = run_cli(capsys, "generate", "--model", str(d), "--prompt", "w1")
+    assert rc == 2
+    assert_one_line_error(err, "generate", f"--model {d}: the model's vocab_size: 200 is smaller than the tokenizer's "
+                                           "id range (253 ids")
