@@ -289,7 +289,7 @@ def _node_to_python(node: yaml.Node, path: tuple, lines: dict, loader: yaml.Safe
     if isinstance(node, yaml.MappingNode):
         out = {}
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node)
+            key = loader.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
             try:
                 seen = key in out

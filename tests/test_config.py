@@ -238,3 +238,9 @@ def test_unreadable_config_is_one_message(tmp_path):
     (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(ConfigError, match=r"bin.yaml: not a text \(UTF-8\) file"):
         load_config(tmp_path / "bin.yaml")
+
+
+def test_unhashable_yaml_key(tmp_path):
+    p = _write(tmp_path, "train:\n  ? [a, b]\n  : 3\n")
+    with pytest.raises(ConfigError, match=rf"^{p}:2: invalid YAML: unhashable key \['a', 'b'\]"):
+        load_config(p)

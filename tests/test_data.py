@@ -607,3 +607,10 @@ def test_config_driven_data_logs_the_template_and_refuses_all_dropped(tmp_path):
 def test_empty_records_message_names_the_keys():
     with pytest.raises(DataError, match=r"no examples to iterate over .*see data.seq_len and data.overlong"):
         make_sft_iterator([], seq_len=8, batch_rows_per_process=2, packing=True, shuffle=False, seed=0)
+
+
+def test_binary_chat_template_jinja_names_the_file(tmp_path):
+    d = make_hf_dir(tmp_path / "m", None)
+    (d / "chat_template.jinja").write_bytes(b"\xff\xfe{{ x }}")
+    with pytest.raises(TokenizerError, match=rf"^{d}/chat_template.jinja: not a text \(UTF-8\) file"):
+        load_tokenizer(str(d))
