@@ -375,7 +375,7 @@ def test_huge_header_length_allocates_nothing(hf_dirs, tmp_path):
     _corrupt(d, "huge_header")
     tracemalloc.start()
     with pytest.raises(HFCheckpointError, match="over the format's"):
-        hf_io._open_weights(d)
+        hf_io.open_weights(d)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < 1 << 20  # the 1 TiB header is never read
@@ -389,7 +389,7 @@ def test_every_offset_is_checked_before_reading(hf_dirs, tmp_path):
     header["extra.unused"] = {"dtype": "F32", "shape": [4], "data_offsets": [len(data), len(data) + 16]}
     _write_safetensors(st, header, data)  # 16 bytes short
     with pytest.raises(HFCheckpointError, match=r"tensor extra.unused ends at byte"):
-        hf_io._open_weights(d)
+        hf_io.open_weights(d)
 
 
 def test_pickle_only_checkpoint_is_refused_never_unpickled(hf_dirs, tmp_path):
