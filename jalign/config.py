@@ -17,9 +17,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the file:line (or override) and the key."""
+from jalign.config_values import MESH_AXES, validate_rules, validate_values
+from jalign.errors import ConfigError  # noqa: F401  (re-exported: jalign.config.ConfigError)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -88,7 +87,9 @@ class DataConfig:
     seq_len: int = 64
     packing: bool = True
     overlong: Literal["truncate", "drop"] = "truncate"
-    chat_template: str = "tiny"  # "tiny", "none", "hf" (from the tokenizer's config) or a jinja file
+    # "auto" (the tokenizer's own template if it has one, "tiny" for the byte tokenizer, else "none"),
+    # "tiny", "none", "hf" (from the tokenizer's config) or a jinja file; see jalign.data.chat
+    chat_template: str = "auto"
     shuffle: bool = True
     seed: int = 0
     skip_bad_lines: bool = False
@@ -198,13 +199,25 @@ class Config:
 # --------------------------------------------------------------------------------------------------
 # YAML with line numbers
 # --------------------------------------------------------------------------------------------------
+class _DuplicateKey(Exception):
+    """A mapping sets one key twice: (dotted key, first line, second line)."""
+
+
 def _node_to_python(node: yaml.Node, path: tuple, lines: dict, loader: yaml.SafeLoader):
     lines.setdefault(path, node.start_mark.line + 1)  # a key's own line wins over its value's
     if isinstance(node, yaml.MappingNode):
         out = {}
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node)
-            lines[path + (key,)] = key_node.start_mark.line + 1
+            key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                seen = key in out
+            except TypeError:  # an unhashable key such as [a, b]
+                raise yaml.constructor.ConstructorError(None, None, f"unhashable key {key!r}",
+                                                        key_node.start_mark) from None
+            if seen:  # plain PyYAML lets the last one win silently
+                raise _DuplicateKey(".".join(map(str, path + (key,))), lines[path + (key,)], line)
+            lines[path + (key,)] = line
             out[key] = _node_to_python(value_node, path + (key,), lines, loader)
         return out
     if isinstance(node, yaml.SequenceNode):
@@ -213,12 +226,17 @@ def _node_to_python(node: yaml.Node, path: tuple, lines: dict, loader: yaml.Safe
 
 
 def load_yaml_with_lines(path: str | Path) -> tuple[dict, dict]:
-    """Safe-load a YAML mapping, returning (data, {key_path_tuple: line_number})."""
+    """Safe-load a YAML mapping, returning (data, {key_path_tuple: line_number}).
+
+    A key (or section) given twice in one mapping is an error naming both lines.
+    """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text (UTF-8) file: {e}") from None
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -226,10 +244,15 @@ def load_yaml_with_lines(path: str | Path) -> tuple[dict, dict]:
             return {}, {}
         lines: dict = {}
         data = _node_to_python(node, (), lines, loader)
+    except _DuplicateKey as e:
+        key, first, second = e.args
+        what = "section" if "." not in key else "key"
+        raise ConfigError(f"{path}:{second}: {key}: duplicate {what} (already set at line {first}); "
+                          "remove one of them") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
     finally:
         loader.dispose()
     if not isinstance(data, dict):
@@ -248,8 +271,13 @@ class _Where:
 
     def __call__(self, path: tuple) -> str:
         dotted = ".".join(str(p) for p in path)
-        if path in self.overrides:
-            return f"override '{self.overrides[path]}': {dotted}"
+        for n in range(len(path), 0, -1):  # the override that set this value, or a section holding it
+            if path[:n] in self.overrides:
+                return f"override '{self.overrides[path[:n]]}': {dotted}"
+        if path not in self.lines:  # a section or key only an override created (e.g. 'modle.hidden=8')
+            below = [text for key, text in self.overrides.items() if key[:len(path)] == path]
+            if below:
+                return f"override '{below[-1]}': {dotted}"
         for n in range(len(path), 0, -1):
             if path[:n] in self.lines:
                 return f"{self.file}:{self.lines[path[:n]]}: {dotted}"
@@ -462,29 +490,41 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) ->
 # Validation
 # --------------------------------------------------------------------------------------------------
 def validate_static(cfg: Config, where: Optional[_Where] = None) -> None:
-    """Checks that need no device information."""
+    """Checks that need no device information: value ranges of every key, then their combinations."""
     where = where or _Where(cfg.source, {}, {})
+    for section in ("model", "mesh", "data", "optim", "train", "distributed", "eval", "algorithm"):
+        if dataclasses.is_dataclass(getattr(cfg, section)):
+            validate_values(getattr(cfg, section), (section,), where)
     m = cfg.model
     if m.hidden % m.heads and m.head_dim is None:
         raise ConfigError(f"{where(('model', 'heads'))}: hidden={m.hidden} is not divisible by heads={m.heads}; set model.head_dim")
     if m.heads % m.kv_heads:
         raise ConfigError(f"{where(('model', 'kv_heads'))}: heads={m.heads} is not divisible by kv_heads={m.kv_heads}")
-    for key in ("data", "fsdp", "tensor", "sequence"):
+    r = m.rope_scaling
+    if r is not None and r.type == "llama3" and r.high_freq_factor <= r.low_freq_factor:
+        raise ConfigError(f"{where(('model', 'rope_scaling', 'high_freq_factor'))}: must be greater than "
+                          f"low_freq_factor={r.low_freq_factor} (llama3 scaling interpolates between them), "
+                          f"got {r.high_freq_factor}")
+    if m.hf_path is None and cfg.data.seq_len > m.max_seq_len:  # with hf_path, checked once config.json is read
+        raise ConfigError(f"{where(('data', 'seq_len'))}: {cfg.data.seq_len} exceeds model.max_seq_len="
+                          f"{m.max_seq_len}")
+    for key in MESH_AXES:
         v = getattr(cfg.mesh, key)
         if v == 0 or v < -1:
             raise ConfigError(f"{where(('mesh', key))}: must be a positive size or -1, got {v}")
-    if sum(getattr(cfg.mesh, k) == -1 for k in ("data", "fsdp", "tensor", "sequence")) > 1:
+    if sum(getattr(cfg.mesh, k) == -1 for k in MESH_AXES) > 1:
         raise ConfigError(f"{where(('mesh',))}: at most one mesh axis may be -1")
+    validate_rules(cfg.mesh.rules, where)
     t = cfg.train
     mb = t.micro_batch or t.global_batch
-    if t.global_batch <= 0 or mb <= 0:
-        raise ConfigError(f"{where(('train', 'global_batch'))}: batch sizes must be positive")
     if t.global_batch % mb:
         raise ConfigError(
             f"{where(('train', 'micro_batch'))}: global_batch={t.global_batch} is not divisible by micro_batch={mb}"
         )
-    if cfg.data.seq_len < 2:
-        raise ConfigError(f"{where(('data', 'seq_len'))}: must be at least 2")
+    d = cfg.distributed
+    if d.num_processes is not None and d.process_id is not None and d.process_id >= d.num_processes:
+        raise ConfigError(f"{where(('distributed', 'process_id'))}: {d.process_id} is not in "
+                          f"[0, distributed.num_processes={d.num_processes})")
 
 
 def resolve_mesh_shape(mesh: MeshConfig, num_devices: int, where: str = "mesh") -> dict[str, int]:
@@ -525,6 +565,9 @@ def validate_for_devices(cfg: Config, num_devices: int) -> dict[str, int]:
             raise ConfigError(f"{src}: model.{key}={val} is not divisible by mesh.tensor={tp}")
     if m.hidden % sizes["fsdp"]:
         raise ConfigError(f"{src}: model.hidden={m.hidden} is not divisible by mesh.fsdp={sizes['fsdp']}")
+    if cfg.data.seq_len > m.max_seq_len:
+        origin = f" (max_position_embeddings of {m.hf_path}/config.json)" if m.hf_path else ""
+        raise ConfigError(f"{src}: data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}{origin}")
     sp = sizes["sequence"]
     if sp > 1:
         # mesh.sequence > 1 runs ring attention (the model picks it from the mesh); its zigzag layout

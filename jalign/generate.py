@@ -25,9 +25,9 @@ A row ends at its first token in ``eos_ids`` or ``stop_ids``; that token is kept
 """
 from __future__ import annotations
 
-import dataclasses
-
 import argparse
+import contextlib
+import dataclasses
 import json
 import sys
 from functools import partial
@@ -273,14 +273,21 @@ def _load_model(spec: str, seed: int):
     """(params, cfg, tokenizer spec, default chat template) from an HF directory or a jalign YAML config."""
     from pathlib import Path
 
+    from jalign.config import ConfigError, load_config
     from jalign.models import hf_io
     from jalign.models.params import init_params
     from jalign.models.transformer import declare_params
 
+    if not Path(spec).exists():
+        raise ConfigError(f"--model {spec}: no such file or directory (expected a Hugging Face directory, a "
+                          "training run directory or a jalign YAML config)")
     if Path(spec).is_dir() and (Path(spec) / "config.json").is_file():
         cfg = hf_io.model_config_from_hf(spec)
-        return hf_io.load_hf_params(spec, cfg), cfg, spec, "none"
-    from jalign.config import load_config
+        # the same rule as training's default data.chat_template: the tokenizer's own template, if any
+        return hf_io.load_hf_params(spec, cfg), cfg, spec, "auto"
+    if Path(spec).is_dir() and not (Path(spec) / "config.yaml").is_file():
+        raise ConfigError(f"--model {spec}: a directory with neither config.json (Hugging Face) nor config.yaml "
+                          "(a jalign run or `jalign convert --out` directory)")
 
     trained = None
     if Path(spec).is_dir() and (Path(spec) / "config.yaml").is_file():  # a run / `jalign convert` dir
@@ -317,35 +324,45 @@ def generate_main(argv: list[str]) -> int:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--chat-template", help="tiny | none | hf | FILE.jinja (default: the config's "
-                                            "data.chat_template; 'none' for a Hugging Face directory)")
+    ap.add_argument("--chat-template", help="auto | tiny | none | hf | FILE.jinja (default: a run's "
+                                            "data.chat_template; 'auto' for a Hugging Face directory: the "
+                                            "tokenizer's own template if it has one, else none)")
     a = ap.parse_args(argv)
+    from jalign.data.formats import DataError
+
     prompts = list(a.prompt)
     if a.prompts:
-        with open(a.prompts) as f:
+        with open(a.prompts, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
                         prompts.append(json.loads(line)["prompt"])
                     except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        print(f"{a.prompts}:{n}: expected a JSON object with \"prompt\" ({e!r})", file=sys.stderr)
-                        return 1
+                        raise DataError(f"{a.prompts}:{n}: expected a JSON object with \"prompt\" ({e!r})") from None
     if not prompts:
         print("jalign generate: give --prompt TEXT or --prompts FILE.jsonl", file=sys.stderr)
         return 2
     params, cfg, tok_spec, template = _load_model(a.model, a.seed)
-    from jalign.data.chat import encode_prompt
-    from jalign.data.tokenizer import load_tokenizer
+    from jalign.data.chat import describe_template, encode_prompt
+    from jalign.data.tokenizer import check_vocab, load_tokenizer
 
     tok = load_tokenizer(tok_spec)
+    check_vocab(cfg.vocab_size, tok, f"--model {a.model}: the model's vocab_size")
     template = a.chat_template or template
+    print(f"jalign generate: {describe_template(template, tok)}", file=sys.stderr)
     eos = sorted(tok.eos_ids)
     pad = tok.pad_id if tok.pad_id is not None else 0
-    out_f = open(a.out, "w") if a.out else sys.stdout
-    try:
+    encoded = [encode_prompt(p, template, tok) for p in prompts]  # template errors before any output
+    longest = max(map(len, encoded))
+    if longest + a.max_new_tokens > cfg.max_seq_len:
+        from jalign.config import ConfigError
+
+        raise ConfigError(f"--max-new-tokens {a.max_new_tokens}: the longest prompt ({longest} tokens) plus the "
+                          f"new tokens exceeds the model's max_seq_len={cfg.max_seq_len}")
+    with _output(a.out) as out_f:
         for start in range(0, len(prompts), a.batch_size):
             chunk = prompts[start:start + a.batch_size]
-            res = generate(params, cfg, [encode_prompt(p, template, tok) for p in chunk],
+            res = generate(params, cfg, encoded[start:start + a.batch_size],
                            max_new_tokens=a.max_new_tokens, min_new_tokens=a.min_new_tokens,
                            temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, eos_ids=eos, pad_id=pad,
                            rng=jax.random.fold_in(jax.random.key(a.seed), start))
@@ -357,7 +374,27 @@ def generate_main(argv: list[str]) -> int:
                 ids = [i for i in ids if i < tok.vocab_size]  # model vocab may be padded past the tokenizer's
                 out_f.write(json.dumps({"prompt": p, "response": tok.decode(ids), "num_tokens": n,
                                         "ended_with_eos": bool(res["ended_with_eos"][j])}) + "\n")
-    finally:
-        if a.out:
-            out_f.close()
     return 0
+
+
+@contextlib.contextmanager
+def _output(path: Optional[str]):
+    """stdout, or ``path`` written through a temporary file renamed over it only once all is written:
+    a failure leaves an existing file as it was."""
+    if path is None:
+        yield sys.stdout
+        return
+    import os
+    from pathlib import Path
+
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise FileNotFoundError(2, "no such directory for --out", str(target.parent))
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            yield f
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -11,7 +11,8 @@ from jalign.data import (ByteTokenizer, DataError, HFTokenizer, SFTExample, enco
                          encode_pair, load_source, load_tokenizer, make_eval_iterator,
                          make_preference_iterator, make_sft_iterator, read_jsonl, render_prompt,
                          tokenize_preference, tokenize_sft)
-from jalign.data.chat import get_template
+from jalign.data.chat import ChatTemplateError, get_template
+from jalign.data.tokenizer import TokenizerError
 from jalign.data.tiny import (addition, addition_sloppy, answer_for, exact_match_reward, preference_pairs,
                               split_of, wrong_answer)
 
@@ -137,10 +138,10 @@ def test_hf_tokenizer_from_dir_and_file(tmp_path):
 
 
 def test_load_tokenizer_errors_name_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope/tokenizer.json"):
+    with pytest.raises(TokenizerError, match="nope/tokenizer.json"):
         load_tokenizer(str(tmp_path / "nope" / "tokenizer.json"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'empty'} has no tokenizer.json"):
+    with pytest.raises(TokenizerError, match=f"{tmp_path / 'empty'} has no tokenizer.json"):
         load_tokenizer(str(tmp_path / "empty"))
 
 
@@ -162,9 +163,10 @@ def test_chat_template_matches_transformers(tmp_path, template):
     # A jinja file path renders the same way.
     (tmp_path / "t.jinja").write_text(template)
     assert render_prompt("hi", str(tmp_path / "t.jinja"), tok) == render_prompt("hi", "hf", tok)
-    if template is MISTRAL_TEMPLATE:
-        import jinja2
-        with pytest.raises(jinja2.exceptions.TemplateError, match="must alternate"):
+    if template is MISTRAL_TEMPLATE:  # its raise_exception: one message naming the template file
+        with pytest.raises(ChatTemplateError, match=r"chat template hf \(chat_template in .*/m/tokenizer_config"
+                                                    r"\.json\): line 1: refuses the conversation \(roles "
+                                                    r"\['assistant'\]\): .*must alternate"):
             tpl.render([{"role": "assistant", "content": "x"}], False)
 
 
@@ -429,3 +431,186 @@ def test_config_driven_data(tmp_path):
     cfg.data.train, cfg.data.eval = "builtin:addition_pairs:train:40", "builtin:addition_pairs:eval:5"
     pref = PreferenceData(cfg, ByteTokenizer(), log=logs.append, process_index=0, process_count=1)
     assert next(pref.train_iterator())["rejected"]["loss_mask"].shape == (8, 32)
+
+
+# ---- malformed tokenizers -------------------------------------------------------------------------
+def test_corrupt_tokenizer_json_names_the_file(tmp_path):
+    d = make_hf_dir(tmp_path / "m", LLAMA3_TEMPLATE)
+    (d / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(TokenizerError, match=rf"^{d}/tokenizer.json: not a valid tokenizer.json \("):
+        load_tokenizer(str(d))
+    (d / "tokenizer.json").write_bytes(b"\x00\xff\xfe")
+    with pytest.raises(TokenizerError, match=rf"^{d}/tokenizer.json: not a valid tokenizer.json"):
+        load_tokenizer(str(d))
+
+
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "generation_config.json"])
+def test_corrupt_tokenizer_side_files_name_the_file(tmp_path, name):
+    d = make_hf_dir(tmp_path / "m", LLAMA3_TEMPLATE, gen_eos=[1])
+    (d / name).write_text('{"bos_token": ')
+    with pytest.raises(TokenizerError, match=rf"^{d}/{name}: invalid JSON \("):
+        load_tokenizer(str(d))
+    (d / name).write_text('["a list"]')
+    with pytest.raises(TokenizerError, match=rf"^{d}/{name}: expected a JSON object, got list"):
+        load_tokenizer(str(d))
+
+
+def test_special_tokens_outside_the_vocabulary_are_refused(tmp_path):
+    d = make_hf_dir(tmp_path / "m", LLAMA3_TEMPLATE, eos="<|not_a_token|>")
+    with pytest.raises(TokenizerError, match=rf"^{d}/tokenizer_config.json: eos_token '<\|not_a_token\|>' is not in "
+                                             rf"the vocabulary of {d}/tokenizer.json"):
+        load_tokenizer(str(d))
+    d2 = make_hf_dir(tmp_path / "m2", LLAMA3_TEMPLATE, gen_eos=[100000])
+    with pytest.raises(TokenizerError, match=r"generation_config.json: eos_token_id=\[100000\]: expected token ids"):
+        load_tokenizer(str(d2))
+
+
+def test_tokenizer_without_eos_cannot_end_a_response(tmp_path):
+    d = make_hf_dir(tmp_path / "m", LLAMA3_TEMPLATE)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    del config["eos_token"]
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(str(d))
+    assert tok.eos_id is None
+    with pytest.raises(TokenizerError, match=r"has no EOS token .*so a response cannot be taught to end"):
+        encode_pair("hello", "world", "none", tok)
+
+
+def test_check_vocab_refuses_a_model_smaller_than_the_tokenizer(tmp_path):
+    from jalign.data.tokenizer import check_vocab
+
+    byte = ByteTokenizer()
+    with pytest.raises(TokenizerError, match=r"^configs/x.yaml: model.vocab_size: 100 is smaller than the "
+                                             r"tokenizer's id range \(272 ids, ByteTokenizer\(vocab_size=272\)\); "
+                                             r"ids 100..271 would index past the embedding. Set model.vocab_size "
+                                             r">= 272$"):
+        check_vocab(100, byte, "configs/x.yaml: model.vocab_size")
+    check_vocab(272, byte)  # exactly enough
+    check_vocab(384, byte)  # padded rows are fine
+    # text the tokenizer encodes really reaches past 100: the check guards a real overflow
+    assert max(byte.encode("é")) == 16 + 0xC3 >= 100
+    d = make_hf_dir(tmp_path / "m", LLAMA3_TEMPLATE)
+    tok = load_tokenizer(str(d))
+    top = max(json.loads((d / "tokenizer.json").read_text())["model"]["vocab"].values())
+    assert tok.id_limit == top + 1
+    check_vocab(tok.id_limit, tok)
+    with pytest.raises(TokenizerError, match=rf"model.vocab_size: {tok.id_limit - 1} is smaller"):
+        check_vocab(tok.id_limit - 1, tok)
+
+
+# ---- malformed chat templates ---------------------------------------------------------------------
+CONV = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "ok"}]
+
+
+def _template(tmp_path, text):
+    p = tmp_path / "t.jinja"
+    p.write_text(text)
+    return str(p)
+
+
+def test_missing_template_file():
+    with pytest.raises(ChatTemplateError, match=r"chat_template: 'nope/t.jinja' is neither 'auto', 'tiny', 'none', "
+                                                r"'hf' nor an existing jinja file"):
+        get_template("nope/t.jinja", ByteTokenizer())
+
+
+def test_template_syntax_error_names_file_and_line(tmp_path):
+    p = _template(tmp_path, "{% for m in messages %}\n{{ m.content }\n{% endfor %}")
+    with pytest.raises(ChatTemplateError, match=rf"^chat template {p}: line 2: syntax error: unexpected '}}'"):
+        get_template(p, ByteTokenizer())
+
+
+def test_template_that_raises_on_a_role(tmp_path):
+    p = _template(tmp_path, "{% for m in messages %}\n{% if m.role == 'system' %}"
+                            "{{ raise_exception('System role not supported') }}{% endif %}{{ m.content }}{% endfor %}")
+    tok = ByteTokenizer()
+    with pytest.raises(ChatTemplateError, match=rf"^chat template {p}: line 2: refuses the conversation \(roles "
+                                                r"\['system', 'user', 'assistant'\]\): System role not supported$"):
+        encode_conversation(CONV, p, tok)
+    ids, mask = encode_conversation(CONV[1:], p, tok)  # without the system turn it renders
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "ok"
+
+
+def test_template_sandbox_violation(tmp_path):
+    p = _template(tmp_path, "{{ messages.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(ChatTemplateError, match=rf"^chat template {p}: line 1: was stopped by the sandbox: access to "
+                                                r"attribute '__class__' of 'list' object is unsafe"):
+        render_prompt("hi", p, ByteTokenizer())
+
+
+def test_template_runtime_error(tmp_path):
+    p = _template(tmp_path, "x\n{{ messages[0]['content'] + 1 }}")
+    with pytest.raises(ChatTemplateError, match=rf"^chat template {p}: line 2: failed \(roles \['user'\]\): TypeError"):
+        render_prompt("hi", p, ByteTokenizer())
+
+
+def test_unreadable_template_file(tmp_path):
+    p = tmp_path / "t.jinja"
+    p.write_bytes(b"\xff\xfe{{")
+    with pytest.raises(ChatTemplateError, match=rf"^chat template {p}: cannot read"):
+        get_template(str(p), ByteTokenizer())
+
+
+# ---- the default template: auto ------------------------------------------------------------------
+def test_default_chat_template_is_auto():
+    from jalign.config import Config
+
+    assert Config().data.chat_template == "auto"
+
+
+def test_auto_template_follows_the_tokenizer(tmp_path):
+    from jalign.data.chat import describe_template, resolve_template_name
+
+    byte = ByteTokenizer()
+    assert resolve_template_name("auto", byte) == "tiny"
+    assert encode_pair("37+48=", "85", "auto", byte) == encode_pair("37+48=", "85", "tiny", byte)
+    with_tpl = load_tokenizer(str(make_hf_dir(tmp_path / "a", LLAMA3_TEMPLATE)))
+    assert resolve_template_name("auto", with_tpl) == "hf"
+    assert encode_pair("hello", "world", "auto", with_tpl) == encode_pair("hello", "world", "hf", with_tpl)
+    assert encode_pair("hello", "world", "auto", with_tpl) != encode_pair("hello", "world", "tiny", with_tpl)
+    assert describe_template("auto", with_tpl) == (
+        f"chat template: hf (chat_template in {tmp_path}/a/tokenizer_config.json): the tokenizer's own "
+        "[data.chat_template=auto: the tokenizer has one]")
+    no_tpl = load_tokenizer(str(make_hf_dir(tmp_path / "b", None)))
+    assert resolve_template_name("auto", no_tpl) == "none"
+    assert encode_pair("hello", "world", "auto", no_tpl) == encode_pair("hello", "world", "none", no_tpl)
+    assert "none (contents concatenated" in describe_template("auto", no_tpl)
+    # a chat_template.jinja beside the config (transformers >= 4.43) wins and is named
+    (tmp_path / "b" / "chat_template.jinja").write_text(LLAMA3_TEMPLATE)
+    again = load_tokenizer(str(tmp_path / "b"))
+    assert describe_template("auto", again).startswith(f"chat template: hf ({tmp_path}/b/chat_template.jinja)")
+
+
+def test_config_driven_data_logs_the_template_and_refuses_all_dropped(tmp_path):
+    from jalign.config import Config, ConfigError
+    from jalign.data.pipeline import SFTData
+
+    cfg = Config()
+    cfg.train.global_batch = 4
+    cfg.data.train, cfg.data.eval = "builtin:addition:train:16", None
+    logs = []
+    SFTData(cfg, ByteTokenizer(), log=logs.append, process_index=0, process_count=1)
+    assert "data: chat template: tiny (built in: <|role|>content turns) [data.chat_template=auto: the byte tokenizer]" in logs
+    for overlong in ("drop", "truncate"):
+        cfg.data.seq_len, cfg.data.overlong = 4, overlong
+        with pytest.raises(ConfigError, match=r"^data.train=builtin:addition:train:16: none of its 16 examples fits "
+                                              r"data.seq_len=4 \(.*\); raise data.seq_len$"):
+            SFTData(cfg, ByteTokenizer(), log=logs.append, process_index=0, process_count=1)
+    cfg.data.seq_len, cfg.data.overlong = 64, "drop"
+    path = _write(tmp_path / "eval.jsonl", [json.dumps({"prompt": "x" * 100, "response": "y"})])
+    cfg.data.eval = str(path)
+    with pytest.raises(ConfigError, match=rf"^data.eval={path}: none of its 1 examples fits data.seq_len=64"):
+        SFTData(cfg, ByteTokenizer(), log=logs.append, process_index=0, process_count=1)
+
+
+def test_empty_records_message_names_the_keys():
+    with pytest.raises(DataError, match=r"no examples to iterate over .*see data.seq_len and data.overlong"):
+        make_sft_iterator([], seq_len=8, batch_rows_per_process=2, packing=True, shuffle=False, seed=0)
+
+
+def test_binary_chat_template_jinja_names_the_file(tmp_path):
+    d = make_hf_dir(tmp_path / "m", None)
+    (d / "chat_template.jinja").write_bytes(b"\xff\xfe{{ x }}")
+    with pytest.raises(TokenizerError, match=rf"^{d}/chat_template.jinja: not a text \(UTF-8\) file"):
+        load_tokenizer(str(d))

@@ -1,7 +1,10 @@
 """Hugging Face checkpoints in and out: logits parity per architecture, sharded files, round trips, errors."""
 import json
 import os
+import re
 import shutil
+import struct
+import tracemalloc
 
 import jax
 import jax.numpy as jnp
@@ -231,3 +234,272 @@ def test_mistral_sliding_window(hf_dirs, tmp_path):
     with pytest.raises(HFCheckpointError, match="requested seq_len=256"):
         model_config_from_hf(d, seq_len=256)
     assert model_config_from_hf(d, seq_len=64).max_seq_len == 128
+
+
+# ---- malformed config.json ------------------------------------------------------------------------
+def _edit_config(d, **changes):
+    c = json.loads((d / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            c.pop(k, None)
+        else:
+            c[k] = v
+    (d / "config.json").write_text(json.dumps(c))
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(HFCheckpointError, match=rf"^{tmp_path}/nope: no such directory"):
+        model_config_from_hf(tmp_path / "nope")
+
+
+def test_invalid_config_json(hf_dirs, tmp_path):
+    d = _copy(hf_dirs["llama3"][1], tmp_path / "m")
+    (d / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],')
+    with pytest.raises(HFCheckpointError, match=rf"^{d}/config.json: invalid JSON \("):
+        model_config_from_hf(d)
+    (d / "config.json").write_text("[1, 2]")
+    with pytest.raises(HFCheckpointError, match=rf"^{d}/config.json: invalid config: expected a JSON object"):
+        model_config_from_hf(d)
+
+
+@pytest.mark.parametrize("key", ["hidden_size", "num_attention_heads", "vocab_size", "intermediate_size",
+                                 "num_hidden_layers"])
+def test_missing_config_key(hf_dirs, tmp_path, key):
+    d = _copy(hf_dirs["qwen2"][1], tmp_path / "m")
+    _edit_config(d, **{key: None})
+    with pytest.raises(HFCheckpointError, match=rf"^{d}/config.json: missing key '{key}'$"):
+        model_config_from_hf(d)
+
+
+def test_bad_config_values_name_the_key(hf_dirs, tmp_path):
+    d = _copy(hf_dirs["llama3"][1], tmp_path / "m")
+    _edit_config(d, hidden_size="64")
+    with pytest.raises(HFCheckpointError, match=r"config.json: hidden_size='64': expected a positive integer"):
+        model_config_from_hf(d)
+    _edit_config(d, hidden_size=64, num_key_value_heads=0)
+    with pytest.raises(HFCheckpointError, match=r"config.json: num_key_value_heads=0: expected a positive integer"):
+        model_config_from_hf(d)
+    c = json.loads((d / "config.json").read_text())
+    block = "rope_scaling" if c.get("rope_scaling") else "rope_parameters"  # transformers 4 / 5
+    scaling = {k: v for k, v in c[block].items() if k != "factor"}
+    _edit_config(d, num_key_value_heads=2, **{block: scaling})
+    with pytest.raises(HFCheckpointError, match=rf"config.json: {block}.factor: missing \(needed for rope_type "
+                                                r"'llama3'\)"):
+        model_config_from_hf(d)
+    _edit_config(d, architectures="LlamaForCausalLM")
+    with pytest.raises(HFCheckpointError, match=r"architectures='LlamaForCausalLM': expected a list"):
+        model_config_from_hf(d)
+
+
+# ---- malformed safetensors ------------------------------------------------------------------------
+def _header(path):
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def _write_safetensors(path, header, data):
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+
+
+def _last_two(header):
+    spans = sorted((v["data_offsets"], k) for k, v in header.items() if k != "__metadata__")
+    return spans[-2][1], spans[-1][1]
+
+
+def _corrupt(d, how):
+    st = d / "model.safetensors"
+    raw = st.read_bytes()
+    header, data = _header(st)
+    if how == "empty":
+        st.write_bytes(b"")
+    elif how == "seven_bytes":
+        st.write_bytes(raw[:7])
+    elif how == "truncated":
+        st.write_bytes(raw[:len(raw) // 2])
+    elif how == "huge_header":
+        st.write_bytes(struct.pack("<Q", 2**40) + raw[8:])
+    elif how == "header_past_end":
+        st.write_bytes(struct.pack("<Q", len(raw)) + raw[8:])
+    elif how == "garbage_header":
+        (n,) = struct.unpack("<Q", raw[:8])
+        st.write_bytes(raw[:8] + b"\xff" * n + data)
+    elif how == "past_end":  # the last tensor's end moved past the data
+        _, last = _last_two(header)
+        header[last]["data_offsets"][1] += 4096
+        _write_safetensors(st, header, data)
+    elif how == "overlap":  # the last tensor starts inside the one before it
+        prev, last = _last_two(header)
+        b, e = header[last]["data_offsets"]
+        header[last]["data_offsets"] = [b - 8, e - 8]
+        _write_safetensors(st, header, data)
+    elif how == "extra_bytes":
+        st.write_bytes(raw + b"\0" * 100)
+    elif how == "wrong_dtype":
+        _, last = _last_two(header)
+        header[last]["dtype"] = "F64"
+        _write_safetensors(st, header, data)
+    return st
+
+
+CORRUPTIONS = {
+    "empty": r"not a valid safetensors file: the file is empty \(0 bytes\)",
+    "seven_bytes": r"truncated: 7 bytes, shorter than the 8-byte header length",
+    "truncated": r"truncated|tensor .* ends at byte",
+    "huge_header": r"the header length field says 1,099,511,627,776 bytes, over the format's 100,000,000-byte cap",
+    "header_past_end": r"truncated: the header length field says [\d,]+ bytes but only [\d,]+ follow it",
+    "garbage_header": r"the header is not valid JSON",
+    "past_end": r"tensor (lm_head|model)\S* ends at byte [\d,]+ of the data but the file holds only [\d,]+ bytes",
+    "overlap": r"tensor \S+ \(data_offsets \[\d+, \d+\]\) overlaps tensor \S+ \(data_offsets \[\d+, \d+\]\)",
+    "extra_bytes": r"100 bytes after the last tensor that the header does not describe",
+    "wrong_dtype": r"tensor \S+: data_offsets \[\d+, \d+\] span [\d,]+ bytes but shape \[\d+(, \d+)*\] of F64 needs",
+}
+
+
+@pytest.mark.parametrize("how", list(CORRUPTIONS))
+def test_corrupt_safetensors_is_one_message_naming_the_file(hf_dirs, tmp_path, how):
+    d = _copy(hf_dirs["llama3"][1], tmp_path / "m")
+    cfg = model_config_from_hf(d)
+    st = _corrupt(d, how)
+    with pytest.raises(HFCheckpointError) as e:
+        load_hf_params(d, cfg)
+    msg = str(e.value)
+    assert msg.startswith(f"{st}: not a valid safetensors file: "), msg
+    assert re.search(CORRUPTIONS[how], msg), msg
+
+
+def test_huge_header_length_allocates_nothing(hf_dirs, tmp_path):
+    d = _copy(hf_dirs["llama3"][1], tmp_path / "m")
+    _corrupt(d, "huge_header")
+    tracemalloc.start()
+    with pytest.raises(HFCheckpointError, match="over the format's"):
+        hf_io.open_weights(d)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 1 << 20  # the 1 TiB header is never read
+
+
+def test_every_offset_is_checked_before_reading(hf_dirs, tmp_path):
+    """A tensor the model does not even need (an extra one) still makes the file invalid, before any read."""
+    d = _copy(hf_dirs["llama3"][1], tmp_path / "m")
+    st = d / "model.safetensors"
+    header, data = _header(st)
+    header["extra.unused"] = {"dtype": "F32", "shape": [4], "data_offsets": [len(data), len(data) + 16]}
+    _write_safetensors(st, header, data)  # 16 bytes short
+    with pytest.raises(HFCheckpointError, match=r"tensor extra.unused ends at byte"):
+        hf_io.open_weights(d)
+
+
+def test_pickle_only_checkpoint_is_refused_never_unpickled(hf_dirs, tmp_path):
+    import pickle
+
+    d = _copy(hf_dirs["llama3"][1], tmp_path / "m")
+    (d / "model.safetensors").unlink()
+    marker = tmp_path / "unpickled"
+
+    class Payload:  # unpickling this creates the marker file
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (d / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(HFCheckpointError, match=rf"^{d}: only pickle weights \(pytorch_model.bin\); jalign reads "
+                                                r"safetensors only and never unpickles .*save_pretrained\(OUT, "
+                                                r"safe_serialization=True\)"):
+        load_hf_params(d, model_config_from_hf(d))
+    assert not marker.exists()
+
+
+def test_index_errors_name_the_index(hf_dirs, tmp_path):
+    d = tmp_path / "m"
+    build_hf("qwen2", d, max_shard_size="40KB")
+    index = d / "model.safetensors.index.json"
+    good = json.loads(index.read_text())
+    cfg = model_config_from_hf(d)
+    index.write_text("{not json")
+    with pytest.raises(HFCheckpointError, match=rf"^{index}: invalid JSON"):
+        load_hf_params(d, cfg)
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(HFCheckpointError, match=rf"^{index}: missing key 'weight_map'"):
+        load_hf_params(d, cfg)
+    wm = dict(good["weight_map"])
+    wm["model.norm.weight"] = next(f for f in sorted(set(wm.values())) if f != wm["model.norm.weight"])
+    index.write_text(json.dumps({"weight_map": wm}))
+    with pytest.raises(HFCheckpointError, match=rf"^{index}: lists tensor model.norm.weight in model-\d+-of-\d+"
+                                                r"\.safetensors, which does not contain it"):
+        load_hf_params(d, cfg)
+    index.write_text(json.dumps(good))
+    victim = sorted(set(good["weight_map"].values()))[1]
+    (d / victim).unlink()
+    with pytest.raises(HFCheckpointError, match=rf"^{index}: lists {victim}, which is missing"):
+        load_hf_params(d, cfg)
+
+
+def test_unsupported_tensor_dtype_is_named(hf_dirs, tmp_path):
+    d = _copy(hf_dirs["llama3"][1], tmp_path / "m")
+    st = d / "model.safetensors"
+    header, data = _header(st)
+    header["model.norm.weight"]["dtype"] = "U32"  # same itemsize as F32: a valid file jalign does not read
+    _write_safetensors(st, header, data)
+    with pytest.raises(HFCheckpointError, match=r"model.safetensors: tensor model.norm.weight has dtype U32, which "
+                                                r"jalign does not read"):
+        load_hf_params(d, model_config_from_hf(d))
+
+
+# ---- jalign convert --------------------------------------------------------------------------------
+def test_convert_refuses_to_overwrite_params(hf_dirs, tmp_path):
+    from jalign.config import ConfigError
+
+    _, d = hf_dirs["llama3"]
+    out = tmp_path / "ckpt"
+    assert hf_io.convert_main(["--hf", str(d), "--out", str(out)]) == 0
+    before = sorted(p.name for p in (out / "params").iterdir())
+    with pytest.raises(ConfigError, match=rf"--out {out}: {out}/params already exists"):
+        hf_io.convert_main(["--hf", str(d), "--out", str(out)])
+    assert sorted(p.name for p in (out / "params").iterdir()) == before
+
+
+def test_convert_without_config_says_which_paths_it_tried(tmp_path):
+    from jalign.config import ConfigError
+
+    (tmp_path / "ck").mkdir()
+    with pytest.raises(ConfigError, match=r"--from-checkpoint .*/ck: no config.yaml beside it or in its run "
+                                          r"directory; pass --config"):
+        hf_io.convert_main(["--from-checkpoint", str(tmp_path / "ck"), "--to-hf", str(tmp_path / "hf")])
+
+
+def test_convert_an_intermediate_checkpoint_of_a_run(tmp_path):
+    """`jalign convert --from-checkpoint RUN/checkpoints/2 --to-hf DIR`: that step's weights (not the
+    newest), the architecture from RUN/config.yaml; transformers' logits equal ours for that step."""
+    from pathlib import Path
+
+    from jalign.checkpoint import load_params
+    from jalign.config import load_config
+    from jalign.trainer import train
+
+    root = Path(__file__).parent.parent
+    run = tmp_path / "run"
+    train(load_config(root / "configs/sft_tiny.yaml", [
+        "model.hidden=32", "model.mlp=64", "model.layers=1", "model.heads=4", "model.kv_heads=2",
+        "data.seq_len=32", "train.global_batch=16", "train.steps=4", "train.checkpoint_every=2",
+        "train.keep_checkpoints=3", "train.eval_every=0", "train.log_every=1", "train.progress=false",
+        "train.tensorboard=false", "train.async_checkpointing=false", "eval.prompts=0",
+        "optim.lr=1e-2", "optim.warmup_steps=0", f"train.out_dir={run}"]))
+    assert (run / "checkpoints" / "2").is_dir() and (run / "checkpoints" / "4").is_dir()
+    out = tmp_path / "hf2"
+    assert hf_io.convert_main(["--from-checkpoint", str(run / "checkpoints" / "2"), "--to-hf", str(out)]) == 0
+    cfg = load_config(run / "config.yaml").model
+    step2, step4 = load_params(run, step=2), load_params(run, step=4)
+    assert not np.allclose(np.asarray(step2["embed"]), np.asarray(step4["embed"]))  # the steps really differ
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    np.testing.assert_array_equal(reloaded.model.embed_tokens.weight.detach().numpy(), np.asarray(step2["embed"]))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, (2, 10))
+    mask = np.ones_like(tokens)
+    np.testing.assert_allclose(hf_logits(reloaded, tokens, mask), jalign_logits(step2, cfg, tokens, mask),
+                               atol=1e-4, rtol=1e-4)
+    # the checkpoints directory itself means the newest step
+    assert hf_io.convert_main(["--from-checkpoint", str(run / "checkpoints"), "--to-hf", str(tmp_path / "hf4")]) == 0
+    newest = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf4")
+    np.testing.assert_array_equal(newest.model.embed_tokens.weight.detach().numpy(), np.asarray(step4["embed"]))

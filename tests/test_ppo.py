@@ -173,7 +173,7 @@ def test_size_errors_are_clear_and_raised_before_compiling(rm_dir):
         (["algorithm.minibatch_size=8", "algorithm.micro_batch_size=16"], "micro_batch_size=16 does not divide"),
         (["train.micro_batch=4"], "train.micro_batch is not used"),
         (["algorithm.reward_fn=exact_match"], "exactly one of roles.reward"),
-        (["algorithm.reward_scale=0"], "reward_scale and algorithm.reward_clip must be > 0"),
+        (["algorithm.reward_scale=0"], "algorithm.reward_scale: must be > 0, got 0.0"),  # now at load_config
     ]
     for extra, text in cases:
         with pytest.raises(ConfigError, match=text):

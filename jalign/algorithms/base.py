@@ -172,10 +172,11 @@ class Algorithm:
     generation_eval = None  # a jalign.evaluation.GenerationEval, or None
 
     def __init__(self, rt: Runtime):
-        from jalign.data.tokenizer import load_tokenizer
+        from jalign.data.tokenizer import check_vocab, load_tokenizer
 
         self.rt, self.cfg, self.a = rt, rt.cfg, rt.cfg.algorithm
         self.tokenizer = rt.tokenizer or load_tokenizer(self.cfg.model.tokenizer)
+        check_vocab(self.cfg.model.vocab_size, self.tokenizer, f"{self.cfg.source or '<config>'}: model.vocab_size")
 
     # roles and state
     def role_specs(self) -> dict[str, RoleSpec]:

@@ -2,6 +2,8 @@
 
 Templates (``data.chat_template`` in the config):
 
+* ``"auto"``  (the default) the tokenizer's own template when it has one (``"hf"``), ``"tiny"`` for the
+  built-in byte tokenizer, else ``"none"``; :func:`describe_template` says which one that is.
 * ``"tiny"``  built in, for the byte tokenizer: ``<|user|>37+48=<|assistant|>85<|eos|>``
   (each turn is ``<|role|>content``; an assistant turn ends with the EOS token).
 * ``"none"``  raw concatenation of the contents (base models, completion-style data).
@@ -13,6 +15,10 @@ Loss goes only on response tokens. For a conversation the rendering is done incr
 prefixes diffed (as TRL does): the text added by rendering assistant turn *i* after the generation
 prompt of turns ``[:i]`` is response; everything else is prompt. Pieces are tokenized separately, so
 the boundary never depends on BPE merges across it.
+
+A template that cannot be read, has a syntax error, refuses a conversation (``raise_exception``),
+breaks the sandbox or fails while rendering raises :class:`ChatTemplateError` naming the template
+(file, and line where jinja knows it) and what happened.
 """
 from __future__ import annotations
 
@@ -20,14 +26,13 @@ import functools
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
+
+from jalign.errors import ChatTemplateError, TokenizerError  # noqa: F401  (re-exported here)
 
 Message = dict  # {"role": str, "content": str}
 Prompt = Union[str, Sequence[Message]]
-
-
-class ChatTemplateError(ValueError):
-    """The template cannot be loaded, or does not render conversations prefix-stably."""
+NAMED_TEMPLATES = ("auto", "tiny", "none", "hf")
 
 
 @functools.lru_cache(maxsize=16)
@@ -55,7 +60,7 @@ def compile_jinja(source: str):
             return caller()
 
     def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
+        raise TemplateRaised(message)
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
@@ -89,23 +94,106 @@ class ChatTemplate:
         return f"ChatTemplate({self.name!r})"
 
 
+class TemplateRaised(Exception):
+    """What the template's own ``raise_exception(message)`` raises (it refuses the input)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+def _template_line(tb) -> Optional[int]:
+    """The template line a rendering error happened at (jinja maps its frames to ``<template>``)."""
+    line = None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def _compile(name: str, source: str):
+    import jinja2
+
+    try:
+        return compile_jinja(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"chat template {name}: line {e.lineno}: syntax error: {e.message}") from None
+    except jinja2.TemplateError as e:
+        raise ChatTemplateError(f"chat template {name}: cannot compile: {e}") from None
+
+
 def _jinja_template(name: str, source: str, tokenizer) -> ChatTemplate:
-    compiled = compile_jinja(source)
+    import jinja2
+    from jinja2.sandbox import SecurityError
+
+    compiled = _compile(name, source)
     # transformers passes tokenizer.special_tokens_map: every special token that is set, as a string.
     specials = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
     specials = {k: v for k, v in specials.items() if v is not None}
 
     def render(messages, add_generation_prompt):
-        return compiled.render(messages=[dict(m) for m in messages], tools=None, documents=None,
-                               add_generation_prompt=add_generation_prompt, **specials)
+        try:
+            return compiled.render(messages=[dict(m) for m in messages], tools=None, documents=None,
+                                   add_generation_prompt=add_generation_prompt, **specials)
+        except Exception as e:  # the template is user input: whatever it raises is its error
+            line = _template_line(e.__traceback__)
+            at = f": line {line}:" if line else ":"
+            roles = [m.get("role") for m in messages]
+            if isinstance(e, TemplateRaised):
+                what = f"refuses the conversation (roles {roles}): {e.message}"
+            elif isinstance(e, SecurityError):
+                what = f"was stopped by the sandbox: {e}"
+            elif isinstance(e, jinja2.TemplateError):
+                what = f"failed (roles {roles}): {e}"
+            else:
+                what = f"failed (roles {roles}): {type(e).__name__}: {e}"
+            raise ChatTemplateError(f"chat template {name}{at} {what}") from None
 
     return ChatTemplate(name, render, prepend_bos=False)
 
 
+def _hf_label(tokenizer) -> str:
+    where = getattr(tokenizer, "chat_template_file", None)
+    if where is None:
+        return "hf"
+    return f"hf (chat_template in {where})" if str(where).endswith(".json") else f"hf ({where})"
+
+
+def resolve_template_name(template: str, tokenizer) -> str:
+    """The template ``"auto"`` stands for with this tokenizer (other names unchanged)."""
+    if template != "auto":
+        return template
+    from jalign.data.tokenizer import ByteTokenizer
+
+    if getattr(tokenizer, "chat_template", None):
+        return "hf"
+    return "tiny" if isinstance(tokenizer, ByteTokenizer) else "none"
+
+
+def describe_template(template: str, tokenizer) -> str:
+    """One line saying which template a config's ``data.chat_template`` means, for the run's log."""
+    name = resolve_template_name(template, tokenizer)
+    if name == "hf":
+        what = f"{_hf_label(tokenizer)}: the tokenizer's own"
+    elif name == "tiny":
+        what = "tiny (built in: <|role|>content turns)"
+    elif name == "none":
+        what = "none (contents concatenated, no chat markup)"
+    else:
+        what = f"{name} (jinja file)"
+    if template == "auto":
+        reason = ("the tokenizer has one" if name == "hf" else
+                  "the byte tokenizer" if name == "tiny" else "the tokenizer has no chat template")
+        return f"chat template: {what} [data.chat_template=auto: {reason}]"
+    return f"chat template: {what}"
+
+
 def get_template(template: str, tokenizer) -> ChatTemplate:
-    """Resolve a config name (``tiny``, ``none``, ``hf``) or a jinja file path to a template."""
+    """Resolve a config name (``auto``, ``tiny``, ``none``, ``hf``) or a jinja file path to a template."""
     if isinstance(template, ChatTemplate):
         return template
+    template = resolve_template_name(template, tokenizer)
     if template == "tiny":
         eos = tokenizer.eos_token
 
@@ -123,12 +211,16 @@ def get_template(template: str, tokenizer) -> ChatTemplate:
         if not source:
             raise ChatTemplateError(f"chat_template 'hf': tokenizer {tokenizer!r} has no chat_template "
                                     "(tokenizer_config.json / chat_template.jinja); use 'none' or a .jinja file")
-        return _jinja_template("hf", source, tokenizer)
+        return _jinja_template(_hf_label(tokenizer), source, tokenizer)
     path = Path(template).expanduser()
     if not path.is_file():
-        raise ChatTemplateError(f"chat_template: {template!r} is neither 'tiny', 'none', 'hf' nor an "
-                                f"existing jinja file ({path} not found)")
-    return _jinja_template(str(path), path.read_text(encoding="utf-8"), tokenizer)
+        raise ChatTemplateError(f"chat_template: {template!r} is neither {', '.join(map(repr, NAMED_TEMPLATES))} "
+                                f"nor an existing jinja file ({path} not found)")
+    try:
+        source = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ChatTemplateError(f"chat template {path}: cannot read ({e})") from None
+    return _jinja_template(str(path), source, tokenizer)
 
 
 def as_messages(prompt: Prompt, role: str = "user") -> list[Message]:
@@ -158,6 +250,9 @@ def _end_with_eos(ids: list[int], tokenizer) -> list[int]:
     # token that generation_config lists as EOS (<|eot_id|>, <|im_end|>); add EOS only if none is there.
     if any(i in tokenizer.eos_ids for i in ids):
         return ids
+    if tokenizer.eos_id is None:
+        raise TokenizerError(f"{tokenizer!r} has no EOS token (neither eos_token in tokenizer_config.json nor "
+                             "eos_token_id in generation_config.json), so a response cannot be taught to end")
     return [*ids, tokenizer.eos_id]
 
 

@@ -19,7 +19,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from jalign.data.formats import DataError
 from jalign.data.packing import empty_like, pack, pad_row
+from jalign.errors import ConfigError
 
 
 def _read_options():
@@ -31,13 +33,14 @@ def _read_options():
 
 def _check(records: Sequence, batch_rows_per_process: int, process_index: int, process_count: int):
     if not records:
-        raise ValueError("no examples to iterate over (empty data set, or all were dropped)")
+        raise DataError("no examples to iterate over (an empty data set, or every example was dropped: "
+                        "see data.seq_len and data.overlong)")
     if batch_rows_per_process < 1:
         raise ValueError(f"batch_rows_per_process must be >= 1, got {batch_rows_per_process}")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if len(records) < process_count:
-        raise ValueError(f"{len(records)} examples cannot be sharded over {process_count} processes")
+        raise DataError(f"{len(records)} examples cannot be sharded over {process_count} processes")
 
 
 def _check_packable(records: Sequence, packing: bool):
@@ -133,7 +136,7 @@ def make_eval_iterator(records: Sequence[dict], *, seq_len: int, batch_rows_per_
     if batch_rows_per_process < 1 or not 0 <= process_index < process_count:
         raise ValueError("bad batch_rows_per_process / process_index / process_count")
     if not records:
-        raise ValueError("no eval examples")
+        raise DataError("no eval examples (an empty eval set, or every example was dropped: see data.seq_len)")
     _check_packable(records, packing)
     bins = packing_bins or batch_rows_per_process
     shards = [_shard_rows(records, seq_len, packing, p, process_count, bins) if (packing or p == process_index)
@@ -180,14 +183,20 @@ class _ConfigData:
         self.cfg, self.tokenizer, self.log = cfg, tokenizer, log
         self.process_index, self.process_count = _process_info(process_index, process_count)
         if cfg.train.global_batch % self.process_count:
-            raise ValueError(f"train.global_batch={cfg.train.global_batch} is not divisible by "
-                             f"{self.process_count} processes")
+            raise ConfigError(f"{cfg.source or '<config>'}: train.global_batch={cfg.train.global_batch} is not "
+                              f"divisible by {self.process_count} processes")
         self.rows = cfg.train.global_batch // self.process_count
         d = cfg.data
+        from jalign.data.chat import describe_template
+
+        self.log(f"data: {describe_template(d.chat_template, tokenizer)}")
         self.train_examples = self._load(load_source, d.train, d.max_examples)
         self.train_records = self._tokenize(d.train, self.train_examples)
+        self._check_kept("train", d.train, self.train_examples, self.train_records)
         self.eval_examples_raw = self._load(load_source, d.eval, None) if d.eval else []
         self.eval_records = self._tokenize(d.eval, self.eval_examples_raw) if d.eval else []
+        if d.eval:
+            self._check_kept("eval", d.eval, self.eval_examples_raw, self.eval_records)
         self.has_eval = bool(self.eval_records)
         self._eval_batches = None
 
@@ -202,6 +211,16 @@ class _ConfigData:
 
     def _tokenize(self, spec: str, examples: list) -> list:
         raise NotImplementedError
+
+    def _check_kept(self, split: str, spec: str, examples: list, records: list) -> None:
+        """Examples that all vanished in tokenization: name the source and the key that dropped them."""
+        if records or not examples:
+            return
+        d = self.cfg.data
+        why = ("data.overlong=drop drops longer ones" if d.overlong == "drop" else
+               "cut at data.seq_len, none keeps a response token")
+        raise ConfigError(f"data.{split}={spec}: none of its {len(examples)} examples fits data.seq_len="
+                          f"{d.seq_len} ({why}); raise data.seq_len")
 
     def _log_counts(self, spec: str, counts: dict) -> None:
         self.log(f"data: {spec}: {counts['examples']} examples ({counts['truncated']} truncated, "

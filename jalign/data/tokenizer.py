@@ -15,6 +15,8 @@ import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from jalign.errors import TokenizerError  # noqa: F401  (re-exported: jalign.data.tokenizer.TokenizerError)
+
 # Role and control tokens of the byte tokenizer. Order fixes their ids (0..len-1); ids below
 # BYTE_OFFSET that are not listed are reserved so new specials never shift the byte ids.
 BYTE_SPECIAL_TOKENS = (
@@ -42,6 +44,7 @@ class ByteTokenizer:
         self.eos_ids = frozenset({self.eos_id})
         self.special_ids = frozenset(self._special.values())
         self.add_bos = True
+        self.id_limit = self.vocab_size  # every id encode() can return is below this
 
     def encode(self, text: str, add_special: bool = False) -> list[int]:
         """Bytes of ``text`` with special-token strings mapped to their ids; BOS first if asked."""
@@ -88,21 +91,30 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON ({e})") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
-def _read_chat_template(directory: Path, config: dict) -> Optional[str]:
-    """Newer transformers save ``chat_template.jinja`` beside the config; older ones inline it."""
+def _read_chat_template(directory: Path, config: dict) -> tuple[Optional[str], Optional[Path]]:
+    """(template, the file it is in). Newer transformers save ``chat_template.jinja`` beside the
+    config; older ones inline it in tokenizer_config.json."""
     jinja_file = directory / "chat_template.jinja"
     if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
+        try:
+            return jinja_file.read_text(encoding="utf-8"), jinja_file
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"{jinja_file}: not a text (UTF-8) file ({e})") from None
     tpl = config.get("chat_template")
     if isinstance(tpl, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
         tpl = named.get("default") or next(iter(named.values()), None)
-    return tpl if isinstance(tpl, str) else None
+    if isinstance(tpl, str):
+        return tpl, directory / "tokenizer_config.json"
+    return None, None
 
 
 class HFTokenizer:
@@ -118,11 +130,16 @@ class HFTokenizer:
         path = Path(tokenizer_json)
         directory = path.parent
         self.path = path
-        self._tok = Tokenizer.from_file(str(path))
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust side raises a bare Exception for a malformed file
+            raise TokenizerError(f"{path}: not a valid tokenizer.json ({e})") from None
         config = _read_json(directory / "tokenizer_config.json")
         gen_config = _read_json(directory / "generation_config.json")
 
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self.id_limit = max(vocab.values(), default=-1) + 1  # ids need not be contiguous
         added = self._tok.get_added_tokens_decoder()
         self.special_ids = frozenset(i for i, t in added.items() if t.special)
 
@@ -130,10 +147,20 @@ class HFTokenizer:
         self.eos_token = _token_str(config.get("eos_token"))
         self.pad_token = _token_str(config.get("pad_token"))
         self.unk_token = _token_str(config.get("unk_token"))
+        for key in ("bos_token", "eos_token", "pad_token"):
+            token = getattr(self, key)
+            if token is not None and self._tok.token_to_id(token) is None:
+                raise TokenizerError(f"{directory / 'tokenizer_config.json'}: {key} {token!r} is not in the "
+                                     f"vocabulary of {path}")
         self.bos_id = self._id_or_none(self.bos_token)
         self.eos_id = self._id_or_none(self.eos_token)
         eos_ids = gen_config.get("eos_token_id")
-        eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
+        eos_ids = [eos_ids] if isinstance(eos_ids, int) else eos_ids
+        if eos_ids is not None and not (isinstance(eos_ids, list) and all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.id_limit for i in eos_ids)):
+            raise TokenizerError(f"{directory / 'generation_config.json'}: eos_token_id={eos_ids!r}: expected "
+                                 f"token ids below {self.id_limit}")
+        eos_ids = list(eos_ids or [])
         if self.eos_id is None and eos_ids:  # some repos only name eos in generation_config
             self.eos_id = eos_ids[0]
             self.eos_token = self._tok.id_to_token(self.eos_id)
@@ -148,7 +175,7 @@ class HFTokenizer:
         else:
             probe = self._tok.encode("a", add_special_tokens=True).ids
             self.add_bos = self.bos_id is not None and bool(probe) and probe[0] == self.bos_id
-        self.chat_template = _read_chat_template(directory, config)
+        self.chat_template, self.chat_template_file = _read_chat_template(directory, config)
 
     def _id_or_none(self, token: Optional[str]) -> Optional[int]:
         return None if token is None else self._tok.token_to_id(token)
@@ -171,18 +198,35 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str):
-    """``"byte"`` -> :class:`ByteTokenizer`; a ``tokenizer.json`` or a directory holding one -> HF."""
+    """``"byte"`` -> :class:`ByteTokenizer`; a ``tokenizer.json`` or a directory holding one -> HF.
+
+    A missing or malformed file raises :class:`TokenizerError` naming it.
+    """
     if spec == "byte":
         return ByteTokenizer()
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "tokenizer.json").is_file():
-            raise FileNotFoundError(
+            raise TokenizerError(
                 f"tokenizer: directory {path} has no tokenizer.json (only fast tokenizers are supported; "
                 "convert a slow one with transformers' AutoTokenizer(...).save_pretrained)"
             )
         path = path / "tokenizer.json"
     elif not path.is_file():
-        raise FileNotFoundError(f"tokenizer: {path} does not exist (expected 'byte', a tokenizer.json "
-                                "or a directory containing one)")
+        raise TokenizerError(f"tokenizer: {path} does not exist (expected 'byte', a tokenizer.json "
+                             "or a directory containing one)")
     return HFTokenizer(path)
+
+
+def check_vocab(model_vocab_size: int, tokenizer, where: str = "model.vocab_size") -> None:
+    """Raise :class:`TokenizerError` if ``tokenizer`` can emit an id the model has no embedding row for.
+
+    ``where`` names the setting in the message (e.g. ``"configs/x.yaml: model.vocab_size"``). A model
+    vocabulary larger than the tokenizer's (padding rows, e.g. to a multiple of the tensor-parallel
+    size) is fine.
+    """
+    limit = int(getattr(tokenizer, "id_limit", tokenizer.vocab_size))
+    if model_vocab_size < limit:
+        raise TokenizerError(
+            f"{where}: {model_vocab_size} is smaller than the tokenizer's id range ({limit} ids, {tokenizer!r}); "
+            f"ids {model_vocab_size}..{limit - 1} would index past the embedding. Set model.vocab_size >= {limit}")

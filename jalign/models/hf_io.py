@@ -7,10 +7,10 @@
 Loading never materialises a full tensor on a device that holds only a shard of it: every parameter is
 built with ``jax.make_array_from_callback`` and each callback reads just its slice from a memory-mapped
 safetensors file (per-layer HF tensors are stacked into our ``[L, ...]`` layout slice by slice).
-We parse the safetensors header ourselves and ``np.memmap`` the data, because safetensors 0.8's
-``framework="numpy"`` cannot return bfloat16 and ``framework="flax"`` would put each whole tensor on one
-device; ``ml_dtypes`` gives numpy a bfloat16. Saving gathers one (per-layer) tensor at a time with
-``process_allgather`` and only process 0 writes, into a temp dir renamed into place at the end.
+Every file is validated before any tensor is read (``jalign.models.safetensors_file``: the
+``safetensors`` library's own checks, and a message naming the file and tensor). Saving gathers one
+(per-layer) tensor at a time with ``process_allgather`` and only process 0 writes, into a temp dir
+renamed into place at the end.
 """
 from __future__ import annotations
 
@@ -28,38 +28,84 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 from jalign.config import ModelConfig, RopeScalingConfig
+from jalign.errors import HFCheckpointError  # noqa: F401  (re-exported: jalign.models.hf_io.HFCheckpointError)
 from jalign.models.params import flatten, param_shardings, unflatten
+from jalign.models.safetensors_file import ST_NAMES, SafetensorsFile, open_weights  # noqa: F401  (re-exported)
 from jalign.models.transformer import declare_params
 from sharding.rules import DEFAULT_RULES
-
-
-class HFCheckpointError(ValueError):
-    """A Hugging Face directory we cannot read; the message names the file / tensor and the problem."""
 
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                  "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-              "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64,
-              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
 # ---- config.json <-> ModelConfig ------------------------------------------------------------------
 def read_hf_config(hf_dir) -> dict:
-    path = Path(hf_dir) / "config.json"
+    d = Path(hf_dir)
+    path = d / "config.json"
+    if not d.is_dir():
+        raise HFCheckpointError(f"{d}: no such directory (expected a Hugging Face model directory)")
     if not path.is_file():
         raise HFCheckpointError(f"{path}: missing config.json (not a Hugging Face model directory)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        c = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise HFCheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HFCheckpointError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(c, dict):
+        raise HFCheckpointError(f"{path}: invalid config: expected a JSON object, got {type(c).__name__}")
+    archs = c.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise HFCheckpointError(f"{path}: architectures={archs!r}: expected a list of class names")
+    return c
+
+
+# the numeric keys model_config_from_hf reads
+_HF_INT_KEYS = ("hidden_size", "num_attention_heads", "vocab_size", "intermediate_size", "num_hidden_layers")
+_HF_OPTIONAL_INT_KEYS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+_HF_FLOAT_KEYS = ("rope_theta", "rms_norm_eps")
+_ROPE_KEYS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+              "linear": ("factor",)}
+
+
+def check_hf_config(c: dict, where: str) -> None:
+    """Every key ``model_config_from_hf`` reads is present (when required) with a usable value, so
+    a bad config.json is one message naming the key rather than a KeyError / TypeError later."""
+    def positive_int(key, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+            raise HFCheckpointError(f"{where}: {key}={value!r}: expected a positive integer")
+
+    for key in _HF_INT_KEYS:
+        if c.get(key) is None:
+            raise HFCheckpointError(f"{where}: missing key {key!r}")
+        positive_int(key, c[key])
+    for key in _HF_OPTIONAL_INT_KEYS:
+        if c.get(key) is not None:
+            positive_int(key, c[key])
+    for key in _HF_FLOAT_KEYS:
+        v = c.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
+                              or not math.isfinite(v)):
+            raise HFCheckpointError(f"{where}: {key}={v!r}: expected a positive number")
+    for block in ("rope_scaling", "rope_parameters"):
+        scaling = c.get(block)
+        if scaling is None:
+            continue
+        if not isinstance(scaling, dict):
+            raise HFCheckpointError(f"{where}: {block}={scaling!r}: expected an object")
+        rtype = scaling.get("rope_type", scaling.get("type", "default"))
+        for key in _ROPE_KEYS.get(rtype, ()):
+            v = scaling.get(key)
+            if v is None:
+                raise HFCheckpointError(f"{where}: {block}.{key}: missing (needed for rope_type {rtype!r})")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise HFCheckpointError(f"{where}: {block}.{key}={v!r}: expected a positive number")
 
 
 def model_config_from_hf(hf_dir, *, seq_len: Optional[int] = None, **overrides) -> ModelConfig:
@@ -77,6 +123,7 @@ def model_config_from_hf(hf_dir, *, seq_len: Optional[int] = None, **overrides) 
         raise HFCheckpointError(f"{where}: unsupported architecture {archs or c.get('model_type')!r}; "
                                 f"supported: {', '.join(ARCHITECTURES)}")
     family = ARCHITECTURES[arch]
+    check_hf_config(c, where)
     try:
         D, H = int(c["hidden_size"]), int(c["num_attention_heads"])
         kw = dict(vocab_size=int(c["vocab_size"]), hidden=D, mlp=int(c["intermediate_size"]),
@@ -198,62 +245,13 @@ def _hf_layout(cfg: ModelConfig) -> dict[str, _Map]:
     return m
 
 
-# ---- safetensors reading (memory-mapped, any dtype incl. bf16) -----------------------------------
-class _SafetensorsFile:
-    def __init__(self, path: Path):
-        self.path = path
-        try:
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise HFCheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-        header.pop("__metadata__", None)
-        self.header, self.data_start = header, 8 + n
-
-    def shape(self, name: str) -> tuple:
-        return tuple(self.header[name]["shape"])
-
-    def array(self, name: str) -> np.ndarray:
-        info = self.header[name]
-        if info["dtype"] not in _ST_DTYPES:
-            raise HFCheckpointError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
-        begin, _ = info["data_offsets"]
-        return np.memmap(self.path, dtype=_ST_DTYPES[info["dtype"]], mode="r", offset=self.data_start + begin,
-                         shape=tuple(info["shape"]))
-
-
-def _open_weights(hf_dir) -> dict[str, _SafetensorsFile]:
-    """{tensor name: file} from model.safetensors or model.safetensors.index.json."""
-    d = Path(hf_dir)
-    index = d / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise HFCheckpointError(f"{index}: invalid index ({e!r})") from None
-        files = {}
-        for fname in sorted(set(weight_map.values())):
-            if not (d / fname).is_file():
-                raise HFCheckpointError(f"{index}: lists {fname}, which is missing from {d}")
-            files[fname] = _SafetensorsFile(d / fname)
-        return {name: files[f] for name, f in weight_map.items()}
-    single = d / "model.safetensors"
-    if single.is_file():
-        f = _SafetensorsFile(single)
-        return {name: f for name in f.header}
-    other = sorted(p.name for p in d.glob("*.bin")) + sorted(p.name for p in d.glob("*.safetensors"))
-    raise HFCheckpointError(f"{d}: missing weights: no model.safetensors or model.safetensors.index.json"
-                            + (f" (found {', '.join(other)}; only safetensors are supported)" if other else ""))
-
-
 def load_hf_params(hf_dir, cfg: ModelConfig, mesh=None, rules=DEFAULT_RULES, dtype=jnp.float32) -> dict:
     """The params pytree (structure of ``declare_params(cfg)``) from a Hugging Face directory.
 
     With ``mesh``, each leaf has ``param_shardings(decls, mesh, rules)``; without, it lives on the first
     device. Host memory stays around one tensor slice; every device receives only its own shard.
     """
-    weights = _open_weights(hf_dir)
+    weights = open_weights(hf_dir)
     decls = declare_params(cfg)
     flat = flatten(decls)
     layout = _hf_layout(cfg)
@@ -266,6 +264,8 @@ def load_hf_params(hf_dir, cfg: ModelConfig, mesh=None, rules=DEFAULT_RULES, dty
         for name in names:
             if name not in weights:
                 problems.append(f"missing tensor {name} (for {path})")
+            elif weights[name].dtype_problem(name):
+                problems.append(weights[name].dtype_problem(name))
             elif weights[name].shape(name) != m.hf_shape:
                 problems.append(f"{weights[name].path.name}: tensor {name} has shape {list(weights[name].shape(name))}"
                                 f", expected {list(m.hf_shape)} from config.json")
@@ -306,7 +306,7 @@ def _write_header(f, entries: list[tuple[str, tuple, np.dtype]]) -> None:
     header, off = {"__metadata__": {"format": "pt"}}, 0
     for name, shape, dt in entries:
         n = math.prod(shape) * dt.itemsize
-        header[name] = {"dtype": _ST_NAMES[dt], "shape": list(shape), "data_offsets": [off, off + n]}
+        header[name] = {"dtype": ST_NAMES[dt], "shape": list(shape), "data_offsets": [off, off + n]}
         off += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
@@ -417,65 +417,94 @@ def _abstract(cfg: ModelConfig, sharding):
 def load_params_checkpoint(ckpt_dir, cfg: ModelConfig) -> dict:
     """Params from ``jalign convert --out`` (``CKPT/params``, or any dir written by
     ``ocp.StandardCheckpointer().save(path, params)``), else from a training run directory via
-    ``jalign.checkpoint.load_params`` (newest step)."""
+    ``jalign.checkpoint.load_params``: its newest step, or the step of ``RUN/checkpoints/N``."""
     import orbax.checkpoint as ocp
 
+    from jalign.checkpoint import load_params
+
     path = Path(ckpt_dir).absolute()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{ckpt_dir}: no such checkpoint directory")
+    if path.name.isdigit() and (path / "state").is_dir():  # one step of a run: RUN/checkpoints/N
+        return load_params(path.parent, step=int(path.name))
     if (path / "params").is_dir():
         path = path / "params"
     if not (path / "_CHECKPOINT_METADATA").exists() or (path / "state").is_dir():
-        from jalign.checkpoint import load_params
-
         return load_params(ckpt_dir)
     target = _abstract(cfg, SingleDeviceSharding(jax.devices()[0]))
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(path, target)
 
 
+def checkpoint_config_path(ckpt_dir) -> Optional[Path]:
+    """The config.yaml describing a checkpoint: ``CKPT/config.yaml`` (a `jalign convert --out` dir or a
+    run dir), else the run's for ``RUN/checkpoints/N`` or ``RUN/checkpoints``."""
+    p = Path(ckpt_dir)
+    for cand in (p / "config.yaml", p.parent.parent / "config.yaml", p.parent / "config.yaml"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _tokenizer_dir(model: ModelConfig) -> Optional[str]:
+    """Where the tokenizer files of a model config live (None for the built-in byte tokenizer)."""
+    if model.tokenizer and model.tokenizer != "byte":
+        t = Path(model.tokenizer)
+        return str(t if t.is_dir() else t.parent)
+    return model.hf_path
+
+
 def convert_main(argv: list[str]) -> int:
-    """``jalign convert --hf DIR --out CKPT_DIR`` or ``jalign convert --from-checkpoint CKPT --to-hf DIR``."""
+    """``jalign convert --hf DIR --out CKPT_DIR`` or ``jalign convert --from-checkpoint CKPT --to-hf DIR``.
+
+    Bad input raises a :class:`jalign.errors.JalignError` (or ``OSError``) that ``jalign.cli`` prints
+    as one line.
+    """
     ap = argparse.ArgumentParser(prog="jalign convert", description=__doc__.split("\n")[0])
     ap.add_argument("--hf", help="Hugging Face model directory to read")
     ap.add_argument("--out", help="jalign checkpoint directory to write (params/ + config.yaml)")
-    ap.add_argument("--from-checkpoint", dest="ckpt", help="jalign params checkpoint to read")
+    ap.add_argument("--from-checkpoint", dest="ckpt", help="jalign checkpoint to read: a run directory (its "
+                    "newest step), one step RUN/checkpoints/N, or a `jalign convert --out` directory")
     ap.add_argument("--config", help="jalign YAML config whose model: section describes the checkpoint "
-                                     "(default: CKPT/config.yaml)")
+                                     "(default: CKPT/config.yaml, or RUN/config.yaml for RUN/checkpoints/N)")
     ap.add_argument("--to-hf", dest="to_hf", help="Hugging Face directory to write")
     ap.add_argument("--tokenizer", help="directory whose tokenizer files are copied into --to-hf")
-    ap.add_argument("--dtype", default=None, help="dtype of the written tensors (float32, bfloat16)")
+    ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                    help="dtype of the written tensors (default: float32 from HF, the params' from a checkpoint)")
     ap.add_argument("--max-shard-gb", type=float, default=2.0)
     a = ap.parse_args(argv)
     from jalign.config import Config, ConfigError, dump_config, load_config
 
-    try:
-        if a.hf and a.out:
-            import orbax.checkpoint as ocp
+    if a.hf and a.out:
+        import orbax.checkpoint as ocp
 
-            cfg = model_config_from_hf(a.hf)
-            params = load_hf_params(a.hf, cfg, dtype=jnp.dtype(a.dtype or "float32"))
-            out = Path(a.out).absolute()
-            out.mkdir(parents=True, exist_ok=True)
-            with ocp.StandardCheckpointer() as ckptr:
-                ckptr.save(out / "params", params)
-            tok = a.hf if (Path(a.hf) / "tokenizer.json").is_file() else cfg.tokenizer
-            dump_config(Config(model=dataclasses.replace(cfg, hf_path=None, init_from=str(out), tokenizer=tok)),
-                        out / "config.yaml")
-            print(f"wrote {out}/params and {out}/config.yaml ({cfg.layers} layers, vocab {cfg.vocab_size})")
-            return 0
-        if a.ckpt and a.to_hf:
-            cfg_path = a.config or str(Path(a.ckpt) / "config.yaml")
-            if not Path(cfg_path).is_file():
-                print(f"jalign convert: no config: pass --config (tried {cfg_path})", file=sys.stderr)
-                return 2
-            cfg = load_config(cfg_path).model
-            params = load_params_checkpoint(a.ckpt, cfg)
-            save_hf(params, cfg, a.to_hf, tokenizer_dir=a.tokenizer or cfg.hf_path, dtype=a.dtype,
+        cfg = model_config_from_hf(a.hf)
+        out = Path(a.out).absolute()
+        if (out / "params").exists():
+            raise ConfigError(f"--out {a.out}: {out / 'params'} already exists; choose a new directory")
+        params = load_hf_params(a.hf, cfg, dtype=jnp.dtype(a.dtype or "float32"))
+        out.mkdir(parents=True, exist_ok=True)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(out / "params", params)
+        tok = a.hf if (Path(a.hf) / "tokenizer.json").is_file() else cfg.tokenizer
+        dump_config(Config(model=dataclasses.replace(cfg, hf_path=None, init_from=str(out), tokenizer=tok)),
+                    out / "config.yaml")
+        print(f"wrote {out}/params and {out}/config.yaml ({cfg.layers} layers, vocab {cfg.vocab_size})")
+        return 0
+    if a.ckpt and a.to_hf:
+        cfg_path = a.config or checkpoint_config_path(a.ckpt)
+        if cfg_path is None:
+            raise ConfigError(f"--from-checkpoint {a.ckpt}: no config.yaml beside it or in its run directory; "
+                              "pass --config RUN/config.yaml")
+        cfg = load_config(cfg_path).model
+        params = load_params_checkpoint(a.ckpt, cfg)
+        try:
+            save_hf(params, cfg, a.to_hf, tokenizer_dir=a.tokenizer or _tokenizer_dir(cfg), dtype=a.dtype,
                     max_shard_bytes=int(a.max_shard_gb * 1024**3))
-            print(f"wrote {a.to_hf}")
-            return 0
-    except (HFCheckpointError, ConfigError, FileNotFoundError) as e:
-        print(f"jalign convert: {e}", file=sys.stderr)
-        return 1
+        except ValueError as e:  # params that do not fit the config / have no HF architecture
+            raise HFCheckpointError(f"{a.ckpt} (config {cfg_path}): cannot write a Hugging Face model: {e}") from e
+        print(f"wrote {a.to_hf} (from {a.ckpt}, config {cfg_path})")
+        return 0
     ap.print_usage(sys.stderr)
     print("jalign convert: need either --hf DIR --out CKPT_DIR or --from-checkpoint CKPT_DIR --to-hf OUT_DIR",
           file=sys.stderr)

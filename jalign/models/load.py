@@ -71,7 +71,7 @@ def parse_source(spec: Optional[str], *, where: str) -> WeightSource:
             raise LoadError(f"{where}: {p} is neither a Hugging Face directory (config.json) nor a jalign run "
                             "(config.yaml, checkpoints/)")
     if kind == "hf" and not (p / "config.json").is_file():
-        raise LoadError(f"{where}: {p}: missing config.json (not a Hugging Face model directory)")
+        raise LoadError(f"{where}: {p / 'config.json'}: missing config.json (not a Hugging Face model directory)")
     return WeightSource(kind, str(p), step)
 
 
