@@ -59,9 +59,10 @@ def _host(x: jax.Array, layer: int) -> np.ndarray:
 
 
 def peft_adapter_config(lora_cfg: LoRAConfig, base_model_name_or_path: Optional[str] = None) -> dict:
-    targets = resolve_targets(lora_cfg)
+    targets, alpha = resolve_targets(lora_cfg), lora_cfg.alpha
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-            "r": lora_cfg.rank, "lora_alpha": int(a) if (a := lora_cfg.alpha) == int(a) else a, "lora_dropout": lora_cfg.dropout,
+            "r": lora_cfg.rank, "lora_alpha": int(alpha) if alpha == int(alpha) else alpha,
+            "lora_dropout": lora_cfg.dropout,
             "target_modules": [PEFT_MODULES[n].split(".")[1] for n in targets], "bias": "none",
             "use_rslora": False, "use_dora": False, "fan_in_fan_out": False, "init_lora_weights": True,
             "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
@@ -92,7 +93,8 @@ def save_peft(adapters: dict, lora_cfg: LoRAConfig, cfg: ModelConfig, out_dir, *
         n_in, n_out = math.prod(a.shape[1:-1]), math.prod(b.shape[2:])
         for i in range(cfg.layers):
             p = f"base_model.model.model.layers.{i}.{PEFT_MODULES[name]}"
-            entries += [(f"{p}.lora_A.weight", name, "a", i, (r, n_in)), (f"{p}.lora_B.weight", name, "b", i, (n_out, r))]
+            entries += [(f"{p}.lora_A.weight", name, "a", i, (r, n_in)),
+                        (f"{p}.lora_B.weight", name, "b", i, (n_out, r))]
     out_dir = Path(out_dir)
     writer = jax.process_index() == 0
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
@@ -141,7 +143,7 @@ def read_peft_config(adapter_dir) -> tuple[LoRAConfig, dict]:
         raise HFCheckpointError(f"{path}: peft_type={c.get('peft_type')!r}; only LORA adapters are supported")
     for key, what in _UNSUPPORTED.items():
         if c.get(key):
-            raise HFCheckpointError(f"{path}: {key}={c[key]!r}: {what} are not supported")
+            raise HFCheckpointError(f"{path}: {key}={c[key]!r} is not supported ({what})")
     if c.get("bias", "none") != "none":
         raise HFCheckpointError(f"{path}: bias={c['bias']!r}: trained biases are not supported (need 'none')")
     try:
@@ -196,7 +198,8 @@ def load_peft(adapter_dir, cfg: ModelConfig, *, mesh=None, rules=DEFAULT_RULES, 
                 raise HFCheckpointError(f"{wpath}: no lora_{ab.upper()} for {PEFT_MODULES[name]} in layers {missing} "
                                         "(adapters on a subset of layers are not supported)")
             per_layer = decl.shape[1:]
-            want = (lora_cfg.rank, math.prod(per_layer[:-1])) if ab == "a" else (math.prod(per_layer[1:]), lora_cfg.rank)
+            r = lora_cfg.rank
+            want = (r, math.prod(per_layer[:-1])) if ab == "a" else (math.prod(per_layer[1:]), r)
             views = []
             for i in range(cfg.layers):
                 if st.shape(keys[i]) != want:
