@@ -228,7 +228,8 @@ def test_nf4_matches_numpy_and_bound(base):
     for name in quant.LINEARS:
         w = np.asarray(base["layers"][name])
         want, absmax = nf4_numpy(w, EMBED_AXIS[name], 64)
-        assert q["layers"][name]["qvalue"].dtype == jnp.uint4
+        codes = q["layers"][name]["qvalue"]  # two 4-bit codes per byte along d_model
+        assert codes.dtype == jnp.uint8 and codes.shape[EMBED_AXIS[name]] * 2 == w.shape[EMBED_AXIS[name]]
         deq = np.asarray(quant.dequantize(q["layers"][name]))
         np.testing.assert_allclose(deq, want, rtol=0, atol=1e-7)
         assert np.all(np.abs(deq - w) <= absmax * half_gap * (1 + 1e-5)), name
@@ -270,6 +271,24 @@ def test_base_memory_measured(base):
     assert f32 == 4 * (n_lin + n_rest)
     assert sizes["nf4"] == 4 * n_rest + n_lin // 2 + 4 * n_lin // 64
     assert sizes["nf4_dq"] < sizes["nf4"] < sizes["int8"] < f32
+
+
+def test_quantized_base_is_not_materialised_in_training():
+    """XLA's own accounting of a LoRA gradient step: a quantised base takes its own bytes as arguments
+    and adds no temporaries over the f32 base (no dequantised copy of the layers kept for backward)."""
+    cfg = ModelConfig(vocab_size=64, hidden=256, mlp=512, layers=6, heads=4, kv_heads=2)
+    decls, lcfg = tfm.declare_params(cfg), LoRAConfig(rank=4, alpha=8.0)
+    b = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), rows(B=4, T=32, vocab=64))
+    ad = params_lib.abstract_params(lora.declare_lora(cfg, lcfg))
+    grad = jax.jit(jax.grad(lambda a, base, b: lm_loss(lora.with_adapters(base, a, lcfg), b, cfg)))
+    mem = {}
+    for fmt in (None, "int8", "nf4"):
+        frozen = quant.abstract_quantized(decls, fmt) if fmt else params_lib.abstract_params(decls)
+        mem[fmt] = grad.lower(ad, frozen, b).compile().memory_analysis()
+        assert mem[fmt].argument_size_in_bytes == quant.tree_bytes((ad, frozen, b))
+    # Slack of 64 KiB for bookkeeping; a copy of the layers would be >= 1 byte per weight (3.5 MB here).
+    for fmt in ("int8", "nf4"):
+        assert mem[fmt].temp_size_in_bytes <= mem[None].temp_size_in_bytes + 2**16, fmt
 
 
 def test_qlora_training_lowers_loss(base):

@@ -9,11 +9,15 @@ For a linear weight W [in..., out...] (our layout: input axes first, e.g. q [D, 
 
     y = x W + (alpha / r) * (dropout(x) A) B,    A [in..., r],  B [r, out...]
 
-(Hu et al., eq. 3; the dropout on the adapter input and the init follow PEFT: A ~ U(+-1/sqrt(fan_in)),
-i.e. torch's kaiming_uniform(a=sqrt(5)) of ``lora_A``, and B = 0, so training starts at the base).
-The adapters are ordinary declared parameters (logical axes ``("layers", *in_axes, "lora_rank")`` and
-``("layers", "lora_rank", *out_axes)``), so they shard, checkpoint and restore like the base. The base
-may hold plain arrays or quantised nodes (``jalign.models.quant``): ``linear`` dequantises on use.
+(Hu et al., eq. 3, with the alpha / r scaling of their section 4.1; the dropout on the adapter input
+and the init follow PEFT: A ~ U(+-1/sqrt(fan_in)), torch's kaiming_uniform(a=sqrt(5)) of ``lora_A``, and
+B = 0, so training starts exactly at the base). The adapter is applied to the activations inside the
+layer scan rather than folded into W there: no [in, out] temporary per layer, a backward pass costing
+tokens * (in + out) * r instead of a full tokens * in * out weight gradient, and the dropout on the
+adapter input needs x anyway. The adapters are ordinary declared parameters (logical axes
+``("layers", *in_axes, "lora_rank")`` and ``("layers", "lora_rank", *out_axes)``), so they shard,
+checkpoint and restore like the base. The base may hold plain arrays or quantised nodes
+(``jalign.models.quant``): ``linear`` dequantises those on use.
 """
 from __future__ import annotations
 
@@ -150,7 +154,9 @@ def linear(eq: str, x: jax.Array, w, dtype) -> jax.Array:
         u = jnp.einsum(f"{lhs},{ins}{r}->{mid}", xa, w.a.astype(dtype)) * jnp.asarray(w.scale, dtype)
         return y + jnp.einsum(f"{mid},{r}{outs}->{out}", u, w.b.astype(dtype))
     if quant.is_quantized(w):
-        return jnp.einsum(eq, x, quant.dequantize(w, dtype))
+        # Rematerialised: the backward pass dequantises again from the codes. Otherwise the scan keeps
+        # each layer's dequantised weight as a residual, a full-precision copy of the base in training.
+        return jax.checkpoint(lambda x, w: jnp.einsum(eq, x, quant.dequantize(w, dtype)))(x, w)
     return jnp.einsum(eq, x, w.astype(dtype))
 
 

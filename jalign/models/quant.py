@@ -14,10 +14,14 @@ Formats (the number of stored bits per weight in brackets; scales are float32):
 
 A quantised weight is a plain dict ``{"qvalue", "scale"[, "zero_point"]}`` (the fields of qwix's
 ``QArray``; ``scale`` may itself be such a dict), so flatten/param_specs/abstract shapes, scan slicing
-and device_put work unchanged, and the format is read from the dtype of ``qvalue`` (uint4: nf4, int8).
-Quantising and dequantising are qwix's (``qwix.quantize``/``qwix.dequantize``, pure functions on
-arrays); XLA stores uint4 packed, two codes per byte. Embedding, lm head, norms and biases stay in
-their dtype (as in QLoRA / bitsandbytes, which quantise only the blocks' linear layers).
+and device_put work unchanged, and the format is read from the dtype of ``qvalue`` (int8: int8;
+uint8: nf4 codes packed two per byte along d_model). Quantising and dequantising are qwix's
+(``qwix.quantize``/``qwix.dequantize``, pure functions on arrays). qwix keeps nf4 codes as jnp.uint4;
+we pack them into bytes ourselves because XLA's CPU backend makes an unpacked (one byte per code) copy
+of a whole uint4 array that a loop slices, i.e. of the stacked layers under ``lax.scan`` (measured:
++1 byte per weight of temp memory); packed bytes are unpacked one layer at a time inside the scan.
+Embedding, lm head, norms and biases stay in their dtype (as in QLoRA / bitsandbytes, which quantise
+only the blocks' linear layers).
 """
 from __future__ import annotations
 
@@ -42,24 +46,39 @@ def is_quantized(node) -> bool:
     return isinstance(node, dict) and "qvalue" in node
 
 
-def _qtype(qvalue):
-    dt = jnp.dtype(qvalue.dtype)
-    if dt == jnp.dtype(jnp.uint4):
-        return "nf4"
-    if dt == jnp.dtype(jnp.int8):
-        return jnp.int8
-    raise TypeError(f"quantised weight with qvalue dtype {dt}: expected uint4 (nf4) or int8")
+def _pack_nibbles(codes: jax.Array, axis: int) -> jax.Array:
+    """4-bit codes -> uint8 with codes 2j (low nibble) and 2j+1 (high nibble) of ``axis`` in byte j."""
+    c = codes.astype(jnp.uint8)
+    c = c.reshape(c.shape[:axis] + (c.shape[axis] // 2, 2) + c.shape[axis + 1:])
+    low, high = jnp.take(c, 0, axis=axis + 1), jnp.take(c, 1, axis=axis + 1)
+    return low | (high << 4)
+
+
+def _unpack_nibbles(packed: jax.Array, axis: int) -> jax.Array:
+    both = jnp.stack([packed & 0xF, packed >> 4], axis=axis + 1)
+    return both.reshape(packed.shape[:axis] + (2 * packed.shape[axis],) + packed.shape[axis + 1:])
 
 
 def dequantize(node, dtype=jnp.float32) -> jax.Array:
-    """The weight a quantised node stands for: (c[q] - zero_point) * scale, scale broadcast per block."""
+    """The weight a quantised node stands for: (c[q] - zero_point) * scale, scale broadcast per block.
+
+    ``qvalue`` int8: the int8 format; uint8: nf4 codes packed two per byte along the block axis (the
+    one axis where codes and scales differ in size).
+    """
     import qwix
 
     scale = node["scale"]
     if is_quantized(scale):
         scale = dequantize(scale, jnp.float32)
-    qa = qwix.QArray(qvalue=node["qvalue"], scale=scale, zero_point=node.get("zero_point"),
-                     qtype=_qtype(node["qvalue"]))
+    q = node["qvalue"]
+    if jnp.dtype(q.dtype) == jnp.dtype(jnp.uint8):
+        axis = next(i for i, (n, m) in enumerate(zip(q.shape, scale.shape)) if n != m)
+        q, qtype = _unpack_nibbles(q, axis), "nf4"
+    elif jnp.dtype(q.dtype) == jnp.dtype(jnp.int8):
+        qtype = jnp.int8
+    else:
+        raise TypeError(f"quantised weight with qvalue dtype {q.dtype}: expected int8 or uint8 (packed nf4)")
+    qa = qwix.QArray(qvalue=q, scale=scale, zero_point=node.get("zero_point"), qtype=qtype)
     return qwix.dequantize(qa).astype(dtype)
 
 
@@ -79,7 +98,7 @@ def _quantize_layer(w: jax.Array, fmt: str, n_in: int, embed_axis: int, block_si
     others = tuple(a for a in range(w.ndim) if a != embed_axis)
     qa = qwix.quantize(w, "nf4", channelwise_axes=others, tiled_axes={embed_axis: block_size},
                        scale_dtype=jnp.float32)
-    node = {"qvalue": qa.qvalue, "scale": qa.scale}
+    node = {"qvalue": _pack_nibbles(qa.qvalue, embed_axis), "scale": qa.scale}
     if fmt == "nf4_dq":
         s = qa.scale
         ax = int(np.argmax(s.shape))  # blocks along the longest axis of the absmaxes
@@ -97,6 +116,8 @@ def _check_format(fmt: str, block_size: int, path: str, decl: ParamDecl):
         if "embed" not in decl.axes:
             raise ValueError(f"{path}: nf4 blocks run along 'embed', which this parameter lacks ({decl.axes})")
         d = decl.shape[decl.axes.index("embed")]
+        if block_size < 4 or block_size % 2:
+            raise ValueError(f"nf4 block size must be even and at least 4, got {block_size}")
         if d % block_size:
             raise ValueError(f"{path}: d_model={d} is not divisible by the nf4 block size {block_size}")
 
