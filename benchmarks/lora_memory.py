@@ -3,6 +3,11 @@ computed from the declarations alone (``jax.eval_shape`` of the quantiser: nothi
 
     python benchmarks/lora_memory.py                    # the tiny config and Llama-3-8B
     python benchmarks/lora_memory.py --rank 8 --targets q,v
+    python benchmarks/lora_memory.py --compiled         # + XLA's memory_analysis of a LoRA gradient step
+
+``--compiled`` compiles (never runs) ``grad(loss)(adapters, base, batch)`` for one device from abstract
+shapes and prints XLA's argument and temp bytes per base format: what the quantised base saves at run
+time, and that no dequantised copy of the layers is kept for the backward pass.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import jax.numpy as jnp
 from jalign.config import LoRAConfig, ModelConfig
 from jalign.models import lora, quant
 from jalign.models.params import abstract_params, flatten
+from jalign.models import transformer as tfm
 from jalign.models.transformer import declare_params
 
 CONFIGS = {
@@ -51,16 +57,47 @@ def report(name: str, cfg: ModelConfig, lcfg: LoRAConfig) -> None:
     print("  bits per linear weight: " + ", ".join(f"{f} {8 * n / lin:.3f}" for f, n in n_lin.items()))
 
 
+def compiled_step(name: str, cfg: ModelConfig, lcfg: LoRAConfig, batch: int, seq: int) -> None:
+    import dataclasses
+
+    import jax
+
+    cfg = dataclasses.replace(cfg, dtype="bfloat16", remat="full")
+    decls = declare_params(cfg)
+    ad = abstract_params(lora.declare_lora(cfg, lcfg))
+    tok = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+
+    def loss(adapters, base, tokens):
+        p = lora.with_adapters(base, adapters, lcfg)
+        logits = tfm.lm_logits(p, tfm.forward(p, tokens, tokens, tokens, cfg), cfg)
+        return jnp.mean(jax.nn.logsumexp(logits, -1))
+
+    grad = jax.jit(jax.grad(loss))
+    print(f"\n{name}: compiled LoRA gradient step, batch {batch} x {seq} tokens, bf16 compute, remat full, "
+          "1 device")
+    print("  base format                 arguments          temp")
+    for label, base in [("float32", abstract_params(decls, jnp.float32)),
+                        ("bfloat16", abstract_params(decls, jnp.bfloat16))] + [
+            (f"{fmt} (rest bf16)", quant.abstract_quantized(decls, fmt, dtype=jnp.bfloat16)) for fmt in quant.FORMATS]:
+        m = grad.lower(ad, base, tok).compile().memory_analysis()
+        print(f"  {label:22s} {gib(m.argument_size_in_bytes)}  {gib(m.temp_size_in_bytes)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32.0)
     ap.add_argument("--targets", default="all-linear", help="all-linear or a comma list of q,k,v,o,gate,up,down")
+    ap.add_argument("--compiled", action="store_true", help="also compile a LoRA gradient step per base format")
+    ap.add_argument("--seq", type=int, default=1024)
     a = ap.parse_args()
     targets = a.targets if a.targets == "all-linear" else a.targets.split(",")
     lcfg = LoRAConfig(rank=a.rank, alpha=a.alpha, targets=targets)
     for name, cfg in CONFIGS.items():
         report(name, cfg, lcfg)
+    if a.compiled:
+        for name, cfg in CONFIGS.items():
+            compiled_step(name, cfg, lcfg, batch=1, seq=a.seq)
 
 
 if __name__ == "__main__":
