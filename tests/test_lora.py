@@ -193,6 +193,24 @@ def test_model_forward_with_dropout_is_keyed(base):
     assert not np.allclose(l1, adapter_logits(base, ad, drop, b))
 
 
+def test_kv_cache_decode_with_adapters_on_a_quantised_base(base):
+    """Generation path: prefill + one-token decode steps through the KV cache == one full forward."""
+    b, lcfg = rows(), LoRAConfig(rank=4, alpha=8.0)
+    params = lora.with_adapters(quant.quantize_params(base, tfm.declare_params(CFG), "nf4"),
+                                random_adapters(CFG, lcfg), lcfg)
+    tokens = b["tokens"][:, :8]
+    pos, seg = jnp.broadcast_to(jnp.arange(8), tokens.shape), jnp.ones_like(tokens)
+    full = jax.jit(lambda p: tfm.forward(p, tokens, pos, seg, CFG))(params)
+    step = jax.jit(lambda p, c, i, t, ps, sg: tfm.forward(p, t, ps, sg, CFG, cache=c, cache_index=i))
+    cache = tfm.init_cache(CFG, tokens.shape[0], 8)
+    h, cache = step(params, cache, 0, tokens[:, :5], pos[:, :5], seg[:, :5])
+    outs = [h]
+    for i in range(5, 8):
+        h, cache = step(params, cache, i, tokens[:, i:i + 1], pos[:, i:i + 1], seg[:, i:i + 1])
+        outs.append(h)
+    assert_trees_close(np.asarray(jnp.concatenate(outs, 1)), np.asarray(full), rtol=1e-5)
+
+
 # ---- QLoRA: formats against NumPy, logits, memory, training ---------------------------------------
 def nf4_numpy(w: np.ndarray, embed_axis: int, block: int):
     """QLoRA's blockwise NF4 in NumPy: absmax per block of `block` along d_model, nearest code."""
@@ -336,6 +354,12 @@ def test_sharded_matches_unsharded(base, shape, fmt):
     ad_sh = params_lib.param_shardings(ldecls, mesh, rules)
     assert ad_sh["layers"]["q"]["b"].spec == jax.sharding.PartitionSpec(None, None, "tensor", None)
     frozen_d, ad_d = jax.device_put(frozen, frozen_sh), jax.device_put(ad, ad_sh)
+    if fmt:  # quantising a sharded base straight into the declared shardings gives the same tree
+        q = quant.quantize_params(jax.device_put(base, params_lib.param_shardings(decls, mesh, rules)), decls, fmt,
+                                  block_size=32, shardings=frozen_sh)
+        jax.tree.map(lambda x, y, s: (np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+                                      x.sharding.is_equivalent_to(s, x.ndim) or pytest.fail(str(x.sharding))),
+                     q, frozen, frozen_sh)
     with use_rules(mesh, rules):
         got_logits = jax.jit(fwd, in_shardings=(frozen_sh, ad_sh, None))(frozen_d, ad_d, b)
         got_loss, got_grad = jax.jit(loss_and_grad, in_shardings=(frozen_sh, ad_sh, None),
