@@ -36,6 +36,20 @@ class RopeScalingConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters (Hu et al. 2021, arXiv:2106.09685) on the layers' linear weights.
+
+    y = x W + (alpha / rank) * dropout(x) A B, with W frozen, A [in, rank] and B [rank, out] trained
+    (B = 0 at init, so training starts from the base). ``targets``: projection names or "all-linear".
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0  # on the adapter input (training only)
+    targets: Union[Literal["all-linear"], list[Literal["q", "k", "v", "o", "gate", "up", "down"]]] = "all-linear"
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 384
     hidden: int = 128
@@ -55,6 +69,11 @@ class ModelConfig:
     remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"
     attention: Literal["xla", "cudnn", "ring"] = "xla"  # "ring" is used whenever mesh.sequence > 1
     init_std: float = 0.02
+    # LoRA: train adapters on a frozen base (None: train every parameter). quantize_base stores the
+    # frozen base weights quantised (QLoRA): per-channel int8, NF4 blocks of 64, or NF4 with its
+    # block scales quantised again ("double quantisation").
+    lora: Optional[LoRAConfig] = None
+    quantize_base: Optional[Literal["int8", "nf4", "nf4_dq"]] = None
     max_seq_len: int = 4096
     # Where the weights come from. None: random init. A Hugging Face directory (config.json +
     # safetensors) via hf_path; a jalign run directory / checkpoint via init_from.

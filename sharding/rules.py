@@ -27,6 +27,7 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "layers": None,
     "head_dim": None,
     "norm": None,
+    "lora_rank": None,
     "attributes": None,
     "cache_seq": None,
 }

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from jalign.config import ModelConfig
 from jalign.models.attention import attend
+from jalign.models.lora import linear
 from jalign.models.params import DTYPES, ParamDecl
 from sharding.rules import constrain
 
@@ -114,10 +115,11 @@ def _remat_policy(name: str):
 def _layer(cfg: ModelConfig, x, p, positions, q_seg, kv_seg, q_idx, kv_idx, inv_freq, cache_kv, cache_index):
     dtype = DTYPES[cfg.dtype]
     w = lambda name: p[name].astype(dtype)  # noqa: E731
+    mm = lambda eq, a, name: linear(eq, a, p[name], dtype)  # noqa: E731  plain, quantised or LoRA weight
     h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-    q = jnp.einsum("btd,dhk->bthk", h, w("q"))
-    k = jnp.einsum("btd,dhk->bthk", h, w("k"))
-    v = jnp.einsum("btd,dhk->bthk", h, w("v"))
+    q = mm("btd,dhk->bthk", h, "q")
+    k = mm("btd,dhk->bthk", h, "k")
+    v = mm("btd,dhk->bthk", h, "v")
     if cfg.qkv_bias:
         q, k, v = q + w("q_bias"), k + w("k_bias"), v + w("v_bias")
     if cfg.qk_norm:
@@ -133,11 +135,11 @@ def _layer(cfg: ModelConfig, x, p, positions, q_seg, kv_seg, q_idx, kv_idx, inv_
         new_cache = (ck, cv)
         k, v = ck.astype(dtype), cv.astype(dtype)
     attn = attend(q, k, v, q_seg, kv_seg, q_idx, kv_idx, impl=cfg.attention)
-    x = x + constrain(jnp.einsum("bthk,hkd->btd", attn, w("o")), ("batch", "seq", "act_embed"))
+    x = x + constrain(mm("bthk,hkd->btd", attn, "o"), ("batch", "seq", "act_embed"))
     h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-    gate = constrain(jnp.einsum("btd,df->btf", h, w("gate")), ("batch", "seq", "mlp"))
-    up = constrain(jnp.einsum("btd,df->btf", h, w("up")), ("batch", "seq", "mlp"))
-    x = x + constrain(jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w("down")), ("batch", "seq", "act_embed"))
+    gate = constrain(mm("btd,df->btf", h, "gate"), ("batch", "seq", "mlp"))
+    up = constrain(mm("btd,df->btf", h, "up"), ("batch", "seq", "mlp"))
+    x = x + constrain(mm("btf,fd->btd", jax.nn.silu(gate) * up, "down"), ("batch", "seq", "act_embed"))
     return x, new_cache
 
 
