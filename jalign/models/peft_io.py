@@ -28,7 +28,8 @@ import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 from jalign.config import LoRAConfig, ModelConfig
-from jalign.models.hf_io import HFCheckpointError, _SafetensorsFile, _write_header, save_hf
+from jalign.models.hf_io import HFCheckpointError, _write_header, save_hf
+from jalign.models.safetensors_file import SafetensorsFile
 from jalign.models.lora import TARGETS, declare_lora, lora_scale, merge_adapters, resolve_targets
 from jalign.models.params import flatten, param_shardings, unflatten
 from sharding.rules import DEFAULT_RULES
@@ -169,7 +170,7 @@ def load_peft(adapter_dir, cfg: ModelConfig, *, mesh=None, rules=DEFAULT_RULES, 
         other = sorted(p.name for p in d.glob("adapter_model*"))
         raise HFCheckpointError(f"{d}: missing {WEIGHTS}" + (f" (found {', '.join(other)}; only safetensors "
                                                              "are supported)" if other else ""))
-    st = _SafetensorsFile(wpath)
+    st = SafetensorsFile(wpath)
     found: dict = {}  # (target, "a"/"b") -> {layer: tensor name}
     for key in st.header:
         m = _KEY.match(key)
