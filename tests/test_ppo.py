@@ -21,7 +21,7 @@ from sharding import make_mesh, make_rules, use_rules
 
 from helpers import assert_trees_close, roles_for
 
-MODEL = ["model.vocab_size=128", "model.hidden=32", "model.mlp=64", "model.layers=2", "model.heads=4",
+MODEL = ["model.vocab_size=288", "model.hidden=32", "model.mlp=64", "model.layers=2", "model.heads=4",
          "model.kv_heads=2"]
 OPTIM = ["optim.lr=1e-2", "optim.eps=1e-4", "optim.warmup_steps=0", "optim.schedule=constant",
          "optim.weight_decay=0.1", "optim.grad_clip=1.0"]
@@ -160,7 +160,9 @@ def test_reward_standardization_is_applied_before_the_penalty_and_kl(reference, 
 def test_sharded_update_equals_unsharded(reference, rm_dir, shape):
     r = one_update(runtime(ppo_overrides(rm_dir), make_mesh(*shape)), out=reference["out"])
     for key in ("actor_loss", "value_loss", "policy_loss", "entropy"):
-        np.testing.assert_allclose(r["metrics"][key], reference["metrics"][key], rtol=1e-5, atol=1e-7)
+        # the first-epoch policy loss is a mean of whitened advantages (~0 by construction): a sum of O(1)
+        # terms that cancel, so its float noise is ~1e-7 absolute whatever the sharding
+        np.testing.assert_allclose(r["metrics"][key], reference["metrics"][key], rtol=1e-5, atol=1e-6)
     assert_trees_close(r["actor"], reference["actor"])
     assert_trees_close(r["critic"], reference["critic"])
 

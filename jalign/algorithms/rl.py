@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from typing import Literal, Optional
 
 import jax
 import jax.numpy as jnp
@@ -139,16 +139,6 @@ def standardize_reward(score, offset: float, scale: float, clip: Optional[float]
     return score if clip is None else jnp.clip(score, -clip, clip)
 
 
-def call_reward(fn: Callable, prompt: str, response: str, reference, example) -> float:
-    """A rule reward takes (prompt, response, reference) or, to see the prompt's other fields, also the example."""
-    try:
-        return float(fn(prompt, response, reference, example))
-    except TypeError as e:
-        if "positional argument" not in str(e):
-            raise
-        return float(fn(prompt, response, reference))
-
-
 # ---- the algorithm ------------------------------------------------------------------------------
 class RLAlgorithm(Algorithm):
     """Rollout, scoring, minibatch updates shared by the RL algorithms (see the module docstring).
@@ -214,7 +204,8 @@ class RLAlgorithm(Algorithm):
         return rm
 
     def _rule_fn(self):
-        return lambda p, r, ref, ex: call_reward(self.rule, p, r, ref, ex)
+        """(prompt text, response, reference, example) -> reward; the example's other fields reach the rule."""
+        return lambda p, r, ref, ex: self.rule(p, r, ref, fields=getattr(ex, "fields", None))
 
     # ---- construction ---------------------------------------------------------------------------
     def role_specs(self):
