@@ -57,6 +57,11 @@ class ModelConfig:
     attention: Literal["xla", "cudnn", "ring"] = "xla"  # "ring" is used whenever mesh.sequence > 1
     init_std: float = 0.02
     max_seq_len: int = 4096
+    # Sliding-window attention (Mistral, Qwen2/3 use_sliding_window): query t sees key s only if
+    # t - s < sliding_window, in layers [sliding_window_start_layer, layers); earlier layers attend
+    # fully (Qwen2's max_window_layers). None = full causal attention everywhere.
+    sliding_window: Optional[int] = None
+    sliding_window_start_layer: int = 0
     # Where the weights come from. None: random init. A Hugging Face directory (config.json +
     # safetensors) via hf_path; a jalign run directory / checkpoint via init_from.
     hf_path: Optional[str] = None
