@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jalign.checkpoint import (CheckpointError, CheckpointMismatch, Checkpointer, CheckpointWriteError,
-                               check_resume_config, checksums, load_params)
+from jalign.checkpoint import (CheckpointError, CheckpointMismatch, Checkpointer, CheckpointWriteError, checksums,
+                               load_params)
 from jalign.config import ConfigError, dump_config, load_config, to_dict
+from jalign.resume import check_resume_config
 
 ROOT = Path(__file__).parent.parent
 
