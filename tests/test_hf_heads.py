@@ -61,8 +61,10 @@ def test_export_without_pad_token_scores_like_jalign(tmp_path, spare_rows):
     cfg = ModelConfig(vocab_size=vocab, hidden=32, mlp=64, layers=2, heads=4, kv_heads=2, tokenizer=str(tmp_path / "tok"))
     params = reward_params(cfg, bias=0.37)
     out = tmp_path / "rm"
-    export_reward_model(params, cfg, out, loss="bt", attribute_names=["reward"], tokenizer=tok,
-                        tokenizer_dir=tmp_path / "tok")
+    # the loop's call: the algorithm config and the tokenizer's (EOS-fallback) pad id; the rule reads the files
+    algo_cfg = type("RewardConfig", (), {"loss": "bt"})()
+    export_reward_model(params, cfg, out, algo_cfg, attribute_names=["reward"], tokenizer_dir=tmp_path / "tok",
+                        pad_id=tok.pad_id)
 
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     pad = tok.vocab_size  # the next free id

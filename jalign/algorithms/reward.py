@@ -204,6 +204,6 @@ class RewardModel(base.TrainedOnData):
         return out
 
     def export(self, state, out_dir: str) -> None:
-        export_reward_model(state["params"], self.rt.cfg.model, out_dir, loss=self.rt.cfg.algorithm.loss,
+        export_reward_model(state["params"], self.rt.cfg.model, out_dir, self.rt.cfg.algorithm,
                             attribute_names=getattr(self.data, "attribute_names", None) or ["reward"],
-                            tokenizer=self.tokenizer, tokenizer_dir=self.data.tokenizer_dir())
+                            tokenizer_dir=self.data.tokenizer_dir(), pad_id=self.tokenizer.pad_id)

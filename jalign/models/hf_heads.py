@@ -87,8 +87,17 @@ def _tokenizer_size(tokenizer_dir) -> Optional[int]:
     return Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
 
 
-def export_reward_model(params, cfg, out_dir, *, loss: str, attribute_names: Sequence[str], tokenizer=None,
-                        tokenizer_dir=None) -> str:
+def _tokenizer_of(tokenizer_dir):
+    """jalign's reading of the tokenizer files in ``tokenizer_dir`` (None without a tokenizer.json)."""
+    if not tokenizer_dir or not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        return None
+    from jalign.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(str(tokenizer_dir))
+
+
+def export_reward_model(params, cfg, out_dir, algo_cfg=None, *, attribute_names: Sequence[str], tokenizer_dir=None,
+                        pad_id: int = 0, tokenizer=None, loss: Optional[str] = None) -> str:
     """A Hugging Face ``<Family>ForSequenceClassification`` directory that scores like jalign.
 
     The trunk is written by ``hf_io.save_hf``; the head becomes ``score.weight`` [num_labels, hidden]
@@ -98,18 +107,24 @@ def export_reward_model(params, cfg, out_dir, *, loss: str, attribute_names: Seq
     HF's head has no bias, so ``score_bias`` (zero for Bradley-Terry training, where it gets no
     gradient) is kept in ``reward_head.json`` with the loss, the attribute names, the pad token and
     the read-out rule. Call on every process (``save_hf`` gathers); only process 0 writes.
+
+    The pad rule reads ``tokenizer`` (jalign's tokenizer object) or else the tokenizer files in
+    ``tokenizer_dir``; ``pad_id`` is used only when there are neither (the built-in byte tokenizer,
+    pad 0). ``loss`` (default ``algo_cfg.loss``) is recorded in reward_head.json.
     """
     from jalign.models.hf_io import _write_header, save_hf
 
     out_dir = Path(out_dir)
-    pad_id = own_pad_id(tokenizer)
+    loss = loss if loss is not None else getattr(algo_cfg, "loss", None)
+    tokenizer = tokenizer if tokenizer is not None else _tokenizer_of(tokenizer_dir)
+    fallback_pad, pad_id = pad_id, own_pad_id(tokenizer)
     size = _tokenizer_size(tokenizer_dir) if pad_id is None else None
     extra_rows = 0
     if pad_id is None and size is not None:
         new_id = size  # where _add_pad_token will put it (the next free id)
         extra_rows = max(0, new_id + 1 - cfg.vocab_size)
-    elif pad_id is None:
-        pad_id = getattr(tokenizer, "pad_id", 0) if tokenizer is not None else 0  # no files to add a token to
+    elif pad_id is None:  # no tokenizer files to add a token to
+        pad_id = getattr(tokenizer, "pad_id", fallback_pad) if tokenizer is not None else fallback_pad
     trunk = {k: v for k, v in params.items() if k not in ("score", "score_bias", "lm_head")}
     trunk_cfg = dataclasses.replace(cfg, tie_embeddings=True)  # save_hf writes lm_head unless tied; we have none
     if extra_rows:
