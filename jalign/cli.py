@@ -113,7 +113,8 @@ def run_command(cmd: str, fn: Callable[[list[str]], int], argv: list[str], debug
         status, message = (EXIT_BAD_INPUT if e.errno in _INPUT_ERRNOS or e.errno is None else 1), describe_os_error(e)
     except Exception as e:
         error = e
-        status = next((code for cls, code in _user_errors().items() if isinstance(e, cls)), None)
+        status = next((getattr(e, "exit_code", code) for cls, code in _user_errors().items() if isinstance(e, cls)),
+                      None)
         if status is None:
             raise  # a bug, not the input: keep the traceback
         message = str(e)

@@ -75,6 +75,11 @@ class ModelConfig:
     lora: Optional[LoRAConfig] = None
     quantize_base: Optional[Literal["int8", "nf4", "nf4_dq"]] = None
     max_seq_len: int = 4096
+    # Sliding-window attention (Mistral, Qwen2/3 use_sliding_window): query t sees key s only if
+    # t - s < sliding_window, in layers [sliding_window_start_layer, layers); earlier layers attend
+    # fully (Qwen2's max_window_layers). None = full causal attention everywhere.
+    sliding_window: Optional[int] = None
+    sliding_window_start_layer: int = 0
     # Where the weights come from. None: random init. A Hugging Face directory (config.json +
     # safetensors) via hf_path; a jalign run directory / checkpoint via init_from.
     hf_path: Optional[str] = None
@@ -598,12 +603,15 @@ def validate_for_devices(cfg: Config, num_devices: int) -> dict[str, int]:
 
 
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data (YAML/JSON-safe); which keys were explicit is not part of it."""
+    data = dataclasses.asdict(cfg)
+    if isinstance(cfg, Config):
+        data.pop("explicit", None)
+    return data
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config (every default filled in) as YAML."""
     data = to_dict(cfg)
     data.pop("source", None)
-    data.pop("explicit", None)
     Path(path).write_text(yaml.safe_dump(data, sort_keys=False))

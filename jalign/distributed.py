@@ -235,7 +235,7 @@ def fail_fast():
             raise
         import jax
 
-        status = _EXIT_STATUS.get(type(e).__name__, 1)
+        status = _exit_status(e)
         traceback.print_exc()
         print(f"jalign: process {jax.process_index()} of {jax.process_count()} failed: "
               f"{type(e).__name__}: {e}\njalign: exiting with status {status} without waiting for the other "
@@ -244,5 +244,11 @@ def fail_fast():
         os._exit(status)
 
 
-# The statuses `jalign train` uses for these errors on one process (jalign.cli).
-_EXIT_STATUS = {"ConfigError": 2, "DataError": 2, "TrainingDiverged": 3}
+def _exit_status(e: BaseException) -> int:
+    """The status `jalign train` uses for this error on one process (jalign.cli): a user error's own
+    ``exit_code`` (2 for bad input), 3 for a diverged run, else 1."""
+    from jalign.errors import JalignError
+
+    if isinstance(e, JalignError):
+        return int(getattr(e, "exit_code", 2))
+    return 3 if type(e).__name__ == "TrainingDiverged" else 1

@@ -17,10 +17,11 @@ from jalign import distributed
 from jalign.algorithms.base import Runtime
 from jalign.algorithms.registry import resolve
 from jalign.checkpoint import Checkpointer
-from jalign.config import Config, dump_config, validate_for_devices
+from jalign.config import Config, dump_config, to_dict, validate_for_devices
 from jalign.evaluation import reduce_eval
 from jalign.metrics import MetricsWriter, to_host
 from jalign.models.architecture import resolve_architecture
+from jalign.resume import check_resume_config
 from jalign.roles import build_roles
 from sharding.mesh import make_mesh
 from sharding.rules import make_rules, use_rules
@@ -135,10 +136,12 @@ def _train(cfg: Config) -> dict:
     with use_rules(rt.mesh, rt.rules), _StopSignal() as stop:
         try:
             train_iter = algo.train_batches()
-            latest = ckpt.latest_step() if t.resume else None
+            if t.resume:
+                check_resume_config(rt.run_dir, cfg)  # a changed architecture / algorithm: one message
             roles = build_roles(cfg, algo.role_specs(), rt.mesh, rt.rules, log=rt.log)
-            if latest is not None:
-                state, _ = ckpt.restore(latest, algo.abstract_state(), train_iter)
+            restored = ckpt.restore_latest(algo.abstract_state(), train_iter, log=rt.log) if t.resume else None
+            if restored is not None:
+                latest, state, _ = restored
                 rt.log(f"resumed from {ckpt.directory}/{latest}")
             else:
                 state = algo.init_state(roles)
@@ -159,10 +162,12 @@ def _train(cfg: Config) -> dict:
             if start == 0 and t.eval_every and cfg.eval.at_start:
                 _log_eval(writer, 0, evaluate(algo, state, roles, 0), last)
             step, pending = start, None
+            saved_config = to_dict(cfg)
             while step < t.steps:
                 batch = next(train_iter)
                 state, metrics = algo.step(state, roles, batch)
                 step += 1
+                ckpt.check()  # a failed background save stops the run at once, with one message
                 if pending is not None:  # step N+1 is dispatched: now read step N
                     progress.read(*pending)
                 pending = (step, metrics)
@@ -185,7 +190,7 @@ def _train(cfg: Config) -> dict:
                     progress.read(*pending)
                     pending = None
                 if (ckpt_due and not progress.bad_in_a_row) or stopping:  # keep the last good one in a bad streak
-                    ckpt.save(step, state, train_iter, meta={"step": step}, force=True)
+                    ckpt.save(step, state, train_iter, meta={"step": step, "config": saved_config}, force=True)
                 if stopping:
                     writer.message(f"stopping early: checkpoint at step {step} written, exiting")
                     break

@@ -614,3 +614,117 @@ def test_binary_chat_template_jinja_names_the_file(tmp_path):
     (d / "chat_template.jinja").write_bytes(b"\xff\xfe{{ x }}")
     with pytest.raises(TokenizerError, match=rf"^{d}/chat_template.jinja: not a text \(UTF-8\) file"):
         load_tokenizer(str(d))
+
+
+# ---- degenerate examples: rejected with file:line, or skipped and counted per reason -------------
+def _msgs(*pairs):
+    return json.dumps([{"role": r, "content": c} for r, c in pairs])
+
+
+@pytest.mark.parametrize("kind,line,reason,category", [
+    ("sft", '{"prompt": "a", "response": ""}', 'field "response" is empty', "empty"),
+    ("sft", '{"prompt": "a", "response": "  \\n"}', 'field "response" is empty', "empty"),
+    ("sft", f'{{"messages": {_msgs(("user", "q"), ("assistant", ""))}}}',
+     'field "messages"[1] (an assistant message) is empty', "empty"),
+    ("sft", f'{{"messages": {_msgs(("user", "q"), ("assistant", "a"), ("user", "q2"), ("assistant", " "))}}}',
+     'field "messages"[3] (an assistant message) is empty', "empty"),
+    ("sft", f'{{"messages": {_msgs(("usr", "q"), ("assistant", "a"))}}}',
+     'field "messages"[0].role: unknown role "usr"; did you mean "user"?', "role"),
+    ("sft", f'{{"messages": {_msgs(("human", "q"), ("gpt", "a"))}}}',
+     'unknown role "human"; did you mean "user"?', "role"),
+    ("preference", '{"prompt": "a", "chosen": "b", "rejected": "b"}',
+     'fields "chosen" and "rejected" are identical', "identical"),
+    ("preference", f'{{"prompt": "a", "chosen": {_msgs(("assistant", "b"))}, "rejected": {_msgs(("assistant", "b"))}}}',
+     'fields "chosen" and "rejected" are identical', "identical"),
+    ("preference", '{"prompt": "a", "chosen": "", "rejected": "c"}', 'field "chosen" is empty', "empty"),
+    ("preference", f'{{"prompt": "a", "chosen": "b", "rejected": {_msgs(("assistant", ""))}}}',
+     'field "rejected"[0] (an assistant message) is empty', "empty"),
+    ("preference", f'{{"prompt": "a", "chosen": {_msgs(("user", "b"))}, "rejected": "c"}}',
+     'field "chosen" has no "assistant" message', "malformed"),
+    ("preference", f'{{"prompt": {_msgs(("system", "s"), ("bot", "x"))}, "chosen": "b", "rejected": "c"}}',
+     'field "prompt"[1].role: unknown role "bot"; did you mean "assistant"?', "role"),
+    ("reward", '{"prompt": "a", "response": "", "attributes": {"h": 1}}', 'field "response" is empty', "empty"),
+    ("prompt", f'{{"prompt": {_msgs(("Users", "q"))}}}', 'unknown role "Users"; did you mean "user"?', "role"),
+])
+def test_degenerate_examples_are_bad_lines(tmp_path, kind, line, reason, category):
+    from jalign.data.formats import skipped_counts
+
+    good = {"sft": '{"prompt": "a", "response": "b"}', "preference": '{"prompt": "a", "chosen": "b", "rejected": "c"}',
+            "reward": '{"prompt": "a", "response": "b", "attributes": {"h": 1}}', "prompt": '{"prompt": "a"}'}[kind]
+    path = _write(tmp_path / "d.jsonl", [good, line, good])
+    with pytest.raises(DataError) as e:
+        read_jsonl(path, kind)
+    assert str(e.value).startswith(f"{path}:2: ") and reason in str(e.value), str(e.value)
+    examples, skipped = read_jsonl(path, kind, skip_bad=True)
+    assert len(examples) == 2 and [s.reason for s in skipped] == [category]
+    counts = skipped_counts(skipped)
+    assert counts["degenerate"] == (category != "malformed")
+    assert counts.get(f"degenerate_{category}", 0) == (category != "malformed")
+
+
+def test_known_roles_and_nonempty_prompts_still_pass(tmp_path):
+    lines = [f'{{"messages": {_msgs(("system", "s"), ("user", "q"), ("assistant", "a"), ("tool", "t"), ("assistant", "b"))}}}',
+             '{"prompt": "", "response": "unconditional"}',  # an empty prompt is legitimate
+             f'{{"messages": {_msgs(("user", "q"), ("assistant", ""), ("user", "again"))}}}']  # empty turn, then no
+    path = _write(tmp_path / "ok.jsonl", lines[:2])
+    examples, skipped = read_jsonl(path, "sft")
+    assert len(examples) == 2 and skipped == []
+    with pytest.raises(DataError, match=r"ok2.jsonl:1: .*\[1\] \(an assistant message\) is empty"):
+        read_jsonl(_write(tmp_path / "ok2.jsonl", lines[2:]), "sft")
+    # an empty assistant turn in a *prompt* history carries no loss: allowed
+    pair = f'{{"prompt": {_msgs(("user", "q"), ("assistant", ""), ("user", "q2"))}, "chosen": "b", "rejected": "c"}}'
+    (ex,), _ = read_jsonl(_write(tmp_path / "p.jsonl", [pair]), "preference")
+    assert ex.prompt[1]["content"] == ""
+
+
+TRIM_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content | trim }}{% if m.role == 'assistant' %}"
+                 "{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_pairs_the_template_renders_identically_are_degenerate(tmp_path):
+    from jalign.data.preference import tokenize_pairs
+
+    tpl = tmp_path / "trim.jinja"
+    tpl.write_text(TRIM_TEMPLATE)
+    tok = load_tokenizer("byte")
+    path = _write(tmp_path / "pairs.jsonl", ['{"prompt": "2+2=", "chosen": "4", "rejected": "5"}',
+                                             '{"prompt": "3+3=", "chosen": "6", "rejected": "6 "}'])
+    examples, _ = read_jsonl(path, "preference")  # the lines differ, so reading accepts them
+    for fn in (tokenize_pairs, tokenize_preference):
+        with pytest.raises(DataError, match=rf"^{path}:2: chosen and rejected are identical after the chat template"):
+            fn(examples, tok, str(tpl), seq_len=32)
+        skipped = []
+        records, counts = fn(examples, tok, str(tpl), seq_len=32, skip_bad=True, skipped=skipped)
+        assert len(records) == 1 and counts["degenerate"] == 1 and counts["examples"] == 1
+        assert [(s, s.reason) for s in skipped] == [(f"{path}:2: chosen and rejected are identical after the chat "
+                                                     "template (a pair with no preference: its loss is a constant "
+                                                     "log 2)", "identical")]
+
+
+def test_pair_data_counts_and_logs_degenerate_examples(tmp_path):
+    from jalign.config import load_config
+    from jalign.data.preference import PairData
+
+    tpl = tmp_path / "trim.jinja"
+    tpl.write_text(TRIM_TEMPLATE)
+    lines = ['{"prompt": "1+1=", "chosen": "2", "rejected": "3"}',
+             '{"prompt": "1+2=", "chosen": "3", "rejected": "3"}',         # identical line
+             '{"prompt": "1+3=", "chosen": "", "rejected": "5"}',          # empty chosen
+             '{"prompt": "1+4=", "chosen": "5", "rejected": "5 "}',        # identical after the template
+             f'{{"prompt": {_msgs(("usr", "1+5="))}, "chosen": "6", "rejected": "7"}}',  # unknown role
+             '{"prompt": "1+6=", "chosen": "7", "rejected": "8"}', '{"prompt": "1+7="}']  # malformed (not counted)
+    path = _write(tmp_path / "train.jsonl", lines)
+    overrides = [f"data.train={path}", "data.eval=null", f"data.chat_template={tpl}", "train.global_batch=2",
+                 "data.seq_len=32"]
+    with pytest.raises(DataError, match=rf"^{path}:2: fields \"chosen\" and \"rejected\" are identical"):
+        PairData(load_config(None, overrides + ["algorithm.name=dpo"]), load_tokenizer("byte"), log=lambda m: None,
+                 process_index=0, process_count=1)
+    log = []
+    data = PairData(load_config(None, overrides + ["algorithm.name=dpo", "data.skip_bad_lines=true"]),
+                    load_tokenizer("byte"), log=log.append, process_index=0, process_count=1)
+    assert data.counts[str(path)] == {"examples": 2, "truncated": 0, "dropped": 0, "degenerate": 4,
+                                      "degenerate_empty": 1, "degenerate_identical": 2, "degenerate_role": 1}
+    text = "\n".join(log)
+    for n in (2, 3, 4, 5, 7):
+        assert f"data: skipped {path}:{n}: " in text, text
+    assert "4 degenerate examples skipped (empty: 1, identical: 2, role: 1)" in text

@@ -124,13 +124,16 @@ def test_overlong_pairs_truncate_prompt_left_then_response_or_drop():
     ex = [PreferenceExample("2+2=", "4", "5"), PreferenceExample(long_prompt, "2", "3"),
           PreferenceExample("3+3=", "6" * 40, "7")]
     records, counts = tokenize_pairs(ex, tok, "tiny", seq_len=16, overlong="truncate")
-    assert counts == {"examples": 3, "truncated": 2, "dropped": 0}
+    assert counts == {"examples": 3, "truncated": 2, "dropped": 0, "degenerate": 0}
     for r in records:
         for side in ("chosen", "rejected"):
             ids, mask = r[side]
             assert len(ids) - 1 <= 16 and mask[1:].sum() >= 1  # every pair keeps a response
     records, counts = tokenize_pairs(ex, tok, "tiny", seq_len=16, overlong="drop")
-    assert counts == {"examples": 1, "truncated": 0, "dropped": 2} and [r["index"] for r in records] == [0]
+    assert counts == {"examples": 1, "truncated": 0, "dropped": 2, "degenerate": 0} and [r["index"] for r in records] == [0]
+    # sides that differ only past seq_len would be identical rows: dropped, never trained on
+    records, counts = tokenize_pairs([PreferenceExample("3+3=", "6" * 40, "6" * 39 + "7")], tok, "tiny", seq_len=16)
+    assert records == [] and counts == {"examples": 0, "truncated": 0, "dropped": 1, "degenerate": 0}
 
 
 def test_train_end_to_end_precomputed(tmp_path):

@@ -223,19 +223,6 @@ def test_unknown_architecture(tmp_path):
         model_config_from_hf(tmp_path)
 
 
-def test_mistral_sliding_window(hf_dirs, tmp_path):
-    d = _copy(hf_dirs["mistral"][1], tmp_path / "m")
-    c = json.loads((d / "config.json").read_text())
-    c["sliding_window"] = 128
-    (d / "config.json").write_text(json.dumps(c))
-    with pytest.warns(UserWarning, match="sliding_window=128 but jalign attention is full causal"):
-        cfg = model_config_from_hf(d)
-    assert cfg.max_seq_len == 128
-    with pytest.raises(HFCheckpointError, match="requested seq_len=256"):
-        model_config_from_hf(d, seq_len=256)
-    assert model_config_from_hf(d, seq_len=64).max_seq_len == 128
-
-
 # ---- malformed config.json ------------------------------------------------------------------------
 def _edit_config(d, **changes):
     c = json.loads((d / "config.json").read_text())
@@ -503,3 +490,176 @@ def test_convert_an_intermediate_checkpoint_of_a_run(tmp_path):
     assert hf_io.convert_main(["--from-checkpoint", str(run / "checkpoints"), "--to-hf", str(tmp_path / "hf4")]) == 0
     newest = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf4")
     np.testing.assert_array_equal(newest.model.embed_tokens.weight.detach().numpy(), np.asarray(step4["embed"]))
+
+
+# ---- sliding-window attention (Mistral, Qwen2/Qwen3 use_sliding_window) ----------------------------
+WINDOW = 5  # far shorter than the rows below, so every layer with a window masks for real
+
+
+def build_windowed(kind: str, path, head_scale: float = 1.0, **extra):
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                  attn_implementation="eager")
+    torch.manual_seed(1)
+    if kind == "mistral":
+        hf_cfg = transformers.MistralConfig(**common, sliding_window=WINDOW, **extra)
+    elif kind == "qwen2":
+        hf_cfg = transformers.Qwen2Config(**common, use_sliding_window=True, sliding_window=WINDOW, **extra)
+    else:
+        hf_cfg = transformers.Qwen3Config(**common, use_sliding_window=True, sliding_window=WINDOW, **extra)
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+def full_attention_logits(params, cfg, tokens, mask):
+    import dataclasses
+
+    return jalign_logits(params, dataclasses.replace(cfg, sliding_window=None), tokens, mask)
+
+
+@pytest.mark.parametrize("kind,extra,start", [("mistral", {}, 0), ("qwen2", {"max_window_layers": 1}, 1),
+                                              ("qwen3", {"max_window_layers": 0}, 0)])
+def test_sliding_window_logits_match_transformers(tmp_path, kind, extra, start):
+    model = build_windowed(kind, tmp_path, **extra)
+    cfg = model_config_from_hf(tmp_path)
+    assert (cfg.sliding_window, cfg.sliding_window_start_layer) == (WINDOW, start)
+    params = load_hf_params(tmp_path, cfg)
+    tokens, mask = batch(B=3, T=24, lens=(24, 13, 4))
+    ours, ref = jalign_logits(params, cfg, tokens, mask), hf_logits(model, tokens, mask)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-5, rtol=1e-5)
+    # the window matters past WINDOW tokens (so the comparison above is not the full-attention one)
+    full = full_attention_logits(params, cfg, tokens, mask)
+    assert np.abs(full[0, WINDOW:] - ref[0, WINDOW:]).max() > 1e-2
+    np.testing.assert_allclose(full[0, :WINDOW], ref[0, :WINDOW], atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_packed_rows_match_separate_sequences(tmp_path):
+    model = build_windowed("mistral", tmp_path)
+    cfg = model_config_from_hf(tmp_path)
+    params = load_hf_params(tmp_path, cfg)
+    rng = np.random.default_rng(4)
+    a, b = rng.integers(3, VOCAB, 11), rng.integers(3, VOCAB, 9)
+    row = np.concatenate([a, b, [0, 0, 0, 0]])[None]  # two examples packed in one row of 24, then padding
+    seg = np.array([[1] * 11 + [2] * 9 + [0] * 4])
+    pos = np.array([list(range(11)) + list(range(9)) + [0] * 4])
+    hidden = forward(params, jnp.asarray(row, jnp.int32), jnp.asarray(pos, jnp.int32), jnp.asarray(seg, jnp.int32), cfg)
+    packed = np.asarray(lm_logits(params, hidden, cfg))[0]
+    for ids, sl in ((a, slice(0, 11)), (b, slice(11, 20))):
+        ref = hf_logits(model, ids[None], np.ones((1, len(ids)), np.int64))[0]
+        np.testing.assert_allclose(packed[sl], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind,extra", [("mistral", {}), ("qwen2", {"max_window_layers": 1})])
+def test_sliding_window_generation_matches_transformers(tmp_path, kind, extra):
+    from jalign import generate as gen
+
+    model = build_windowed(kind, tmp_path, head_scale=40.0, **extra)  # sharp logits: no near-ties in greedy
+    cfg = model_config_from_hf(tmp_path)
+    params = load_hf_params(tmp_path, cfg)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100, 101, 102, 103]]
+    n_new = 24  # prompt + new tokens far past the window: the KV cache must mask by slot distance
+    out = gen.generate(params, cfg, prompts, max_new_tokens=n_new, greedy=True, eos_ids=(2,), min_new_tokens=n_new)
+    T = max(map(len, prompts))
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n_new,
+                             min_new_tokens=n_new, eos_token_id=2, pad_token_id=0)[:, T:].numpy()
+    np.testing.assert_array_equal(out["tokens"], ref)
+    assert len(set(ref[0].tolist())) > 3
+
+
+@pytest.mark.parametrize("kind,extra,arch", [("mistral", {}, "MistralForCausalLM"),
+                                             ("qwen2", {"max_window_layers": 1}, "Qwen2ForCausalLM"),
+                                             ("qwen3", {"max_window_layers": 2}, "Qwen3ForCausalLM")])
+def test_sliding_window_survives_save_hf(tmp_path, kind, extra, arch):
+    model = build_windowed(kind, tmp_path / "src", **extra)
+    cfg = model_config_from_hf(tmp_path / "src")
+    out = save_hf(load_hf_params(tmp_path / "src", cfg), cfg, tmp_path / "out")
+    c = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert c["architectures"] == [arch] and c["sliding_window"] == WINDOW
+    if kind != "mistral":
+        assert c["use_sliding_window"] and c["max_window_layers"] == extra["max_window_layers"]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    tokens, mask = batch(B=3, T=24, lens=(24, 13, 4))
+    np.testing.assert_array_equal(hf_logits(reloaded, tokens, mask), hf_logits(model, tokens, mask))
+    assert model_config_from_hf(out) == cfg.__class__(**{**cfg.__dict__, "hf_path": str(out)})
+
+
+def test_llama_with_a_window_exports_as_mistral(tmp_path, hf_dirs):
+    import dataclasses
+
+    model, d = hf_dirs["llama3"]
+    cfg = dataclasses.replace(model_config_from_hf(d), sliding_window=WINDOW)
+    params = load_hf_params(d, cfg)
+    save_hf(params, cfg, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["MistralForCausalLM"]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    tokens, mask = batch(B=3, T=24, lens=(24, 13, 4))
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(jalign_logits(params, cfg, tokens, mask)[valid],
+                               hf_logits(reloaded, tokens, mask)[valid], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="sliding_window_start_layer=1 > 0 has no Hugging Face architecture"):
+        save_hf(params, dataclasses.replace(cfg, sliding_window_start_layer=1), tmp_path / "bad")
+
+
+def test_qwen2_window_past_the_last_layer_is_full_attention(tmp_path):
+    # max_window_layers >= num_hidden_layers: transformers attends fully in every layer; so do we
+    model = build_windowed("qwen2", tmp_path, max_window_layers=3)
+    cfg = model_config_from_hf(tmp_path)
+    assert cfg.sliding_window is None
+    tokens, mask = batch(B=3, T=24, lens=(24, 13, 4))
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(jalign_logits(load_hf_params(tmp_path, cfg), cfg, tokens, mask)[valid],
+                               hf_logits(model, tokens, mask)[valid], atol=1e-5, rtol=1e-5)
+    c = json.loads((tmp_path / "config.json").read_text())
+    c["layer_types"] = ["sliding_attention", "full_attention", "sliding_attention"]  # alternating: not supported
+    (tmp_path / "config.json").write_text(json.dumps(c))
+    with pytest.raises(HFCheckpointError, match="mixes full and sliding-window layers after layer 0"):
+        model_config_from_hf(tmp_path)
+
+
+def test_rows_longer_than_max_seq_len_are_an_error(hf_dirs):
+    import dataclasses
+
+    _, d = hf_dirs["llama3"]
+    cfg = dataclasses.replace(model_config_from_hf(d), max_seq_len=16)
+    params = load_hf_params(d, cfg)
+    tokens, mask = batch(B=1, T=17, lens=(17,))
+    with pytest.raises(ValueError, match=r"rows of 17 tokens are longer than model.max_seq_len=16"):
+        jalign_logits(params, cfg, tokens, mask)
+    with pytest.raises(HFCheckpointError, match="data.seq_len=1024 is longer than max_position_embeddings=512"):
+        model_config_from_hf(d, seq_len=1024)
+
+
+def test_sliding_window_refused_with_ring_attention(hf_dirs):
+    import dataclasses
+
+    from sharding.rules import use_rules
+
+    _, d = hf_dirs["llama3"]
+    cfg = dataclasses.replace(model_config_from_hf(d), sliding_window=WINDOW)
+    params = load_hf_params(d, cfg)
+    tokens, mask = batch(B=2, T=16, lens=(16, 9))
+    pos = np.broadcast_to(np.arange(16), tokens.shape)
+    mesh = make_mesh(1, 1, 1, 4, devices=jax.devices()[:4])
+
+    def ring(c):
+        @jax.jit
+        def f(p):
+            with use_rules(mesh):
+                return forward(p, jnp.asarray(tokens, jnp.int32), jnp.asarray(pos, jnp.int32),
+                               jnp.asarray(mask, jnp.int32), c)
+        return np.asarray(f(jax.device_get(params)))
+
+    with pytest.raises(ValueError, match=r"model.sliding_window=5 is shorter than the rows \(16 tokens\), and ring"):
+        ring(cfg)
+    # a window no row reaches changes nothing, so the ring runs
+    wide = dataclasses.replace(cfg, sliding_window=16)
+    ref = np.asarray(forward(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(pos, jnp.int32),
+                             jnp.asarray(mask, jnp.int32), dataclasses.replace(cfg, sliding_window=None)))
+    np.testing.assert_allclose(ring(wide)[mask > 0], ref[mask > 0], atol=1e-5)

@@ -632,3 +632,50 @@ def test_sequence_logps_and_masked_mean(rng):
     close(L.sequence_logps(lp, mask, average=True), np.where(lens > 0, (lp * mask).sum(-1) / np.maximum(lens, 1), 0))
     close(L.masked_mean(lp, mask), (lp * mask).sum() / mask.sum())
     close(L.masked_mean(lp, np.zeros_like(mask)), 0.0)
+
+
+def test_advantages_of_equal_rewards_are_exactly_zero():
+    # f32 means of K equal values are often an ulp off (5.3 x 8); GRPO divided that by std + 1e-6 and
+    # gave 0.316 to every sample of an all-correct group. Every estimator must give exactly 0.
+    values = np.concatenate([[5.3, 0.1, -3.7, 1e6, 1.0, 0.0, -1e-3],
+                             np.random.default_rng(1).normal(size=60) * 10]).astype(np.float32)
+    for K in (2, 3, 4, 8, 16, 64):
+        r = np.repeat(values[:, None], K, axis=1)
+        for scale in (True, False):
+            for unbiased in (True, False):
+                out = np.asarray(L.grpo_advantages(r, scale=scale, unbiased=unbiased))
+                assert np.all(out == 0), (K, scale, unbiased, out[np.any(out != 0, -1)][:2])
+        assert np.all(np.asarray(L.rloo_advantages(r)) == 0), K
+    assert np.all(np.asarray(L.grpo_advantages(np.full((1, 8), 5.3, np.float32))) == 0)
+    # mixed groups: the equal ones are still exactly 0, the others match float64
+    r = np.random.default_rng(2).normal(size=(6, 8)).astype(np.float32) * 3
+    r[[1, 4]] = np.float32(5.3)
+    r64 = r.astype(np.float64)
+    c = r64 - r64.mean(-1, keepdims=True)
+    expect = c / (np.sqrt((c * c).sum(-1, keepdims=True) / 7) + 1e-6)
+    out = np.asarray(L.grpo_advantages(r))
+    assert np.all(out[[1, 4]] == 0)
+    close(out, expect, rtol=1e-5, atol=1e-5)
+    close(L.rloo_advantages(r), r64 - (r64.sum(-1, keepdims=True) - r64) / 7, rtol=1e-5, atol=1e-5)
+
+
+def test_whiten_of_constant_data_is_exactly_zero():
+    mask = np.ones((4, 16), np.float32)
+    mask[1, 9:] = 0
+    mask[3, :5] = 0
+    for v in (5.3, 0.1, -3.7, 1e4, 6.404226):
+        x = np.full((4, 16), v, np.float32)
+        assert np.all(np.asarray(L.whiten(x, mask)) == 0), v
+        out = np.asarray(L.whiten(x, mask, shift_mean=False))
+        assert np.all(out[mask > 0] == np.float32(v)) and np.all(out[mask == 0] == 0), v
+        # global moments taken around a shared shift (as across processes)
+        s = np.float32(v)
+        m1, m2 = L.masked_moments(x[:2], mask[:2], s), L.masked_moments(x[2:], mask[2:], s)
+        glob = tuple(a + b for a, b in zip(m1, m2))
+        assert np.all(np.asarray(L.whiten(x[:2], mask[:2], moments=glob, shift=s)) == 0), v
+    # a large offset (one-pass variance around 0 would cancel) against float64
+    rng = np.random.default_rng(3)
+    x = (1000.0 + rng.normal(size=(4, 16)) * 0.01).astype(np.float32)
+    sel = x[mask > 0].astype(np.float64)
+    expect = np.where(mask > 0, (x - sel.mean()) / np.sqrt(sel.var(ddof=1) + 1e-8), 0.0)
+    close(L.whiten(x, mask), expect, rtol=1e-4, atol=1e-4)  # one-pass around 0: off by 2.96

@@ -14,25 +14,66 @@ kind          fields
 
 A bad line raises :class:`DataError` with ``path:line: reason``; with ``skip_bad=True`` it is skipped and
 its message returned, so the caller can count and log them.
+
+Besides malformed lines, *degenerate* examples are bad lines too (they train on nothing, or on a
+constant): an empty response, chosen or rejected (only the end-of-sequence token would carry loss),
+``chosen == rejected`` (DPO/Bradley-Terry loss stuck at log 2, accuracy 0) and a message whose role
+is not one of :data:`ROLES` (a chat template renders it literally, e.g. ``<|usr|>``). Each skipped
+line's message is a :class:`SkippedLine` whose ``reason`` says which kind it was.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
+from jalign.errors import JalignError
+
 Message = dict
 Text = Union[str, list]  # a string or a list of {"role", "content"} messages
 
 
-class DataError(ValueError):
+class DataError(JalignError, ValueError):
     """A data file problem; the message starts with ``path:line:`` (or ``path:`` for whole-file issues)."""
+
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
+_ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant",
+                 "ai": "assistant", "function": "tool"}
+REASONS = ("malformed", "empty", "identical", "role")  # SkippedLine.reason values; all but the first are degenerate
 
 
 class _Bad(Exception):
     """Raised by the field validators; becomes a DataError with the file and line prepended."""
+
+    def __init__(self, message: str, reason: str = "malformed"):
+        super().__init__(message)
+        self.reason = reason
+
+
+class SkippedLine(str):
+    """The ``path:line: message`` of a skipped line (a ``str``), with its ``reason`` (one of :data:`REASONS`)."""
+
+    reason: str
+
+    def __new__(cls, message: str, reason: str = "malformed"):
+        out = super().__new__(cls, message)
+        out.reason = reason
+        return out
+
+
+def skipped_counts(skipped) -> dict[str, int]:
+    """``{"degenerate": n, "degenerate_<reason>": n_reason, ...}`` of the degenerate lines among ``skipped``
+    (per-reason keys only where > 0), for the data counts the algorithms log."""
+    reasons = [getattr(m, "reason", "malformed") for m in skipped]
+    out = {"degenerate": sum(r != "malformed" for r in reasons)}
+    for r in REASONS[1:]:
+        if reasons.count(r):
+            out[f"degenerate_{r}"] = reasons.count(r)
+    return out
 
 
 @dataclass
@@ -80,6 +121,15 @@ def _require(obj: dict, key: str, hint: str = "") -> Any:
     return obj[key]
 
 
+def _check_role(role: str, where: str) -> None:
+    if role in ROLES:
+        return
+    close = _ROLE_ALIASES.get(role.lower()) or next(iter(difflib.get_close_matches(role.lower(), ROLES, n=1)), None)
+    hint = f'; did you mean "{close}"?' if close else ""
+    raise _Bad(f'{where}: unknown role "{role}"{hint} (known: {", ".join(ROLES)}; a chat template would render '
+               "it literally)", "role")
+
+
 def _messages(value: Any, key: str) -> list:
     if not value:
         raise _Bad(f'field "{key}" is an empty message list')
@@ -91,7 +141,25 @@ def _messages(value: Any, key: str) -> list:
                 raise _Bad(f'field "{key}"[{i}] is missing "{k}"')
             if not isinstance(m[k], str):
                 raise _Bad(f'field "{key}"[{i}].{k} must be a string, got {_type_name(m[k])}')
+        _check_role(m["role"], f'field "{key}"[{i}].role')
     return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _nonempty_response(value: Text, key: str, every_turn: bool = False) -> Text:
+    """A trained response must say something: a non-blank string, or (message list) a non-blank last
+    assistant turn (``every_turn``: every assistant turn, as all of them carry loss in SFT)."""
+    empty = " is empty (only the end-of-sequence token would be trained on)"
+    if isinstance(value, str):
+        if not value.strip():
+            raise _Bad(f'field "{key}"{empty}', "empty")
+        return value
+    turns = [i for i, m in enumerate(value) if m["role"] == "assistant"]
+    if not turns:
+        raise _Bad(f'field "{key}" has no "assistant" message, so nothing to train on')
+    for i in (turns if every_turn else turns[-1:]):
+        if not value[i]["content"].strip():
+            raise _Bad(f'field "{key}"[{i}] (an assistant message){empty}', "empty")
+    return value
 
 
 def _text(obj: dict, key: str, hint: str = "") -> Text:
@@ -119,6 +187,17 @@ def _number(value: Any, key: str, nullable: bool = True) -> Optional[float]:
     return float(value)
 
 
+def identical_pair(example, skip_bad: bool, skipped: list) -> bool:
+    """For a pair found to tokenize identically (the chat template erased the difference): a DataError
+    naming ``example.source``, or with ``skip_bad`` True and its message appended to ``skipped``."""
+    msg = SkippedLine(f"{example.source or '<example>'}: chosen and rejected are identical after the chat "
+                      "template (a pair with no preference: its loss is a constant log 2)", "identical")
+    if not skip_bad:
+        raise DataError(msg)
+    skipped.append(msg)
+    return True
+
+
 # ---- per-kind parsers: dict -> example ----------------------------------------------------------
 def parse_sft(obj: dict) -> SFTExample:
     if "messages" in obj:
@@ -128,23 +207,30 @@ def parse_sft(obj: dict) -> SFTExample:
         msgs = _messages(value, "messages")
         if not any(m["role"] == "assistant" for m in msgs):
             raise _Bad('field "messages" has no "assistant" message, so nothing to train on')
-        return SFTExample(messages=msgs)
+        return SFTExample(messages=_nonempty_response(msgs, "messages", every_turn=True))
     hint = 'SFT needs "prompt" and "response", or "messages"'
-    return SFTExample(prompt=_text(obj, "prompt", hint), response=_string(obj, "response", hint))
+    prompt = _text(obj, "prompt", hint)
+    return SFTExample(prompt=prompt, response=_nonempty_response(_string(obj, "response", hint), "response"))
 
 
 def parse_preference(obj: dict) -> PreferenceExample:
     hint = 'preference data needs "prompt", "chosen" and "rejected"'
+    prompt = _text(obj, "prompt", hint)
+    chosen = _nonempty_response(_text(obj, "chosen", hint), "chosen")
+    rejected = _nonempty_response(_text(obj, "rejected", hint), "rejected")
+    if chosen == rejected:
+        raise _Bad('fields "chosen" and "rejected" are identical (a pair with no preference: its loss is a '
+                   "constant log 2 and it can never be ranked right)", "identical")
     return PreferenceExample(
-        prompt=_text(obj, "prompt", hint), chosen=_text(obj, "chosen", hint),
-        rejected=_text(obj, "rejected", hint),
+        prompt=prompt, chosen=chosen, rejected=rejected,
         chosen_reward=_number(obj.get("chosen_reward"), "chosen_reward"),
         rejected_reward=_number(obj.get("rejected_reward"), "rejected_reward"))
 
 
 def parse_reward(obj: dict) -> RewardExample:
     hint = 'reward data needs "prompt", "response" and "attributes"'
-    prompt, response = _text(obj, "prompt", hint), _text(obj, "response", hint)
+    prompt = _text(obj, "prompt", hint)
+    response = _nonempty_response(_text(obj, "response", hint), "response")
     attrs = _require(obj, "attributes", hint)
     if not isinstance(attrs, dict) or not attrs:
         raise _Bad(f'field "attributes" must be a non-empty object {{name: number or null}}, got '
@@ -199,7 +285,7 @@ def read_jsonl(path: Union[str, Path], kind: str, *, skip_bad: bool = False,
                 msg = f"{path}:{lineno}: {e}"
                 if not skip_bad:
                     raise DataError(msg) from None
-                skipped.append(msg)
+                skipped.append(SkippedLine(msg, e.reason))
                 continue
             ex.source = f"{path}:{lineno}"
             examples.append(ex)

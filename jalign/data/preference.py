@@ -23,8 +23,14 @@ per attribute, never an ``[B, A]`` leaf, whose last axis would be taken for the 
 
 Over-long examples (``data.overlong``): ``"truncate"`` cuts the prompt from the left first (keeping at
 least its last token, shared by both sides of a pair), then the responses from the right; ``"drop"``
-leaves the example out. An example whose response would be empty is always dropped: it is never
-trained on (an empty pair would contribute a constant log 2 to DPO). Both are counted and logged.
+leaves the example out. Both are counted and logged.
+
+Degenerate examples are never trained on: an empty response, chosen or rejected (rejected when the
+data are read, :mod:`jalign.data.formats`), and a pair whose two sides are the same tokens (literally
+identical lines are rejected when read; a pair the chat template renders identically, e.g. differing
+only in whitespace a template trims, is found here). They are an error naming ``file:line``, or with
+``data.skip_bad_lines`` dropped, logged and counted (``degenerate``, ``degenerate_<reason>``). A pair
+that becomes identical only through truncation at ``seq_len`` is dropped and counted as ``dropped``.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from jalign.data.chat import encode_pair
+from jalign.data.formats import identical_pair, skipped_counts
 from jalign.data.pipeline import _ConfigData, _epochs, _finish, _read_options, TRAIN_PREFETCH
 
 MODES = ("lm", "score")
@@ -76,17 +83,24 @@ def fit_responses(prompt: Sequence[int], responses: Sequence[Sequence[int]], max
 
 
 def tokenize_pairs(examples, tokenizer, template, *, seq_len: int, mode: str = "lm",
-                   overlong: str = "truncate") -> tuple[list[dict], dict[str, int]]:
+                   overlong: str = "truncate", skip_bad: bool = False,
+                   skipped: Optional[list] = None) -> tuple[list[dict], dict[str, int]]:
     """Compact pair records ``{"chosen": (ids, mask), "rejected": ..., "index", rewards}`` + counts.
 
     ``index`` is the record's position in the returned list (after drops), the key of precomputed
-    reference log-probs. Counts: ``{"examples", "truncated", "dropped"}``.
+    reference log-probs. Counts: ``{"examples", "truncated", "dropped", "degenerate"}``. A pair whose
+    sides are the same tokens raises :class:`DataError` (``file:line``), or with ``skip_bad`` is left
+    out, counted as degenerate and its message appended to ``skipped`` (if given).
     """
     max_ids = _budget(seq_len, mode)
-    records, counts = [], {"examples": 0, "truncated": 0, "dropped": 0}
+    skipped = [] if skipped is None else skipped
+    records, counts = [], {"examples": 0, "truncated": 0, "dropped": 0, "degenerate": 0}
     for ex in examples:
         p_c, r_c = encode_pair(ex.prompt, ex.chosen, template, tokenizer)
         p_r, r_r = encode_pair(ex.prompt, ex.rejected, template, tokenizer)
+        if p_c + r_c == p_r + r_r:
+            counts["degenerate"] += identical_pair(ex, skip_bad, skipped)
+            continue
         if p_c != p_r:  # a conversation whose earlier turns differ: fit each side on its own
             (c, s1), (r, s2) = (fit_responses(p_c, [r_c], max_ids, overlong),
                                 fit_responses(p_r, [r_r], max_ids, overlong))
@@ -94,6 +108,8 @@ def tokenize_pairs(examples, tokenizer, template, *, seq_len: int, mode: str = "
             status = "dropped" if fitted is None else ("truncated" if "truncated" in (s1, s2) else "ok")
         else:
             fitted, status = fit_responses(p_c, [r_c, r_r], max_ids, overlong)
+        if fitted is not None and np.array_equal(fitted[0][0], fitted[1][0]):
+            fitted, status = None, "dropped"  # the two sides differed only past seq_len
         if status != "ok":
             counts[status] += 1
         if fitted is None:
@@ -231,9 +247,26 @@ class _RowData(_ConfigData):
             self._eval_batches = list(self.ordered("eval"))
         return iter(self._eval_batches)
 
-    def _log_counts(self, spec, counts):
+    def _load(self, load_source, spec, max_examples):
+        def recording(*args, **kw):  # keep the skipped lines' reasons for the counts
+            examples, skipped = load_source(*args, **kw)
+            self._skipped[spec] = list(skipped)
+            return examples, skipped
+
+        self._skipped = getattr(self, "_skipped", {})
+        return super()._load(recording, spec, max_examples)
+
+    def _log_counts(self, spec, counts, token_skipped=()):
+        """Counts of a split: the tokenizer's, plus the degenerate lines skipped when reading (per reason)."""
+        for msg in list(token_skipped)[:5]:
+            self.log(f"data: skipped {msg}")
+        counts = {**counts, **skipped_counts([*self._skipped.get(spec, []), *token_skipped])}
         self.counts[spec] = counts
         super()._log_counts(spec, counts)
+        if counts["degenerate"]:
+            self.log(f"data: {spec}: {counts['degenerate']} degenerate examples skipped ("
+                     + ", ".join(f"{k[len('degenerate_'):]}: {v}" for k, v in counts.items()
+                                 if k.startswith("degenerate_")) + ")")
 
 
 class PairData(_RowData):
@@ -248,9 +281,11 @@ class PairData(_RowData):
 
     def _tokenize(self, spec, examples):
         d = self.cfg.data
+        skipped = []
         records, counts = tokenize_pairs(examples, self.tokenizer, d.chat_template, seq_len=d.seq_len,
-                                         mode=self.mode, overlong=d.overlong)
-        self._log_counts(spec, counts)
+                                         mode=self.mode, overlong=d.overlong, skip_bad=d.skip_bad_lines,
+                                         skipped=skipped)
+        self._log_counts(spec, counts, skipped)
         return records
 
     @staticmethod

@@ -121,11 +121,15 @@ def gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
     return adv, jnp.where(m > 0, adv + v, 0.0)
 
 
-def masked_moments(x, mask):
-    """(sum, sum of squares, count) of x over mask > 0, weighted by mask: the three numbers to
-    all-reduce (``lax.psum``) across devices/processes/micro-batches before :func:`moments_to_mean_var`."""
+def masked_moments(x, mask, shift=0.0):
+    """(sum, sum of squares, count) of ``x - shift`` over mask > 0, weighted by mask: the three numbers to
+    all-reduce (``lax.psum``) across devices/processes/micro-batches before :func:`moments_to_mean_var`.
+
+    ``shift`` (any value every shard agrees on, e.g. one of the samples) only moves the origin: the
+    variance is unchanged, the mean comes out as ``mean - shift``. Around a value of the data the
+    one-pass variance does not cancel catastrophically, and constant data give exactly 0."""
     x, m = _f32(x, mask)
-    xm = jnp.where(m > 0, x, 0.0)
+    xm = jnp.where(m > 0, x - jnp.asarray(shift, jnp.float32), 0.0)
     return jnp.sum(xm * m), jnp.sum(xm * xm * m), jnp.sum(m)
 
 
@@ -139,29 +143,46 @@ def moments_to_mean_var(total, total_sq, count, unbiased: bool = True):
     return mean, var
 
 
-def whiten_with_moments(x, mask, mean, var, shift_mean: bool = True, eps: float = 1e-8):
-    """(x - mean) / sqrt(var + eps), plus ``mean`` back if not ``shift_mean``; 0 where mask = 0."""
+def whiten_with_moments(x, mask, mean, var, shift_mean: bool = True, eps: float = 1e-8, shift=0.0):
+    """(x - shift - mean) / sqrt(var + eps), plus ``mean + shift`` back if not ``shift_mean``; 0 where
+    mask = 0. ``mean``/``var`` as from :func:`moments_to_mean_var` of moments taken with the same ``shift``."""
     x, m = _f32(x, mask)
-    w = (x - mean) * jax.lax.rsqrt(var + eps)
+    shift = jnp.asarray(shift, jnp.float32)
+    w = (x - shift - mean) * jax.lax.rsqrt(var + eps)
     if not shift_mean:
-        w = w + mean
+        w = w + mean + shift
     return jnp.where(m > 0, w, 0.0)
 
 
-def whiten(x, mask, shift_mean: bool = True, moments=None, unbiased: bool = True, eps: float = 1e-8):
+def _first_valid(x, mask):
+    """The first x with mask > 0 (0 if none): a shift all shards of a global array agree on."""
+    x, m = _f32(x, mask)
+    x, m = x.reshape(-1), m.reshape(-1)
+    i = jnp.argmax(m > 0)
+    return jnp.where(m[i] > 0, x[i], 0.0)
+
+
+def whiten(x, mask, shift_mean: bool = True, moments=None, unbiased: bool = True, eps: float = 1e-8,
+           shift=None):
     """Masked whitening (PPO advantage normalisation; TRL/Ziegler ``whiten``).
 
         mean = sum(m x) / sum(m),  var = sum(m (x - mean)^2) / (sum(m) - 1),
         out = m * [(x - mean) / sqrt(var + eps) (+ mean if not shift_mean)]
 
+    The statistics are taken around ``shift`` (default: the first valid element), which changes
+    nothing mathematically but keeps f32 exact for constant inputs (all outputs exactly 0; around 0
+    the f32 mean of equal values is an ulp off, and ``1/sqrt(eps)`` = 1e4 would blow that up).
     ``moments`` = (sum, sumsq, count), e.g. :func:`masked_moments` all-reduced across processes, makes
-    the statistics global; default: this batch's. Note a micro-batch split changes local statistics,
-    so whiten the whole rollout batch (or pass global moments) before splitting.
+    the statistics global; pass the ``shift`` they were taken with (default 0 then). Note a micro-batch
+    split changes local statistics, so whiten the whole rollout batch (or pass global moments) before
+    splitting.
     """
     if moments is None:
-        moments = masked_moments(x, mask)
+        shift = _first_valid(x, mask) if shift is None else shift
+        moments = masked_moments(x, mask, shift)
+    shift = 0.0 if shift is None else shift
     mean, var = moments_to_mean_var(*moments, unbiased=unbiased)
-    return whiten_with_moments(x, mask, mean, var, shift_mean=shift_mean, eps=eps)
+    return whiten_with_moments(x, mask, mean, var, shift_mean=shift_mean, eps=eps, shift=shift)
 
 
 # ----------------------------------------------------------------------------- PPO losses
@@ -267,7 +288,8 @@ def rloo_advantages(rewards):
     K = r.shape[-1]
     if K < 2:
         raise ValueError(f"rloo_advantages needs K >= 2 samples per prompt, got K={K}")
-    return r - (jnp.sum(r, axis=-1, keepdims=True) - r) / (K - 1)
+    d = r - r[..., :1]  # the baseline is shift-invariant; around a group member equal rewards give exactly 0
+    return d - (jnp.sum(d, axis=-1, keepdims=True) - d) / (K - 1)
 
 
 def reinforce_loss(logp, advantages, mask, num_tokens: Optional[float] = None):
@@ -297,12 +319,17 @@ def grpo_advantages(rewards, eps: float = 1e-6, scale: bool = True, unbiased: bo
     Shao et al. 2024, "DeepSeekMath", Sec. 4.1.2 (outcome supervision, the advantage used in eq. 3);
     ``scale=False``: Liu et al. 2025, "Understanding R1-Zero-Like Training" (Dr. GRPO). std is the sample
     std (Bessel, ``unbiased=True``, as torch.std in TRL/verl) or the population std. rewards [P, K];
-    a group with identical rewards gets 0. Returns [P, K].
+    a group with identical rewards gets exactly 0 (all correct or all wrong: common in GRPO). Returns [P, K].
+
+    The mean is taken around the group's first reward (mathematically the same): in f32 the mean of
+    K equal values is not always that value (5.3 x 8 gives an ulp less), and dividing such an ulp by
+    ``std + eps`` ~ 1e-6 would give every sample an advantage of ~0.3.
     """
     (r,) = _f32(rewards)
     K = r.shape[-1]
-    mean = jnp.mean(r, axis=-1, keepdims=True)
-    centered = r - mean
+    d = r - r[..., :1]
+    mean = jnp.mean(d, axis=-1, keepdims=True)
+    centered = d - mean
     if not scale:
         return centered
     dof = K - 1 if unbiased else K

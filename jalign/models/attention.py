@@ -4,7 +4,10 @@
 
 q: [B, T, H, hd]; k, v: [B, S, KV, hd] with H % KV == 0 (grouped-query attention).
 Query t may attend key s iff ``q_seg[t] == kv_seg[s] != 0`` and ``kv_index[s] <= q_index[t]``
-(causal by token order). Rows with no visible key (padding) return zeros, never NaN.
+(causal by token order), and with a sliding ``window`` also ``q_index[t] - kv_index[s] < window``
+(as transformers' ``sliding_window_overlay``). The indices are token indices in the row (or KV-cache
+slots), so the window holds for packed rows, the cache and permuted (zigzag) rows alike. Rows with
+no visible key (padding) return zeros, never NaN.
 
 impl: "xla" (dense einsum, any device), "cudnn" (``jax.nn.dot_product_attention``; falls back to XLA
 off GPU), "ring" (``sharding.ring_attention`` over the "sequence" mesh axis).
@@ -17,10 +20,14 @@ import jax.numpy as jnp
 _NEG = -1e30
 
 
-def attention_mask(q_seg, kv_seg, q_idx, kv_idx) -> jax.Array:
-    """[B, T, S] bool: same non-padding segment and causal by index."""
+def attention_mask(q_seg, kv_seg, q_idx, kv_idx, window=None) -> jax.Array:
+    """[B, T, S] bool: same non-padding segment, causal by index, and within ``window`` if given
+    (a Python int or a traced int32 scalar, e.g. one per layer)."""
     same = (q_seg[:, :, None] == kv_seg[:, None, :]) & (q_seg[:, :, None] != 0)
-    return same & (kv_idx[:, None, :] <= q_idx[:, :, None])
+    mask = same & (kv_idx[:, None, :] <= q_idx[:, :, None])
+    if window is not None:
+        mask = mask & (q_idx[:, :, None] - kv_idx[:, None, :] < window)
+    return mask
 
 
 def dense_attention(q, k, v, mask) -> jax.Array:
@@ -46,12 +53,21 @@ def cudnn_attention(q, k, v, mask) -> jax.Array:
     return jnp.where(any_key, out, 0).astype(q.dtype)
 
 
-def attend(q, k, v, q_seg, kv_seg, q_idx, kv_idx, *, impl: str = "xla") -> jax.Array:
+def attend(q, k, v, q_seg, kv_seg, q_idx, kv_idx, *, impl: str = "xla", window=None) -> jax.Array:
     if impl == "ring" and q.shape[1] == k.shape[1]:
         from sharding.ring_attention import ring_attention_auto
 
-        return ring_attention_auto(q, k, v, q_seg, kv_seg, q_idx, kv_idx)
-    mask = attention_mask(q_seg, kv_seg, q_idx, kv_idx)
+        if window is not None:
+            # The ring masks by segment and causality only (forward() refuses a window shorter than
+            # the rows when the sequence axis is > 1); without a sequence axis it is dense attention.
+            from sharding.rules import active_mesh
+
+            mesh = active_mesh()
+            if mesh is not None and dict(mesh.shape).get("sequence", 1) > 1:
+                raise ValueError("sliding-window attention is not supported by ring attention (mesh.sequence > 1)")
+        else:
+            return ring_attention_auto(q, k, v, q_seg, kv_seg, q_idx, kv_idx)
+    mask = attention_mask(q_seg, kv_seg, q_idx, kv_idx, window)
     if impl == "cudnn":
         return cudnn_attention(q, k, v, mask)
     return dense_attention(q, k, v, mask)

@@ -22,7 +22,6 @@ import os
 import shutil
 import struct
 import sys
-import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -111,9 +110,8 @@ def check_hf_config(c: dict, where: str) -> None:
 def model_config_from_hf(hf_dir, *, seq_len: Optional[int] = None, **overrides) -> ModelConfig:
     """ModelConfig for a Llama/Mistral/Qwen2/Qwen3 directory (transformers 4.x or 5.x config.json).
 
-    Mistral-style sliding-window attention is not implemented (our attention is full causal): a window
-    smaller than ``seq_len`` raises; otherwise ``max_seq_len`` is capped at the window (with a warning
-    when no ``seq_len`` is given), so longer generation raises instead of silently diverging from HF.
+    Sliding windows follow transformers (see :func:`_sliding_window`). ``seq_len`` (the data's row
+    length) must fit ``max_position_embeddings``.
     """
     c = read_hf_config(hf_dir)
     where = f"{Path(hf_dir) / 'config.json'}"
@@ -154,15 +152,9 @@ def model_config_from_hf(hf_dir, *, seq_len: Optional[int] = None, **overrides) 
     elif rtype != "default":
         raise HFCheckpointError(f"{where}: rope scaling type {rtype!r} is not supported (default, linear, llama3)")
     max_len = int(c.get("max_position_embeddings") or 4096)
-    window = c.get("sliding_window") if (family == "mistral" or c.get("use_sliding_window")) else None
-    if window is not None and int(window) < max_len:
-        msg = (f"{where}: sliding_window={window} but jalign attention is full causal; sequences longer than "
-               f"{window} tokens would not match {arch}")
-        if seq_len is not None and seq_len > int(window):
-            raise HFCheckpointError(msg + f" (requested seq_len={seq_len})")
-        if seq_len is None:
-            warnings.warn(msg + f"; capping max_seq_len at {window}", stacklevel=2)
-        max_len = int(window)
+    if seq_len is not None and seq_len > max_len:
+        raise HFCheckpointError(f"{where}: data.seq_len={seq_len} is longer than max_position_embeddings={max_len}")
+    kw["sliding_window"], kw["sliding_window_start_layer"] = _sliding_window(c, family, kw["layers"], where)
     kw.update(rope_theta=float(theta), norm_eps=float(c.get("rms_norm_eps", 1e-6)),
               qkv_bias=family == "qwen2" or bool(c.get("attention_bias")), qk_norm=family == "qwen3",
               tie_embeddings=bool(c.get("tie_word_embeddings", False)), max_seq_len=max_len, hf_path=str(hf_dir))
@@ -170,13 +162,51 @@ def model_config_from_hf(hf_dir, *, seq_len: Optional[int] = None, **overrides) 
     return ModelConfig(**kw)
 
 
-def hf_config_dict(cfg: ModelConfig, dtype: str = "float32", special: Optional[dict] = None) -> dict:
-    """config.json for ``cfg``: Qwen3 when qk_norm, Qwen2 when qkv_bias, Llama otherwise.
+def _sliding_window(c: dict, family: str, layers: int, where: str) -> tuple[Optional[int], int]:
+    """``(sliding_window, sliding_window_start_layer)`` as transformers (5.x) runs the config.
 
-    Writes both the transformers-5 ``rope_parameters`` and the legacy ``rope_theta``/``rope_scaling``.
+    Mistral: ``sliding_window`` (null = none) in every layer (MistralForCausalLM ignores ``layer_types``).
+    Qwen2/Qwen3: a window only with ``use_sliding_window``, in the layers ``layer_types`` marks
+    ``sliding_attention`` (default: layers >= ``max_window_layers``); when that leaves no layer
+    (``max_window_layers >= num_hidden_layers``) the model is full attention. Llama: none.
     """
+    if family == "mistral":
+        w = c.get("sliding_window")
+        return (None if w is None else int(w)), 0
+    if family not in ("qwen2", "qwen3") or not c.get("use_sliding_window") or c.get("sliding_window") is None:
+        return None, 0
+    types = c.get("layer_types")
+    if types is None:
+        start = int(c.get("max_window_layers", 28))  # the transformers default
+        types = ["sliding_attention" if i >= start else "full_attention" for i in range(layers)]
+    if len(types) != layers or set(types) - {"sliding_attention", "full_attention"}:
+        raise HFCheckpointError(f"{where}: layer_types must list full_attention / sliding_attention for each of "
+                                f"the {layers} layers, got {types}")
+    sliding = [t == "sliding_attention" for t in types]
+    if not any(sliding):
+        return None, 0
+    start = sliding.index(True)
+    if not all(sliding[start:]):
+        raise HFCheckpointError(f"{where}: layer_types {types} mixes full and sliding-window layers after layer "
+                                f"{start}; jalign supports full-attention layers followed by sliding-window ones")
+    return int(c["sliding_window"]), start
+
+
+def hf_config_dict(cfg: ModelConfig, dtype: str = "float32", special: Optional[dict] = None) -> dict:
+    """config.json for ``cfg``: Qwen3 when qk_norm, Qwen2 when qkv_bias, else Mistral with a sliding
+    window and Llama without.
+
+    Writes both the transformers-5 ``rope_parameters`` and the legacy ``rope_theta``/``rope_scaling``;
+    a window as Mistral's ``sliding_window`` or Qwen's ``use_sliding_window`` + ``max_window_layers``
+    + ``layer_types``.
+    """
+    window = cfg.sliding_window is not None and cfg.sliding_window_start_layer < cfg.layers
     arch, mtype = ("Qwen3ForCausalLM", "qwen3") if cfg.qk_norm else (
-        ("Qwen2ForCausalLM", "qwen2") if cfg.qkv_bias else ("LlamaForCausalLM", "llama"))
+        ("Qwen2ForCausalLM", "qwen2") if cfg.qkv_bias else (
+            ("MistralForCausalLM", "mistral") if window else ("LlamaForCausalLM", "llama")))
+    if mtype == "mistral" and cfg.sliding_window_start_layer > 0:
+        raise ValueError(f"save_hf: model.sliding_window_start_layer={cfg.sliding_window_start_layer} > 0 has no "
+                         "Hugging Face architecture without qkv_bias (Mistral windows every layer)")
     s = cfg.rope_scaling
     scaling = None
     if s is not None and s.type == "llama3":
@@ -193,7 +223,13 @@ def hf_config_dict(cfg: ModelConfig, dtype: str = "float32", special: Optional[d
            "rope_parameters": {"rope_type": "default", **(scaling or {}), "rope_theta": cfg.rope_theta},
            "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
            "use_cache": True, "torch_dtype": dtype, "dtype": dtype}
-    if mtype != "llama":
+    if mtype == "mistral":
+        out.update(sliding_window=cfg.sliding_window)
+    elif mtype != "llama" and window:
+        start = cfg.sliding_window_start_layer
+        out.update(use_sliding_window=True, sliding_window=cfg.sliding_window, max_window_layers=start,
+                   layer_types=["full_attention" if i < start else "sliding_attention" for i in range(cfg.layers)])
+    elif mtype != "llama":
         out.update(use_sliding_window=False, sliding_window=None)
     out.update(special or {})
     return out

@@ -112,7 +112,8 @@ def _remat_policy(name: str):
 
 
 # ---- the layer ----------------------------------------------------------------------------------
-def _layer(cfg: ModelConfig, x, p, positions, q_seg, kv_seg, q_idx, kv_idx, inv_freq, cache_kv, cache_index):
+def _layer(cfg: ModelConfig, x, p, positions, q_seg, kv_seg, q_idx, kv_idx, inv_freq, cache_kv, cache_index,
+           window=None):
     dtype = DTYPES[cfg.dtype]
     w = lambda name: p[name].astype(dtype)  # noqa: E731
     mm = lambda eq, a, name: linear(eq, a, p[name], dtype)  # noqa: E731  plain, quantised or LoRA weight
@@ -134,7 +135,7 @@ def _layer(cfg: ModelConfig, x, p, positions, q_seg, kv_seg, q_idx, kv_idx, inv_
         cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
         new_cache = (ck, cv)
         k, v = ck.astype(dtype), cv.astype(dtype)
-    attn = attend(q, k, v, q_seg, kv_seg, q_idx, kv_idx, impl=cfg.attention)
+    attn = attend(q, k, v, q_seg, kv_seg, q_idx, kv_idx, impl=cfg.attention, window=window)
     x = x + constrain(mm("bthk,hkd->btd", attn, "o"), ("batch", "seq", "act_embed"))
     h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
     gate = constrain(mm("btd,df->btf", h, "gate"), ("batch", "seq", "mlp"))
@@ -149,6 +150,20 @@ def sequence_parallel_size() -> int:
 
     mesh = active_mesh()
     return 1 if mesh is None else int(dict(mesh.shape).get("sequence", 1))
+
+
+_NO_WINDOW = 2**30  # a window no row reaches: full attention in that layer
+
+
+def layer_windows(cfg: ModelConfig, num_keys: int) -> Optional[jax.Array]:
+    """int32 [layers] sliding window per layer (``_NO_WINDOW`` for full-attention layers), or None when
+    no layer's window is shorter than ``num_keys`` (then the mask is the plain causal one)."""
+    w, start = cfg.sliding_window, cfg.sliding_window_start_layer
+    if w is None or start >= cfg.layers or w >= num_keys:
+        return None
+    if w < 1 or start < 0:
+        raise ValueError(f"model.sliding_window={w} must be >= 1 and model.sliding_window_start_layer={start} >= 0")
+    return jnp.asarray([_NO_WINDOW] * start + [w] * (cfg.layers - start), jnp.int32)
 
 
 def embed_tokens(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
@@ -170,9 +185,21 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, segment_ids: 
     returns ``(hidden, new_cache)`` in that case. ``token_index`` [B, T]: each token's position in the
     original row order (default ``arange(T)``); pass it when the row was permuted (zigzag layout for
     ring attention), since causal masking compares these indices.
+
+    Rows longer than ``cfg.max_seq_len`` raise (with a cache the slots may exceed it: callers bucket
+    them, and ``generate`` checks the real lengths). ``cfg.sliding_window`` adds ``t - s < window`` on
+    the same indices in the layers it covers (see :func:`layer_windows`).
     """
     B, T = tokens.shape
+    if cache is None and T > cfg.max_seq_len:
+        raise ValueError(f"rows of {T} tokens are longer than model.max_seq_len={cfg.max_seq_len} (the positions "
+                         "the model supports); shorten data.seq_len / the rollout, or raise model.max_seq_len")
     n = sequence_parallel_size()
+    windows = layer_windows(cfg, T if cache is None else cache["segment_ids"].shape[1])
+    if windows is not None and n > 1 and cache is None:
+        raise ValueError(f"model.sliding_window={cfg.sliding_window} is shorter than the rows ({T} tokens), and "
+                         f"ring attention (mesh.sequence={n} > 1) does not support a sliding window; use "
+                         "mesh.sequence=1")
     if n > 1 and cfg.attention != "ring":
         # Activations sharded along the sequence need the ring: every caller gets it from the mesh alone.
         cfg = dataclasses.replace(cfg, attention="ring")
@@ -203,17 +230,23 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, segment_ids: 
         kv_idx = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
 
     def body(carry, xs):
+        window = None
+        if windows is not None:
+            xs, window = xs
         if cache is None:
             p, ckv = xs, None
         else:
             p, ck, cv = xs
             ckv = (ck, cv)
-        y, new_kv = _layer(cfg, carry, p, positions, q_seg, kv_seg, q_idx, kv_idx, inv_freq, ckv, cache_index)
+        y, new_kv = _layer(cfg, carry, p, positions, q_seg, kv_seg, q_idx, kv_idx, inv_freq, ckv, cache_index,
+                           window)
         return y, new_kv
 
     if cfg.remat != "none":
         body = jax.checkpoint(body, policy=_remat_policy(cfg.remat), prevent_cse=False)
     xs = params["layers"] if cache is None else (params["layers"], cache["k"], cache["v"])
+    if windows is not None:
+        xs = (xs, windows)
     x, new_kv = jax.lax.scan(body, x, xs)
     hidden = rms_norm(x, params["final_norm"], cfg.norm_eps)
     if cache is None:
