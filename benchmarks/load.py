@@ -9,11 +9,14 @@ tensor by tensor with NumPy, and a jalign params checkpoint of the same weights 
 * ``new``: ``jalign.models.load.load_params(hf:DIR)`` onto fsdp=8 (f32 params);
 * ``old``: ``algorithms.base.initial_params`` with ``model.hf_path`` (random init + load + host copy),
   run once, only when ``free`` shows >= 20 GiB available (it peaks at ~17 GiB);
-* ``run``: ``load_params(run:DIR)`` from the orbax checkpoint onto fsdp=8 (f32).
+* ``run``: ``load_params(run:DIR)`` from the orbax checkpoint onto fsdp=8 (f32);
+* ``numpy``: the floor, every tensor read and converted to f32 once with NumPy (no JAX, no sharding).
 
 Peak RSS is the child's VmHWM (it includes the memory-mapped file pages the loader touched; on CPU
 the device buffers are host memory too, so the loaded params themselves are 1.0x). The file read
-time is ``cat FILES > /dev/null`` just before each load (page cache state as the load sees it).
+time is ``cat FILES > /dev/null`` just before each load, from the disk (the files evicted from the page
+cache with POSIX_FADV_DONTNEED first) and again from the page cache; ``--cold`` evicts them before each
+load too.
 Prints figures only; never asserts on time or memory.
 """
 from __future__ import annotations
@@ -103,6 +106,18 @@ def _files(hf_dir: Path) -> list[str]:
     return sorted(str(p) for p in hf_dir.glob("*.safetensors"))
 
 
+def evict(files: list[str]) -> None:
+    """Drop these files' pages from the page cache (POSIX_FADV_DONTNEED: no root needed, nothing else
+    affected), so the next read comes from the disk."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def cat_seconds(files: list[str]) -> float:
     t = time.perf_counter()
     subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
@@ -126,6 +141,16 @@ def child(mode: str, hf_dir: str, run_dir: str) -> None:
     jax.block_until_ready(jnp.zeros(8))  # devices up before the baseline
     base_rss = _status("VmHWM")
     t = time.perf_counter()
+    if mode == "numpy":  # the floor: every tensor read and converted to f32 once, no JAX, no sharding
+        import numpy as np
+
+        weights = hf_io._open_weights(hf_dir)
+        n = 0
+        for name, f in weights.items():
+            n += np.asarray(f.array(name), np.float32).size
+        print(json.dumps({"mode": mode, "seconds": time.perf_counter() - t, "peak": _status("VmHWM"),
+                          "baseline": base_rss, "f32_bytes": 4 * n, "params": n}))
+        return
     if mode == "old":
         import dataclasses
 
@@ -178,6 +203,8 @@ def main() -> None:
     ap.add_argument("--skip-old", action="store_true", help="do not run the old path (it peaks at ~17 GiB)")
     ap.add_argument("--skip-run", action="store_true", help="do not measure the run: (orbax) source")
     ap.add_argument("--repeats", type=int, default=2, help="new-path loads, alternated with the others")
+    ap.add_argument("--cold", action="store_true", help="evict the files from the page cache before each load "
+                                                        "(default: loads read from the page cache)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--hf", help=argparse.SUPPRESS)
     ap.add_argument("--run", help=argparse.SUPPRESS)
@@ -204,20 +231,27 @@ def main() -> None:
             plan.append("old")
         if i == 0 and not a.skip_run:
             plan.append("run")
+    plan.insert(0, "numpy")
     rows = []
     for mode in plan:
         if mode == "old" and _available_gib() < 20:
             print(f"old path skipped: only {_available_gib():.1f} GiB available (needs >= 20)")
             continue
-        read = cat_seconds(files)
+        evict(files)
+        cold = cat_seconds(files)  # from the disk
+        warm = cat_seconds(files)  # from the page cache
+        if a.cold:
+            evict(files)
         load_avg = os.getloadavg()[0]
         r = measure(mode, hf_dir, run_dir)
+        read = cold if a.cold else warm
         r.update(read=read, load_avg=load_avg)
         rows.append(r)
-        print(f"{mode:>4}: {r['seconds']:6.1f} s (files read by cat in {read:4.1f} s: {r['seconds'] / read:5.2f}x), "
-              f"peak RSS {r['peak'] / GiB:5.2f} GiB = {r['peak'] / r['f32_bytes']:.2f}x the f32 params "
-              f"({r['f32_bytes'] / GiB:.2f} GiB, {r['params'] / 1e9:.2f}B params); before loading "
-              f"{r['baseline'] / GiB:.2f} GiB, so the load added {(r['peak'] - r['baseline']) / r['f32_bytes']:.2f}x; "
+        print(f"{mode:>5}: {r['seconds']:6.1f} s = {r['seconds'] / read:5.1f}x cat of the files from "
+              f"{'disk' if a.cold else 'page cache'} (cat: {cold:4.1f} s cold, {warm:4.2f} s warm); peak RSS "
+              f"{r['peak'] / GiB:5.2f} GiB = {r['peak'] / r['f32_bytes']:.2f}x the f32 params "
+              f"({r['f32_bytes'] / GiB:.2f} GiB, {r['params'] / 1e9:.2f}B params); {r['baseline'] / GiB:.2f} GiB "
+              f"before loading, so the load added {(r['peak'] - r['baseline']) / r['f32_bytes']:.2f}x; "
               f"load average {load_avg:.1f}", flush=True)
     new = [r for r in rows if r["mode"] == "new"]
     old = [r for r in rows if r["mode"] == "old"]

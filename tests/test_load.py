@@ -365,3 +365,21 @@ def test_missing_step_and_damaged_metadata(sft_run, tmp_path):
     (empty / "checkpoints").mkdir(parents=True)
     with pytest.raises(LoadError, match="contains no finished checkpoint"):
         load(f"run:{empty}", decls, mesh)
+
+
+def test_orbax_in_flight_bound_fits_the_largest_shard():
+    """Orbax refuses to read a shard larger than its in-flight byte bound: the bound is 1 GB, or the
+    chunk-rounded size of the largest leaf when that is more (e.g. an 8B model's stacked MLP leaf)."""
+    from types import SimpleNamespace
+
+    from jalign.models.load import _RunReader
+
+    def leaf(shape, chunks, dtype):
+        return SimpleNamespace(shape=shape, dtype=np.dtype(dtype), storage=SimpleNamespace(chunk_shape=chunks))
+
+    reader = _RunReader.__new__(_RunReader)
+    reader._meta = {"small": leaf((64, 32), (8, 32), np.float32),
+                    "mlp": leaf((32, 4096, 14336), (32, 512, 14336), np.float32),  # 7.5 GB, chunks divide it
+                    "odd": leaf((100, 10), (64, 10), ml_dtypes.bfloat16)}
+    assert reader._in_flight_gb({"small": None, "odd": None}) == 1
+    assert reader._in_flight_gb({"small": None, "mlp": None}) == 8  # 7.52e9 bytes -> 8 GB

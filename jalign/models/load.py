@@ -299,13 +299,13 @@ class _HFReader:
                 del view
         except (OSError, ValueError) as e:  # e.g. a truncated file: a map past its end
             raise LoadError(f"{self.where}={self.source}: cannot read the tensors of {path} ({e})") from None
-        # Each device gets its own buffer (replicas a copy): on CPU, device_put adopts an aligned host
-        # buffer without copying, and no two device buffers may share memory.
+        # On CPU, device_put adopts an aligned host buffer without copying, so replicas get a copy each:
+        # no two device buffers may share memory. Elsewhere device_put copies and replicas share one.
         devices, host = [], []
         for key, group in groups.items():
             for j, device in enumerate(group):
                 devices.append(device)
-                host.append(buffers[key] if j == 0 else _aligned_copy(buffers[key]))
+                host.append(_aligned_copy(buffers[key]) if j and device.platform == "cpu" else buffers[key])
         del buffers
         arrays = jax.device_put(host, devices)
         return jax.make_array_from_single_device_arrays(tuple(shape), sharding, arrays)
@@ -401,7 +401,7 @@ class _RunReader:
         item, restore_args = params_lib.unflatten(target), params_lib.unflatten(args)
         if self.subtree:
             item, restore_args = {self.subtree: item}, {self.subtree: restore_args}
-        handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=1)
+        handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=self._in_flight_gb(wanted))
         try:
             with ocp.Checkpointer(handler) as ckptr:
                 out = ckptr.restore(self.directory, args=ocp.args.PyTreeRestore(
@@ -410,3 +410,15 @@ class _RunReader:
             raise LoadError(f"{self.where}={self.source}: cannot restore the params from {self.directory} "
                             f"({type(e).__name__}: {e})") from None
         return params_lib.flatten(out[self.subtree] if self.subtree else out)
+
+    def _in_flight_gb(self, wanted: dict) -> int:
+        """Orbax's bound on the bytes being read at once (per process), in GB: 1, or more if one shard
+        of a leaf may need more (orbax refuses a shard larger than the bound). Orbax counts a shard's
+        domain rounded out to the stored chunks, so a leaf's chunk-rounded size bounds any of its shards."""
+        largest = 0
+        for path in wanted:
+            meta = self._meta[path]
+            chunks = getattr(getattr(meta, "storage", None), "chunk_shape", None) or meta.shape
+            rounded = [-(-n // max(c, 1)) * max(c, 1) for n, c in zip(meta.shape, chunks)]
+            largest = max(largest, int(np.prod(rounded, dtype=np.int64)) * np.dtype(meta.dtype).itemsize)
+        return max(1, -(-(largest + 1) // 10**9))
