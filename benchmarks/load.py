@@ -10,14 +10,16 @@ tensor by tensor with NumPy, and a jalign params checkpoint of the same weights 
 * ``old``: ``algorithms.base.initial_params`` with ``model.hf_path`` (random init + load + host copy),
   run once, only when ``free`` shows >= 20 GiB available (it peaks at ~17 GiB);
 * ``run``: ``load_params(run:DIR)`` from the orbax checkpoint onto fsdp=8 (f32);
-* ``numpy``: the floor, every tensor read and converted to f32 once with NumPy (no JAX, no sharding).
+* ``numpy``: the floor, every tensor read and converted to f32 once with NumPy (no JAX, no sharding);
+* ``reader``: ``hf_io.load_hf_params`` alone (the existing per-slice reader the old path starts with).
 
 Peak RSS is the child's VmHWM (it includes the memory-mapped file pages the loader touched; on CPU
 the device buffers are host memory too, so the loaded params themselves are 1.0x). The file read
 time is ``cat FILES > /dev/null`` just before each load, from the disk (the files evicted from the page
 cache with POSIX_FADV_DONTNEED first) and again from the page cache; ``--cold`` evicts them before each
 load too.
-Prints figures only; never asserts on time or memory.
+CPU time (user+sys of the child) is printed next to wall time: on a shared machine it is the steadier
+measure of the work a load does. Prints figures only; never asserts on time or memory.
 """
 from __future__ import annotations
 
@@ -45,6 +47,13 @@ def _status(key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
     raise KeyError(key)
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def _available_gib() -> float:
@@ -140,7 +149,7 @@ def child(mode: str, hf_dir: str, run_dir: str) -> None:
     decls = declare_params(cfg)
     jax.block_until_ready(jnp.zeros(8))  # devices up before the baseline
     base_rss = _status("VmHWM")
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), _cpu_seconds()
     if mode == "numpy":  # the floor: every tensor read and converted to f32 once, no JAX, no sharding
         import numpy as np
 
@@ -148,10 +157,12 @@ def child(mode: str, hf_dir: str, run_dir: str) -> None:
         n = 0
         for name, f in weights.items():
             n += np.asarray(f.array(name), np.float32).size
-        print(json.dumps({"mode": mode, "seconds": time.perf_counter() - t, "peak": _status("VmHWM"),
-                          "baseline": base_rss, "f32_bytes": 4 * n, "params": n}))
+        print(json.dumps({"mode": mode, "seconds": time.perf_counter() - t, "cpu": _cpu_seconds() - cpu,
+                          "peak": _status("VmHWM"), "baseline": base_rss, "f32_bytes": 4 * n, "params": n}))
         return
-    if mode == "old":
+    if mode == "reader":  # hf_io.load_hf_params alone: the existing per-slice reader, no merge
+        params = hf_io.load_hf_params(hf_dir, cfg, mesh=mesh, rules=DEFAULT_RULES, dtype=jnp.float32)
+    elif mode == "old":
         import dataclasses
 
         from jalign.algorithms import base
@@ -183,7 +194,8 @@ def child(mode: str, hf_dir: str, run_dir: str) -> None:
     seconds = time.perf_counter() - t
     leaves = jax.tree.leaves(params)
     f32 = sum(math.prod(x.shape) for x in leaves) * 4
-    print(json.dumps({"mode": mode, "seconds": seconds, "peak": _status("VmHWM"), "baseline": base_rss,
+    print(json.dumps({"mode": mode, "seconds": seconds, "cpu": _cpu_seconds() - cpu, "peak": _status("VmHWM"),
+                      "baseline": base_rss,
                       "f32_bytes": f32, "params": sum(math.prod(x.shape) for x in leaves)}))
 
 
@@ -231,7 +243,7 @@ def main() -> None:
             plan.append("old")
         if i == 0 and not a.skip_run:
             plan.append("run")
-    plan.insert(0, "numpy")
+    plan[:0] = ["numpy", "reader"]
     rows = []
     for mode in plan:
         if mode == "old" and _available_gib() < 20:
@@ -247,7 +259,8 @@ def main() -> None:
         read = cold if a.cold else warm
         r.update(read=read, load_avg=load_avg)
         rows.append(r)
-        print(f"{mode:>5}: {r['seconds']:6.1f} s = {r['seconds'] / read:5.1f}x cat of the files from "
+        print(f"{mode:>6}: {r['seconds']:5.1f} s wall, {r['cpu']:5.1f} s CPU (user+sys) = "
+              f"{r['seconds'] / read:5.1f}x cat of the files from "
               f"{'disk' if a.cold else 'page cache'} (cat: {cold:4.1f} s cold, {warm:4.2f} s warm); peak RSS "
               f"{r['peak'] / GiB:5.2f} GiB = {r['peak'] / r['f32_bytes']:.2f}x the f32 params "
               f"({r['f32_bytes'] / GiB:.2f} GiB, {r['params'] / 1e9:.2f}B params); {r['baseline'] / GiB:.2f} GiB "
@@ -257,7 +270,8 @@ def main() -> None:
     old = [r for r in rows if r["mode"] == "old"]
     if new and old:
         print(f"old / new: peak RSS {old[0]['peak'] / min(r['peak'] for r in new):.2f}x, "
-              f"time {old[0]['seconds'] / min(r['seconds'] for r in new):.2f}x")
+              f"wall time {old[0]['seconds'] / min(r['seconds'] for r in new):.2f}x, "
+              f"CPU time {old[0]['cpu'] / min(r['cpu'] for r in new):.2f}x")
 
 
 if __name__ == "__main__":

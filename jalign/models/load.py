@@ -174,7 +174,7 @@ def load_params(source: WeightSource, decls: dict, *, mesh, rules, dtype=jnp.flo
         raise LoadError(_mismatch_message(source, where, role, flat, available, mismatched, bad))
     wanted = {p: flat[p] for p in flat if p not in missing}
     loaded = reader.read(wanted, {p: shardings[p] for p in wanted}, dtype)
-    nonfinite = _nonfinite_leaves(loaded)
+    nonfinite = reader.nonfinite(loaded)
     if nonfinite:
         raise LoadError(f"{where}={source}: the {role}'s weights contain NaN or inf in "
                         f"{_listing(nonfinite)}; the checkpoint is damaged or diverged: point {where} at a "
@@ -243,6 +243,11 @@ class _HFReader:
     def shapes(self) -> dict:
         return self._shapes
 
+    def nonfinite(self, loaded: dict) -> list[str]:
+        """Checked on the host while each slice was copied (the values pass through it anyway, and
+        this needs no compiled program per leaf shape)."""
+        return [p for p in loaded if p in self._nonfinite]
+
     def _names(self, path: str) -> list[str]:
         m = self.layout[path]
         if path.startswith("layers/"):
@@ -267,6 +272,7 @@ class _HFReader:
             raise LoadError(f"{self.where}={self.source}: " + "; ".join(problems[:_SHOWN])
                             + (f"; and {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else ""))
         np_dtype = np.dtype(dtype)
+        self._nonfinite = set()
         out = {}
         for path, decl in wanted.items():
             out[path] = self._leaf(weights, path, decl.shape, shardings[path], np_dtype)
@@ -290,12 +296,15 @@ class _HFReader:
                     for key, buf in buffers.items():
                         (l0, l1), rest = key[0], key[1:]
                         if l0 <= i < l1:
-                            _cast_copy(buf[i - l0], view[tuple(slice(a, b) for a, b in rest)])
+                            finite = _cast_copy(buf[i - l0], view[tuple(slice(a, b) for a, b in rest)])
+                            if not finite:
+                                self._nonfinite.add(path)
                     del view  # unmaps this layer's tensor
             else:
                 view = m.to_ours(weights[m.hf_name].array(m.hf_name))
                 for key, buf in buffers.items():
-                    _cast_copy(buf, view[tuple(slice(a, b) for a, b in key)])
+                    if not _cast_copy(buf, view[tuple(slice(a, b) for a, b in key)]):
+                        self._nonfinite.add(path)
                 del view
         except (OSError, ValueError) as e:  # e.g. a truncated file: a map past its end
             raise LoadError(f"{self.where}={self.source}: cannot read the tensors of {path} ({e})") from None
@@ -332,14 +341,16 @@ def _aligned_copy(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _cast_copy(dst: np.ndarray, src: np.ndarray) -> None:
-    """``dst[...] = src`` with a dtype cast. A transposed (non-contiguous) ``src`` is cast in its own
-    memory order first and then copied: a strided cast is several times slower than a contiguous
-    cast followed by a same-dtype strided copy."""
+def _cast_copy(dst: np.ndarray, src: np.ndarray) -> bool:
+    """``dst[...] = src`` with a dtype cast; True if every copied value is finite (checked while
+    ``dst`` is still in cache). A transposed (non-contiguous) ``src`` is cast in its own memory order
+    first and then copied: a strided cast is several times slower than a contiguous cast followed by a
+    same-dtype strided copy."""
     if src.dtype == dst.dtype or src.flags.c_contiguous:
         np.copyto(dst, src, casting="unsafe")
     else:
         np.copyto(dst, np.asarray(src, dst.dtype))
+    return bool(np.isfinite(dst).all())
 
 
 # ---- jalign runs and `jalign convert` directories -------------------------------------------------
@@ -389,6 +400,9 @@ class _RunReader:
 
     def shapes(self) -> dict:
         return {p: tuple(m.shape) for p, m in self._meta.items()}
+
+    def nonfinite(self, loaded: dict) -> list[str]:
+        return _nonfinite_leaves(loaded)
 
     def read(self, wanted: dict, shardings: dict, dtype) -> dict:
         """One orbax restore of just ``wanted``, each leaf onto its sharding and cast to ``dtype``
