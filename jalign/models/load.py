@@ -21,8 +21,9 @@ Where the weights come from:
 
 Strictness: every declared leaf must be in the source with exactly the declared shape. A missing leaf
 may start fresh only if its path starts with one of ``allow_fresh`` (the score head of a new reward
-model or critic); the log names those. Anything else missing or mis-shaped, and any non-finite value
-in a loaded leaf, is one :class:`LoadError`. Leaves the source has but ``decls`` does not need (an
+model or critic); the log names those. Anything else missing or mis-shaped, and any NaN/inf in a
+loaded leaf (checked on the host as each HF slice is copied, on device for a run), is one
+:class:`LoadError`. Leaves the source has but ``decls`` does not need (an
 ``lm_head`` when loading a reward-model trunk) are ignored.
 """
 from __future__ import annotations
