@@ -139,7 +139,6 @@ def child(mode: str, hf_dir: str, run_dir: str) -> None:
     import jax.numpy as jnp
 
     from jalign.models import hf_io
-    from jalign.models import params as params_lib
     from jalign.models.transformer import declare_params
     from sharding import make_mesh
     from sharding.rules import DEFAULT_RULES

@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+from jax.sharding import SingleDeviceSharding
 
 from jalign.checkpoint import Checkpointer
 from jalign.config import Config, ConfigError, ModelConfig, dump_config
