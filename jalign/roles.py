@@ -96,9 +96,12 @@ def role_source(cfg: Config, name: str, spec: RoleSpec) -> tuple[str, Optional[s
 def role_architecture(cfg: Config, source: load.WeightSource, key: str) -> ModelConfig:
     """The architecture of a role: the policy's for policy-init / random, else the source's own, run by the
     policy's dtypes and remat policy."""
-    arch = load.source_architecture(source)
+    from jalign.models.architecture import source_with_tokenizer
+
+    arch = load.source_architecture(source, where=key)
     if arch is None:
         return cfg.model
+    arch = source_with_tokenizer(arch, source)
     m = cfg.model
     return dataclasses.replace(arch, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
                                attention=m.attention, hf_path=None, init_from=None)

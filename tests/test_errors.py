@@ -95,13 +95,14 @@ def test_train_hf_path_errors(capsys, tmp_path, hf_model):
     out = f"train.out_dir={tmp_path / 'run'}"
     rc, err = run_cli(capsys, "train", str(ROOT / "configs/sft_tiny.yaml"), f"model.hf_path={tmp_path}", out)
     assert rc == 2
-    assert_one_line_error(err, "train", f"{tmp_path}/config.json: missing config.json")
+    assert_one_line_error(err, "train", f"model.hf_path=hf:{tmp_path}", "is not a Hugging Face directory "
+                          "(needs config.json + safetensors)")
     bad = copy(hf_model, tmp_path / "bad")
     st = bad / "model.safetensors"
     st.write_bytes(st.read_bytes()[:1000])
     # the architecture keys of the run agree with the HF model (a contradiction is its own error)
     rc, err = run_cli(capsys, "train", str(ROOT / "configs/sft_tiny.yaml"), *TINY_RUN, "model.vocab_size=256",
-                      f"model.hf_path={bad}",
+                      f"model.hf_path={bad}", f"model.tokenizer={bad}",
                       "model.init_from=null", "data.chat_template=none", out)
     assert rc == 2
     assert_one_line_error(err, "train", f"{st}: not a valid safetensors file")

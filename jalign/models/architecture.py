@@ -64,5 +64,16 @@ def resolve_architecture(cfg: Config) -> None:
     key, spec = weights_spec(cfg.model, cfg.source or "model")
     if not key:
         return
-    src = source_architecture(parse_source(spec, where=key))
-    cfg.model = merge_architecture(cfg.model, src, cfg.explicit, key, spec, cfg.source or "<config>")
+    source = parse_source(spec, where=key)
+    src = source_architecture(source, seq_len=cfg.data.seq_len, where=key)
+    cfg.model = merge_architecture(cfg.model, source_with_tokenizer(src, source), cfg.explicit, key, spec,
+                                   cfg.source or "<config>")
+
+
+def source_with_tokenizer(src: ModelConfig, source) -> ModelConfig:
+    """An HF directory carries its own tokenizer files: they are the model's tokenizer unless one is given."""
+    from pathlib import Path
+
+    if source.kind == "hf" and (Path(source.path) / "tokenizer.json").is_file():
+        return dataclasses.replace(src, tokenizer=str(source.path))
+    return src
