@@ -270,44 +270,50 @@ def compiled_cache_size() -> int:
 
 # ---- CLI: jalign generate -------------------------------------------------------------------------
 def _load_model(spec: str, seed: int):
-    """(params, cfg, tokenizer spec, default chat template) from an HF directory or a jalign YAML config."""
+    """(params, cfg, tokenizer spec, default chat template) from an HF directory, a jalign run (its own newest
+    checkpoint), a ``jalign convert --out`` directory or a jalign YAML config; weights through the one loader."""
     from pathlib import Path
 
     from jalign.config import ConfigError, load_config
-    from jalign.models import hf_io
-    from jalign.models.params import init_params
+    from jalign.models import load
+    from jalign.models.architecture import resolve_architecture, source_with_tokenizer
+    from jalign.models.params import DTYPES
     from jalign.models.transformer import declare_params
+    from sharding.mesh import make_mesh
+    from sharding.rules import make_rules
 
-    if not Path(spec).exists():
+    p = Path(spec)
+    if not p.exists():
         raise ConfigError(f"--model {spec}: no such file or directory (expected a Hugging Face directory, a "
                           "training run directory or a jalign YAML config)")
-    if Path(spec).is_dir() and (Path(spec) / "config.json").is_file():
-        cfg = hf_io.model_config_from_hf(spec)
-        # the same rule as training's default data.chat_template: the tokenizer's own template, if any
-        return hf_io.load_hf_params(spec, cfg), cfg, spec, "auto"
-    if Path(spec).is_dir() and not (Path(spec) / "config.yaml").is_file():
+    if p.is_dir() and not (p / "config.json").is_file() and not (p / "config.yaml").is_file():
         raise ConfigError(f"--model {spec}: a directory with neither config.json (Hugging Face) nor config.yaml "
                           "(a jalign run or `jalign convert --out` directory)")
+    mesh = make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
+    rules = make_rules()
 
-    trained = None
-    if Path(spec).is_dir() and (Path(spec) / "config.yaml").is_file():  # a run / `jalign convert` dir
-        if (Path(spec) / "checkpoints").is_dir():
-            trained = spec  # a training run: its own newest checkpoint, not the weights it started from
-        spec = str(Path(spec) / "config.yaml")
+    def weights(source, cfg):
+        return load.load_params(source, declare_params(cfg), mesh=mesh, rules=rules, dtype=DTYPES[cfg.param_dtype],
+                                seed=seed, role="model", where="--model", log=lambda *_: None)
+
+    if p.is_dir() and (p / "config.json").is_file():
+        source = load.parse_source(f"hf:{p}", where="--model")
+        cfg = source_with_tokenizer(load.source_architecture(source, where="--model"), source)
+        # the same rule as training's default data.chat_template: the tokenizer's own template, if any
+        return weights(source, cfg), cfg, cfg.tokenizer, "auto"
+    if p.is_dir():  # a training run (its own newest checkpoint, not the weights it started from) or a convert dir
+        full = load_config(p / "config.yaml")
+        return weights(load.parse_source(f"run:{p}", where="--model"), full.model), full.model, \
+            full.model.tokenizer, full.data.chat_template
     full = load_config(spec)
+    resolve_architecture(full)
     cfg, template = full.model, full.data.chat_template
-    if trained is not None:
-        if cfg.hf_path:
-            cfg = hf_io.model_config_from_hf(cfg.hf_path, tokenizer=cfg.tokenizer if cfg.tokenizer != "byte" else cfg.hf_path)
-        return hf_io.load_params_checkpoint(trained, cfg), cfg, cfg.tokenizer, template
-    if cfg.hf_path:
-        hf_cfg = hf_io.model_config_from_hf(cfg.hf_path)
-        return hf_io.load_hf_params(cfg.hf_path, hf_cfg), hf_cfg, (
-            cfg.tokenizer if cfg.tokenizer != "byte" else cfg.hf_path), template
-    if cfg.init_from:
-        return hf_io.load_params_checkpoint(cfg.init_from, cfg), cfg, cfg.tokenizer, template
-    print("jalign generate: no model.hf_path / model.init_from: using random weights", file=sys.stderr)
-    return init_params(declare_params(cfg), seed), cfg, cfg.tokenizer, template
+    from jalign.roles import policy_source
+
+    _, source = policy_source(full)
+    if source.kind == "random":
+        print("jalign generate: no model.hf_path / model.init_from: using random weights", file=sys.stderr)
+    return weights(source, cfg), cfg, cfg.tokenizer, template
 
 
 def generate_main(argv: list[str]) -> int:
