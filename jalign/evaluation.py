@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jalign.data.prompts import PromptSet
 from jalign.losses import kl_k1
 from jalign.models.heads import sequence_scores, token_logps
 from jalign.rollout import experience as xp
@@ -44,7 +45,7 @@ class GenerationEval:
     in the run's roles, read at ``reward_attribute``); ``kl_role``: the frozen model the KL is measured against.
     """
 
-    def __init__(self, rt, tokenizer, prompts: "xp.PromptSet", *, reward_fn: Optional[Callable] = None,
+    def __init__(self, rt, tokenizer, prompts: PromptSet, *, reward_fn: Optional[Callable] = None,
                  reward_role: Optional[str] = None, reward_attribute: int = 0, kl_role: Optional[str] = None):
         e = rt.cfg.eval
         self.rt, self.tokenizer, self.e = rt, tokenizer, e
@@ -64,7 +65,7 @@ class GenerationEval:
         """For supervised algorithms: ``examples`` are ``(prompt_ids, reference)`` of held-out data."""
         if algo.cfg.eval.prompts <= 0 or not examples:
             return None
-        return cls(algo.rt, algo.tokenizer, xp.PromptSet.from_pairs(examples), **kw)
+        return cls(algo.rt, algo.tokenizer, PromptSet.from_pairs(examples), **kw)
 
     # one jitted program per model configuration: policy log-probs, reference log-probs, reward scores
     def _score_impl(self, params, ref, rm, out, *, cfg, ref_cfg, rm_cfg):

@@ -67,7 +67,7 @@ def test_first_step_metrics(reference):
     assert m["reward_std"] > 0 and 0.0 <= m["accuracy"] <= 1.0
     # the margin version of BT: m = margin_scale * (R_c - R_r) = 0.5 with the tiny task's rewards 1 / 0
     b = reference["batch"]
-    assert np.all(b["chosen_reward"] == 1.0) and np.all(b["rejected_reward"] == 0.0)
+    assert np.all(b["rewards"][:, 0] == 1.0) and np.all(b["rewards"][:, 1] == 0.0)
 
 
 @pytest.mark.parametrize("shape,accum", [((8, 1, 1, 1), 1), ((2, 2, 2, 1), 2), ((1, 2, 2, 2), 1)])
@@ -120,11 +120,11 @@ def test_regression_masks_unlabelled_attributes(tmp_path):
     assert algo.data.attribute_names == ["correct", "helpful"]
     it = algo.train_batches()
     batches = [next(it) for _ in range(1)]
-    assert batches[0]["attr_mask_0"].sum() < 8  # some "correct" labels are null
+    assert batches[0]["attribute_mask"][:, 0].sum() < 8  # some "correct" labels are null
     metrics, state = run(algo, batches * 8)
     losses = [m["loss"] for m in metrics]
     assert losses[-1] < 0.5 * losses[0]
-    assert metrics[0]["num_values"] == batches[0]["attr_mask_0"].sum() + batches[0]["attr_mask_1"].sum()
+    assert metrics[0]["num_values"] == batches[0]["attribute_mask"].sum()
     from jalign.evaluation import reduce_eval
 
     with use_rules(algo.rt.mesh, algo.rt.rules):

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jalign.algorithms.base import SupervisedAlgorithm, policy_token_logps
 from jalign.algorithms.registry import register
-from jalign.algorithms.reward import pair_valid, stack_pairs, unstack_pairs
+from jalign.algorithms.reward import flatten_pairs, pair_valid, unstack_pairs
 from jalign.data import fields
 from jalign.data.columns import PrecomputedColumns
 from jalign.data.preference import PairData, records_fingerprint
@@ -67,7 +67,7 @@ def preference_loss(a, pi_c, pi_r, ref_c, ref_r, valid, num_pairs, chosen_reward
 
 def pair_sequence_logps(params, mb, cfg):
     """(per-sequence log-prob *sums* [b, 2], token log-probs [2b, T], masks [2b, T]) in one forward pass."""
-    both = stack_pairs(mb, LM_FIELDS + ("loss_mask",))
+    both = flatten_pairs(mb, LM_FIELDS + ("loss_mask",))
     lp = policy_token_logps(params, both, cfg)
     sums = sequence_logps(lp, both["loss_mask"]).reshape(-1, 2)
     return sums, lp, both["loss_mask"]
@@ -112,12 +112,12 @@ class DPO(SupervisedAlgorithm):
         ref_c, ref_r = self._reference_logps(mb, roles)
         pi_c, pi_r = sums[:, 0], sums[:, 1]
         if a.length_normalize:
-            n_c, n_r = jnp.sum(mb["chosen_loss_mask"], -1), jnp.sum(mb["rejected_loss_mask"], -1)
+            n_c, n_r = jnp.sum(mb["loss_mask"][:, 0], -1), jnp.sum(mb["loss_mask"][:, 1], -1)
             pi_c, pi_r = safe_divide(pi_c, n_c), safe_divide(pi_r, n_r)
             ref_c, ref_r = safe_divide(ref_c, n_c), safe_divide(ref_r, n_r)
         v = pair_valid(mb)
-        pref, m = preference_loss(a, pi_c, pi_r, ref_c, ref_r, v, norms["num_pairs"], mb["chosen_reward"],
-                                  mb["rejected_reward"])
+        pref, m = preference_loss(a, pi_c, pi_r, ref_c, ref_r, v, norms["num_pairs"], mb["rewards"][:, 0],
+                                  mb["rewards"][:, 1])
         lp_c, _ = unstack_pairs(lp)
         mask_c, mask_r = unstack_pairs(mask)
         sft, _ = dpo_sft_term(lp_c, mask_c * v[:, None], norms["num_chosen_tokens"])
@@ -130,7 +130,7 @@ class DPO(SupervisedAlgorithm):
 
     def normalizers(self, batch):
         v = pair_valid(batch)
-        return {"num_pairs": jnp.sum(v), "num_chosen_tokens": jnp.sum(v[..., None] * batch["chosen_loss_mask"])}
+        return {"num_pairs": jnp.sum(v), "num_chosen_tokens": jnp.sum(v[..., None] * batch["loss_mask"][..., 0, :])}
 
     def eval_finish(self, means):
         means = dict(means)

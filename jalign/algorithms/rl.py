@@ -239,7 +239,8 @@ class RLAlgorithm(Algorithm):
         self._critic_step = make_train_step(self.critic_loss, self.normalizers, self.critic)
 
     def _load_data(self):
-        from jalign.data.tiny import load_source
+        from jalign.data.prompts import PromptIterator, PromptSet
+        from jalign.data.sources import load_source
 
         d, a = self.cfg.data, self.a
         max_prompt = d.seq_len - a.max_new_tokens
@@ -251,7 +252,7 @@ class RLAlgorithm(Algorithm):
             examples, skipped = load_source(spec, "prompt", d.skip_bad_lines, seed=d.seed, max_examples=limit)
             if skipped:
                 self.rt.log(f"data: {spec}: skipped {len(skipped)} bad lines")
-            return xp.PromptSet(examples, self.tokenizer, d.chat_template, max_prompt, self.rt.log, spec)
+            return PromptSet(examples, self.tokenizer, d.chat_template, max_prompt, self.rt.log, spec)
 
         self.train_prompts = prompts(d.train, d.max_examples)
         e = self.cfg.eval
@@ -261,7 +262,7 @@ class RLAlgorithm(Algorithm):
         if self.P + self.N > self.cfg.model.max_seq_len:
             raise ConfigError(f"prompt ({self.P}) + algorithm.max_new_tokens ({a.max_new_tokens}) exceeds "
                               f"model.max_seq_len={self.cfg.model.max_seq_len}")
-        self.train_iter = xp.PromptIterator(len(self.train_prompts), self.sizes.prompts, d.seed, d.shuffle)
+        self.train_iter = PromptIterator(len(self.train_prompts), self.sizes.prompts, d.seed, d.shuffle)
 
     # ---- protocol -------------------------------------------------------------------------------
     def init_state(self, roles):

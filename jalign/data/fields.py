@@ -12,20 +12,23 @@ PER_ROW = ("batch",)  # [B]
 SFT_FIELDS = {k: ROW for k in ("tokens", "targets", "loss_mask", "positions", "segment_ids")}
 
 
+PAIR_ROW = ("batch", None, "seq")  # [B, 2, T]: the two sides of a pair stay on one device
+PER_PAIR_SIDE = ("batch", None)  # [B, 2]
+
+
 def pair_fields(mode: str) -> dict:
-    """Flat pairwise batches (``jalign.data.preference``): ``chosen_*`` / ``rejected_*`` rows, per-pair scalars."""
+    """Pairwise batches (``jalign.data.preference``): both sides stacked, side 0 chosen, 1 rejected."""
     seq = ("tokens", "positions", "segment_ids", "loss_mask") + (("targets",) if mode == "lm" else ())
-    fields = {f"{side}_{k}": ROW for side in ("chosen", "rejected") for k in seq}
-    fields.update(index=PER_ROW, valid=PER_ROW, chosen_reward=PER_ROW, rejected_reward=PER_ROW)
+    fields = {k: PAIR_ROW for k in seq}
+    fields.update(index=PER_ROW, valid=PER_ROW, rewards=PER_PAIR_SIDE)
     return fields
 
 
-def scored_fields(num_attributes: int) -> dict:
+def scored_fields() -> dict:
+    """Regression batches: one sequence per row, its attribute values and mask [B, A]."""
     fields = {k: ROW for k in ("tokens", "positions", "segment_ids", "loss_mask")}
-    fields.update(index=PER_ROW, valid=PER_ROW)
-    for a in range(num_attributes):
-        fields[f"attr_value_{a}"] = PER_ROW
-        fields[f"attr_mask_{a}"] = PER_ROW
+    fields.update(index=PER_ROW, valid=PER_ROW, attributes=("batch", "attributes"),
+                  attribute_mask=("batch", "attributes"))
     return fields
 
 

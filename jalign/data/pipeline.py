@@ -24,7 +24,7 @@ from jalign.data.packing import empty_like, pack, pad_row
 from jalign.errors import ConfigError
 
 
-def _read_options():
+def read_options():
     import grain
 
     # In-memory records: threads would only add GIL contention (grain's own advice for this case).
@@ -48,7 +48,7 @@ def _check_packable(records: Sequence, packing: bool):
         raise ValueError("packing needs flat SFT records; paired (chosen/rejected) records are not packed")
 
 
-def _epochs(records: Sequence, *, shuffle: bool, seed: int, process_index: int, process_count: int,
+def epoch_stream(records: Sequence, *, shuffle: bool, seed: int, process_index: int, process_count: int,
             repeat: bool):
     """This process's stream of records: shuffled per epoch, sliced by process, maybe repeated."""
     import grain
@@ -62,7 +62,7 @@ def _epochs(records: Sequence, *, shuffle: bool, seed: int, process_index: int, 
     return ds
 
 
-def _finish(rows, batch_rows_per_process: int, prefetch: int):
+def batch_stream(rows, batch_rows_per_process: int, prefetch: int):
     import grain
 
     batches = rows.batch(batch_rows_per_process, drop_remainder=True)
@@ -88,28 +88,13 @@ def make_sft_iterator(records: Sequence[dict], *, seq_len: int, batch_rows_per_p
     """
     _check(records, batch_rows_per_process, process_index, process_count)
     _check_packable(records, packing)
-    ds = _epochs(records, shuffle=shuffle, seed=seed, process_index=process_index,
+    ds = epoch_stream(records, shuffle=shuffle, seed=seed, process_index=process_index,
                  process_count=process_count, repeat=repeat)
     if packing:
-        rows = pack(ds.to_iter_dataset(_read_options()), seq_len, packing_bins or batch_rows_per_process)
+        rows = pack(ds.to_iter_dataset(read_options()), seq_len, packing_bins or batch_rows_per_process)
     else:
-        rows = ds.map(lambda r: pad_row(r, seq_len)).to_iter_dataset(_read_options())
-    return _finish(rows, batch_rows_per_process, prefetch)
-
-
-def make_preference_iterator(records: Sequence[dict], *, seq_len: int, batch_rows_per_process: int,
-                             shuffle: bool, seed: int, process_index: int = 0, process_count: int = 1,
-                             repeat: bool = True, prefetch: int = 0):
-    """Like :func:`make_sft_iterator` for ``{"chosen", "rejected"}`` records (no packing).
-
-    ``next()`` gives ``{"chosen": {field: [B, seq_len]}, "rejected": {...}}``; row ``i`` of both halves
-    comes from the same example.
-    """
-    _check(records, batch_rows_per_process, process_index, process_count)
-    ds = _epochs(records, shuffle=shuffle, seed=seed, process_index=process_index,
-                 process_count=process_count, repeat=repeat)
-    rows = ds.map(lambda r: pad_row(r, seq_len)).to_iter_dataset(_read_options())
-    return _finish(rows, batch_rows_per_process, prefetch)
+        rows = ds.map(lambda r: pad_row(r, seq_len)).to_iter_dataset(read_options())
+    return batch_stream(rows, batch_rows_per_process, prefetch)
 
 
 def _shard_rows(records: Sequence[dict], seq_len: int, packing: bool, process_index: int,
@@ -119,7 +104,7 @@ def _shard_rows(records: Sequence[dict], seq_len: int, packing: bool, process_in
     shard = grain.MapDataset.source(list(records))[process_index::process_count]
     if not packing:
         return [pad_row(r, seq_len) for r in shard]
-    return list(pack(shard.to_iter_dataset(_read_options()), seq_len, packing_bins))
+    return list(pack(shard.to_iter_dataset(read_options()), seq_len, packing_bins))
 
 
 def make_eval_iterator(records: Sequence[dict], *, seq_len: int, batch_rows_per_process: int,
@@ -149,7 +134,7 @@ def make_eval_iterator(records: Sequence[dict], *, seq_len: int, batch_rows_per_
     rows = shards[process_index]
     template = rows[0] if rows else empty_like(pad_row(records[0], seq_len))
     rows = rows + [empty_like(template)] * (num_batches * batch_rows_per_process - len(rows))
-    return iter(grain.MapDataset.source(rows).batch(batch_rows_per_process).to_iter_dataset(_read_options()))
+    return iter(grain.MapDataset.source(rows).batch(batch_rows_per_process).to_iter_dataset(read_options()))
 
 
 def count_tokens(batch: dict) -> int:
@@ -171,14 +156,14 @@ def _process_info(process_index: Optional[int], process_count: Optional[int]) ->
     return process_index, process_count
 
 
-class _ConfigData:
+class ConfigData:
     """Shared plumbing: load + validate + tokenize once (eagerly), then hand out grain iterators."""
 
     kind = ""
 
     def __init__(self, cfg, tokenizer, *, log=print, process_index: Optional[int] = None,
                  process_count: Optional[int] = None):
-        from jalign.data.tiny import load_source
+        from jalign.data.sources import load_source
 
         self.cfg, self.tokenizer, self.log = cfg, tokenizer, log
         self.process_index, self.process_count = _process_info(process_index, process_count)
@@ -254,10 +239,17 @@ class _ConfigData:
         return iter(self._eval_batches)
 
 
-class SFTData(_ConfigData):
-    """SFT data from ``cfg.data``: ``train_iterator()`` (checkpointable), ``eval_iterator()``."""
+class SFTData(ConfigData):
+    """SFT data from ``cfg.data``: ``train_iterator()`` (checkpointable), ``eval_iterator()``; batches of
+    (packed) rows with the fields of ``jalign.data.fields.SFT_FIELDS``."""
 
     kind = "sft"
+
+    @property
+    def fields(self) -> dict:
+        from jalign.data.fields import SFT_FIELDS
+
+        return SFT_FIELDS
 
     @property
     def _eval_packing(self) -> bool:
@@ -285,29 +277,3 @@ class SFTData(_ConfigData):
                                  packing=d.packing, shuffle=d.shuffle, seed=d.seed,
                                  process_index=self.process_index, process_count=self.process_count,
                                  prefetch=TRAIN_PREFETCH)
-
-
-class PreferenceData(_ConfigData):
-    """Preference pairs from ``cfg.data``; batches are ``{"chosen": rows, "rejected": rows}``."""
-
-    kind = "preference"
-    _eval_packing = False
-
-    def _tokenize(self, spec, examples):
-        from jalign.data.packing import tokenize_preference
-
-        d = self.cfg.data
-        records, counts = tokenize_preference(examples, self.tokenizer, d.chat_template, seq_len=d.seq_len,
-                                              overlong=d.overlong)
-        self._log_counts(spec, counts)
-        return records
-
-    @staticmethod
-    def _prompt_reference(ex):
-        return ex.prompt, ex.chosen
-
-    def train_iterator(self):
-        d = self.cfg.data
-        return make_preference_iterator(self.train_records, seq_len=d.seq_len, batch_rows_per_process=self.rows,
-                                        shuffle=d.shuffle, seed=d.seed, process_index=self.process_index,
-                                        process_count=self.process_count, prefetch=TRAIN_PREFETCH)

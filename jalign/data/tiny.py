@@ -192,15 +192,3 @@ def load_builtin(spec: str, kind: str, seed: int = 0) -> list:
         return make(split, n, seed)
     except ValueError as e:
         raise DataError(f"{spec}: {e}") from None
-
-
-def load_source(spec: str, kind: str, skip_bad: bool = False, *, seed: int = 0,
-                max_examples: Optional[int] = None) -> tuple[list, list[str]]:
-    """Examples of ``kind`` (sft / preference / reward / prompt) from a builtin name or a JSONL path.
-
-    Returns ``(examples, skipped_messages)``, like :func:`jalign.data.formats.read_jsonl`.
-    """
-    if spec.startswith("builtin:"):
-        examples = load_builtin(spec, kind, seed)
-        return (examples if max_examples is None else examples[:max_examples]), []
-    return read_jsonl(spec, kind, skip_bad=skip_bad, max_examples=max_examples)
