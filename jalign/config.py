@@ -552,24 +552,15 @@ def validate_static(cfg: Config, where: Optional[_Where] = None) -> None:
 
 
 def resolve_mesh_shape(mesh: MeshConfig, num_devices: int, where: str = "mesh") -> dict[str, int]:
-    sizes = {k: getattr(mesh, k) for k in ("data", "fsdp", "tensor", "sequence")}
-    known = 1
-    for v in sizes.values():
-        if v != -1:
-            known *= v
-    if -1 in sizes.values():
-        if num_devices % known:
-            raise ConfigError(
-                f"{where}: the fixed mesh axes multiply to {known}, which does not divide the {num_devices} devices"
-            )
-        sizes = {k: (num_devices // known if v == -1 else v) for k, v in sizes.items()}
-    product = sizes["data"] * sizes["fsdp"] * sizes["tensor"] * sizes["sequence"]
-    if product != num_devices:
-        raise ConfigError(
-            f"{where}: mesh data*fsdp*tensor*sequence = {sizes['data']}*{sizes['fsdp']}*{sizes['tensor']}*"
-            f"{sizes['sequence']} = {product} but there are {num_devices} devices"
-        )
-    return sizes
+    """The mesh sizes with ``-1`` filled in (``sharding.mesh.resolve_sizes``); errors name ``where``.
+
+    Imported here, not at the top: device counts exist only once JAX runs, and this module stays JAX-free."""
+    from sharding.mesh import resolve_sizes
+
+    try:
+        return resolve_sizes({k: getattr(mesh, k) for k in MESH_AXES}, num_devices)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def validate_for_devices(cfg: Config, num_devices: int) -> dict[str, int]:

@@ -69,6 +69,9 @@ class GenerationEval:
 
     # one jitted program per model configuration: policy log-probs, reference log-probs, reward scores
     def _score_impl(self, params, ref, rm, out, *, cfg, ref_cfg, rm_cfg):
+        from jalign.algorithms.base import require_mesh_context
+
+        require_mesh_context("the generation-eval scoring program")
         rows = xp.rollout_rows(out, self.tokenizer.pad_id)
         res = {"length": jnp.sum(rows["mask"], -1), "ended": rows["ended"]}
         if ref is not None:

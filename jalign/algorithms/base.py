@@ -328,6 +328,7 @@ class SupervisedAlgorithm(Algorithm):
         return self.data.eval_iterator()
 
     def _eval_sums(self, params, roles, batch):
+        require_mesh_context("the eval step")
         mb = jax.tree.map(lambda x: x[0], batch)  # drop the accumulation axis
         norms = self.normalizers(batch)
         _, metrics = self.loss(params, mb, {k: jnp.ones_like(v) for k, v in norms.items()}, roles)

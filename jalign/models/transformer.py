@@ -145,11 +145,13 @@ def _layer(cfg: ModelConfig, x, p, positions, q_seg, kv_seg, q_idx, kv_idx, inv_
 
 
 def sequence_parallel_size() -> int:
-    """Devices on the active mesh's "sequence" axis (1 outside ``use_rules`` or without that axis)."""
-    from sharding.rules import active_mesh
+    """Devices on the mesh axis the ``seq`` logical axis maps to, in the active ``use_rules`` context (1
+    outside one): where activations are split along the sequence and attention runs as a ring."""
+    from sharding.ring_attention import ring_size
+    from sharding.rules import active_rules
 
-    mesh = active_mesh()
-    return 1 if mesh is None else int(dict(mesh.shape).get("sequence", 1))
+    mesh, rules = active_rules()
+    return ring_size(mesh, rules)
 
 
 _NO_WINDOW = 2**30  # a window no row reaches: full attention in that layer
