@@ -415,6 +415,8 @@ def _roles(value, path: tuple, where: _Where) -> dict:
         raise ConfigError(f"{where(path)}: expected a mapping of role names to sources, got {value!r}")
     out = {}
     for name, spec in value.items():
+        if spec is None:  # roles.NAME=null: no such role (e.g. a rule reward instead of a config's reward model)
+            continue
         if isinstance(spec, str):
             spec = {"source": spec}
         out[name] = _coerce(spec, RoleConfig, path + (name,), where)
@@ -569,7 +571,9 @@ def validate_for_devices(cfg: Config, num_devices: int) -> dict[str, int]:
     sizes = resolve_mesh_shape(cfg.mesh, num_devices, where=f"{src}: mesh")
     dp = sizes["data"] * sizes["fsdp"]
     mb = cfg.train.micro_batch or cfg.train.global_batch
-    if mb % dp:
+    # an RL config's global_batch counts prompts, not rows: its algorithm checks its own row counts
+    rows = getattr(type(cfg.algorithm), "global_batch_counts", "rows") == "rows"
+    if rows and mb % dp:
         raise ConfigError(
             f"{src}: train.micro_batch={mb} (per accumulation step) is not divisible by the data-parallel size "
             f"mesh.data*mesh.fsdp = {dp}"

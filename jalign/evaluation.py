@@ -1,7 +1,8 @@
 """Evaluation the loop runs for every algorithm.
 
-* :func:`reduce_eval`: an algorithm's eval steps return ``{name: (sum, count)}`` per batch; summed over the
-  eval batches on device and divided once at the end (exact, whatever the batch split or device count).
+* :func:`reduce_eval`: an algorithm's eval steps return ``{name: (sum, count)}`` per batch (``count`` None: a
+  total, e.g. the number of pairs); summed over the eval batches on device and divided once at the end
+  (exact, whatever the batch split or device count).
 * :class:`GenerationEval`: held-out prompts answered greedily and/or sampled (``eval:`` section); exact match
   against the reference answers, the reward of the answers (a rule, or a reward-model role), their KL to a
   reference role and their length; a few completions are written to ``RUN_DIR/samples.jsonl``.
@@ -34,7 +35,8 @@ def reduce_eval(algo, state, roles, max_batches: int) -> dict:
     if not sums:
         return {}
     host = jax.device_get(sums)
-    means = {k: float(np.asarray(s)) / max(float(np.asarray(c)), 1e-12) for k, (s, c) in host.items()}
+    means = {k: float(np.asarray(s)) if c is None else float(np.asarray(s)) / max(float(np.asarray(c)), 1e-12)
+             for k, (s, c) in host.items()}
     return algo.eval_finish(means)
 
 

@@ -149,10 +149,13 @@ def test_train_end_to_end_precomputed(tmp_path):
     assert len(losses) == 12
     assert losses[0] == pytest.approx(np.log(2.0), abs=1e-6)
     assert np.mean(losses[-3:]) < losses[0] - 0.05
-    assert 0.0 <= last["eval/accuracy"] <= 1.0 and "eval/exact_match" in last
     evals = [r for r in rows if "eval/loss" in r]
     assert [r["step"] for r in evals] == [0, 12]  # the starting point is evaluated too
-    assert evals[0]["eval/accuracy"] == 0.0
+    assert evals[0]["eval/accuracy"] == 0.0 and evals[0]["eval/preference_loss"] == pytest.approx(np.log(2), abs=1e-6)
+    # training moved the policy off the reference on held-out pairs too, and the reduced eval loss is the sum
+    # of its terms (sft_weight 0 here)
+    assert last["eval/accuracy"] > 0.2 and "eval/exact_match" in last
+    assert last["eval/loss"] == pytest.approx(last["eval/preference_loss"], rel=1e-6)
     assert (tmp_path / "hf" / "config.json").is_file()
     done = json.loads((out / "reference_logps" / "done.json").read_text())
     from jalign.data.tiny import preference_pairs

@@ -334,9 +334,8 @@ class SupervisedAlgorithm(Algorithm):
         _, metrics = self.loss(params, mb, {k: jnp.ones_like(v) for k, v in norms.items()}, roles)
         default = next(iter(norms))
         out = {}
-        for k, v in metrics.items():
-            count = 1.0 if k in self.total_metrics else norms[self.metric_counts.get(k, default)]
-            out[k] = (v, jnp.asarray(count, jnp.float32))
+        for k, v in metrics.items():  # totals (counts of tokens / pairs) are summed, not averaged
+            out[k] = (v, None) if k in self.total_metrics else (v, norms[self.metric_counts.get(k, default)])
         return out
 
     def eval_sums(self, state, roles, batch):
