@@ -37,6 +37,7 @@ class RoleSpec:
     score_outputs: int = 0
     allow_fresh: tuple = ()
     what: str = ""  # for messages, e.g. "reward model"
+    quantize: Optional[str] = None  # store the frozen weights quantised (int8 / nf4 / nf4_dq: jalign.models.quant)
 
 
 @dataclasses.dataclass
@@ -133,6 +134,11 @@ def build_roles(cfg: Config, specs: dict, mesh, rules, log=print) -> Roles:
         params[name] = load.load_params(source, decls, mesh=mesh, rules=rules,
                                         dtype=params_lib.DTYPES[mcfg.param_dtype], seed=seed,
                                         allow_fresh=spec.allow_fresh, role=what, where=key, log=log)
+        if spec.quantize:
+            from jalign.models import quant
+
+            params[name] = quant.quantize_params(params[name], decls, spec.quantize,
+                                                 shardings=quant.quantized_shardings(decls, spec.quantize, mesh, rules))
         configs[name] = mcfg
         if name in cfg.roles and cfg.roles[name].offload:
             params[name] = to_memory(params[name], "pinned_host")

@@ -87,9 +87,12 @@ class DPO(SupervisedAlgorithm):
         self._ref_step = jax.jit(self._reference_sums, out_shardings=NamedSharding(rt.mesh, PartitionSpec()))
 
     def role_specs(self):
+        specs = super().role_specs()  # under LoRA: the frozen base
         if self.precomputed and self.columns.ready():
-            return {}  # the stored log-probs stand in for the reference: it is not even loaded
-        return {"reference": RoleSpec(what="reference model")}
+            return specs  # the stored log-probs stand in for the reference: it is not even loaded
+        if self.trainable.is_lora and "reference" not in self.cfg.roles:
+            return specs  # the reference is the base with the adapters off: no second copy
+        return {**specs, "reference": RoleSpec(what="reference model")}
 
     def make_data(self):
         return PairData(self.cfg, self.tokenizer, mode="lm", log=self.rt.log)
@@ -102,7 +105,7 @@ class DPO(SupervisedAlgorithm):
     def _reference_logps(self, mb, roles):
         if self.precomputed:
             return mb["ref_logps"][:, 0], mb["ref_logps"][:, 1]
-        sums, _, _ = pair_sequence_logps(roles["reference"], mb, self.cfg.model)
+        sums, _, _ = pair_sequence_logps(self.trainable.reference(roles), mb, self.cfg.model)
         sums = jax.lax.stop_gradient(sums)
         return sums[:, 0], sums[:, 1]
 
@@ -156,8 +159,8 @@ class DPO(SupervisedAlgorithm):
         reference role."""
         if not self.precomputed:
             return
-        if "reference" in roles:
-            ref = roles.on_device(["reference"])["reference"]
+        if "reference" in roles or self.trainable.is_lora:
+            ref = self.trainable.reference(roles.on_device([n for n in ("reference", "base") if n in roles]))
             pair_fields = fields.pair_fields("lm")
 
             def fn(batch):
@@ -170,7 +173,7 @@ class DPO(SupervisedAlgorithm):
             self.columns.compute(splits, fn, writer=jax.process_index() == 0, sync=_sync)
             self.rt.log(f"reference log-probs precomputed into {self.columns.directory} "
                         f"({', '.join(f'{s}: {n}' for s, (n, _) in splits.items())} pairs)")
-        roles.drop("reference")  # no longer needed: the stored values replace it
+        roles.drop("reference")  # no longer needed: the stored values replace it (a LoRA base stays: it trains)
 
     def prepare_batch(self, host_batch, split):
         return self.columns.join(host_batch, split) if self.precomputed else host_batch

@@ -149,9 +149,10 @@ class RewardModel(SupervisedAlgorithm):
     def export(self, state, roles, out_dir):
         from jalign.models.hf_heads import export_reward_model
 
-        export_reward_model(state.params, self.cfg.model, out_dir, self.a,
+        export_reward_model(self.trainable.merged(state.params, roles), self.cfg.model, out_dir, self.a,
                             attribute_names=getattr(self.data, "attribute_names", None) or ["reward"],
                             tokenizer_dir=self.tokenizer_dir(), pad_id=self.tokenizer.pad_id)
+        self.export_adapter(state, out_dir)
 
 
 def with_std(m: dict) -> dict:
