@@ -111,7 +111,8 @@ def _remat_policy(name: str):
 
 
 # ---- the layer ----------------------------------------------------------------------------------
-def _layer(cfg: ModelConfig, x, p, positions, q_seg, kv_seg, q_idx, kv_idx, inv_freq, cache_kv, cache_index):
+def _layer(cfg: ModelConfig, x, p, positions, q_seg, kv_seg, q_idx, kv_idx, inv_freq, cache_kv, cache_index,
+           paged=None):
     dtype = DTYPES[cfg.dtype]
     w = lambda name: p[name].astype(dtype)  # noqa: E731
     h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
@@ -126,7 +127,9 @@ def _layer(cfg: ModelConfig, x, p, positions, q_seg, kv_seg, q_idx, kv_idx, inv_
     k = constrain(apply_rope(k, positions, inv_freq), ("batch", "seq", "kv_heads", "head_dim"))
     v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
     new_cache = None
-    if cache_kv is not None:
+    if paged is not None:  # paged KV cache: cache_kv = all pages, cache_index = this layer; k/v -> row contexts
+        k, v, new_cache = paged.update(k, v, cache_kv, cache_index)
+    elif cache_kv is not None:
         ck, cv = cache_kv
         ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
         cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
@@ -159,7 +162,8 @@ def embed_tokens(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
 
 
 def forward(params: dict, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, cfg: ModelConfig,
-            *, cache: Optional[dict] = None, cache_index=None, token_index: Optional[jax.Array] = None):
+            *, cache: Optional[dict] = None, cache_index=None, token_index: Optional[jax.Array] = None,
+            paged=None):
     """Final-normed hidden states [B, T, D].
 
     tokens, positions, segment_ids: [B, T] int32; segment_ids 0 marks padding, equal ids attend to
@@ -168,13 +172,17 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, segment_ids: 
     returns ``(hidden, new_cache)`` in that case. ``token_index`` [B, T]: each token's position in the
     original row order (default ``arange(T)``); pass it when the row was permuted (zigzag layout for
     ring attention), since causal masking compares these indices.
+    ``paged`` (instead of ``cache``): a paged KV cache view (``jalign.rollout.paged.PagedView``); its
+    ``pages`` ride in the layer loop's carry (updated in place), each layer writes its k/v through
+    ``paged.update`` and attends over each row's context in sequence order (``positions`` are the
+    tokens' sequence positions). Returns ``(hidden, new_pages)``.
     """
     B, T = tokens.shape
     n = sequence_parallel_size()
     if n > 1 and cfg.attention != "ring":
         # Activations sharded along the sequence need the ring: every caller gets it from the mesh alone.
         cfg = dataclasses.replace(cfg, attention="ring")
-    if n > 1 and cache is None and token_index is None:
+    if n > 1 and cache is None and paged is None and token_index is None:
         # Zigzag layout for causal load balance: permute the row once, let attention mask by the
         # original indices, and restore row order of the output so every caller stays unchanged.
         from sharding.ring_attention import zigzag_inverse, zigzag_permutation
@@ -192,6 +200,8 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, segment_ids: 
             raise ValueError("token_index (permuted rows) is not supported with a KV cache")
         idx = jnp.asarray(token_index, jnp.int32)
     q_seg, q_idx = segment_ids, idx
+    if paged is not None:
+        return _forward_paged(params, x, positions, segment_ids, cfg, paged, inv_freq)
     if cache is None:
         kv_seg, kv_idx = segment_ids, idx
     else:
@@ -217,6 +227,23 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, segment_ids: 
     if cache is None:
         return hidden
     return hidden, {"k": new_kv[0], "v": new_kv[1], "segment_ids": kv_seg}
+
+
+def _forward_paged(params, x, positions, segment_ids, cfg, paged, inv_freq):
+    """The layer loop over a paged cache: the pages are carried (so each layer's scatter is in place,
+    never a copy of the pool) and each layer gets its index to address them."""
+    kv_seg, kv_idx = paged.context_index(x.shape[0])
+
+    def body(carry, xs):
+        y, pages = carry
+        p, layer = xs
+        return _layer(cfg, y, p, positions, segment_ids, kv_seg, positions, kv_idx, inv_freq, pages, layer, paged), None
+
+    if cfg.remat != "none":
+        body = jax.checkpoint(body, policy=_remat_policy(cfg.remat), prevent_cse=False)
+    layers = jnp.arange(cfg.layers, dtype=jnp.int32)
+    (x, pages), _ = jax.lax.scan(body, (x, paged.pages), (params["layers"], layers))
+    return rms_norm(x, params["final_norm"], cfg.norm_eps), pages
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
