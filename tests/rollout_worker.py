@@ -2,9 +2,10 @@
 
     JALIGN_COORDINATOR=... JALIGN_NUM_PROCESSES=2 JALIGN_PROCESS_ID=i python tests/rollout_worker.py HF_DIR OUT.npz
 
-Every process calls ``jalign.rollout.generate`` with the same global prompts on a (data=4, tensor=2)
-mesh over both processes' devices; each serves only its own rows and writes them (with the row ids)
-to OUT.npz, after checking that the global device arrays it built hold exactly those rows.
+Every process calls ``jalign.rollout.generate(return_device=True)`` with the same global prompts on a
+(data=4, tensor=2) mesh over both processes' devices; each serves only its own rows and writes them
+(with the row ids) to OUT.npz, after checking that its shards of the global device arrays hold exactly
+those rows.
 """
 import sys
 from pathlib import Path
@@ -35,16 +36,17 @@ def main(hf_dir: str, out: str) -> None:
         cfg = model_config_from_hf(hf_dir)
         params = load_hf_params(hf_dir, cfg, mesh=mesh)
         res = rollout.generate(params, cfg, PROMPTS, mesh=mesh, return_device=True, slots=8, **SETTINGS)
-        tok = res["device"]["tokens"]
+        host, N = res["host"], SETTINGS["max_new_tokens"]
+        tok = res["tokens"]
         assert not tok.is_fully_addressable  # a global array: no process holds every row
         for shard in tok.addressable_shards:
             rows = np.arange(tok.shape[0])[shard.index[0]]
             for j, r in enumerate(rows):
                 mine = np.flatnonzero(res["rows"] == r)
                 assert len(mine) == 1, (r, res["rows"])
-                np.testing.assert_array_equal(np.asarray(shard.data)[j], res["tokens"][mine[0]])
-        np.savez(out, rows=res["rows"], tokens=res["tokens"], logprobs=res["logprobs"], lengths=res["lengths"],
-                 ended=res["ended_with_eos"], requests=res["stats"]["requests"])
+                np.testing.assert_array_equal(np.asarray(shard.data)[j], host["tokens"][mine[0]])
+        np.savez(out, rows=res["rows"], tokens=host["tokens"][:, :N], logprobs=host["logprobs"][:, :N],
+                 lengths=host["lengths"], ended=host["ended_with_eos"], requests=res["stats"]["requests"])
 
 
 if __name__ == "__main__":

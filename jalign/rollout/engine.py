@@ -238,6 +238,7 @@ class Engine:
         t_dec = t_ref = 0.0
         while True:
             adm, rows = self._admit(requests, queue, remaining, shards, lay)
+            st["pages_peak"] = max(st["pages_peak"], sum(sh.pool.capacity - sh.pool.free for sh in shards.values()))
             n_rows = max((len(v) for v in rows.values()), default=0)
             width = self._width(shards, lay)
             work = int(bool(queue) or any(s is not None for sh in shards.values() for s in sh.slots))

@@ -3,7 +3,7 @@
 Device layout (one pool of ``pages_per_shard`` pages per data-parallel shard, so a slot only ever
 touches pages on its own devices and no page moves between devices):
 
-    k, v      [L, DP, pages_per_shard, page_size, KV, hd]   DP over the "batch" mesh axes, KV over "tensor"
+    k, v      [DP, L, KV, pages_per_shard, page_size, hd]   DP over the "batch" mesh axes, KV over "tensor"
     table     [DP * rows_per_shard, max_pages]               page ids (local to the row's shard) in
                                                              sequence order: token at position p lives
                                                              in page table[p // page_size], offset p % page_size
@@ -18,7 +18,10 @@ new k/v into the pages and gathers each row's context ``[B, max_pages * page_siz
 sequence order for the model's own attention (``jalign.models.attention.attend``). Writes happen before
 reads within a layer, so several rows of one call may extend the same sequence (chunked prefill of one
 prompt, or a shared prefix and the per-sample tails that read it) and each sees the others' k/v.
-The batched (vmapped over DP) scatter/gather is partitioned by XLA along DP without communication.
+The batched (vmapped over DP) scatter/gather is partitioned by XLA along DP without moving pages.
+Why this layout: DP leads because batching the scatter over an inner axis made XLA:CPU copy the whole
+pool at every layer; KV before the pages makes one head's context a run of whole pages
+[pages, page_size, hd], the layout the attention dot reads K in, so the gather is a block copy.
 
 ``PagePool`` is the host-side allocator of one shard: free list plus reference counts (a shared
 prompt prefix page is referenced by every slot that reads it); ``check`` verifies the accounting.
@@ -35,13 +38,7 @@ import numpy as np
 from sharding.rules import constrain
 
 TRASH_PAGE = 0
-PAGE_AXES = ("layers", "batch", None, None, "kv_heads", "head_dim")
-
-
-def init_pages(layers: int, dp: int, pages_per_shard: int, page_size: int, kv_heads: int, head_dim: int,
-               dtype) -> tuple[jax.Array, jax.Array]:
-    shape = (layers, dp, pages_per_shard, page_size, kv_heads, head_dim)
-    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+PAGE_AXES = ("batch", "layers", "kv_heads", None, None, "head_dim")
 
 
 def write_index(table: jax.Array, positions: jax.Array, valid: jax.Array, page_size: int) -> jax.Array:
@@ -58,7 +55,7 @@ def write_index(table: jax.Array, positions: jax.Array, valid: jax.Array, page_s
 class PagedView:
     """Per-call view of the paged cache for ``forward(paged=...)``.
 
-    pages: (k, v) [L, DP, P, page_size, KV, hd]; table: [B, max_pages] (B = DP * rows per shard, rows
+    pages: (k, v) [DP, L, KV, P, page_size, hd]; table: [B, max_pages] (B = DP * rows per shard, rows
     of shard d contiguous); slots: [B, T] flat write slots from ``write_index``.
     """
     pages: tuple
@@ -67,7 +64,7 @@ class PagedView:
 
     @property
     def page_size(self) -> int:
-        return self.pages[0].shape[3]
+        return self.pages[0].shape[4]
 
     def context_index(self, batch: int):
         """(kv segment ids, kv positions) [B, max_pages * page_size] of the gathered context: every
@@ -77,25 +74,23 @@ class PagedView:
         return jnp.ones((batch, n), jnp.int32), idx
 
     def update(self, k: jax.Array, v: jax.Array, pages, layer):
-        """Write k/v [B, T, KV, hd] into layer ``layer`` of ``pages`` (k, v [L, DP, P, page_size, KV, hd],
+        """Write k/v [B, T, KV, hd] into layer ``layer`` of ``pages`` (k, v [DP, L, KV, P, page_size, hd],
         in place); return the rows' contexts [B, max_pages * page_size, KV, hd] and the new pages."""
-        L, dp, n_pages, ps = pages[0].shape[:4]
+        dp, L, KV, n_pages, ps, hd = pages[0].shape
         B, T = k.shape[:2]
         rows = B // dp
         slots = self.slots.reshape(dp, rows * T)
         table = self.table.reshape(dp, rows, -1)
 
         def write(pool, new):
-            flat = pool.reshape(L, dp, n_pages * ps, *pool.shape[4:])
-            new = new.reshape(dp, rows * T, *new.shape[2:]).astype(pool.dtype)
-            # batched over DP (axis 1 of the pool): XLA partitions it along the data-parallel shards
-            flat = jax.vmap(lambda p, i, x: p.at[layer, i].set(x, mode="promise_in_bounds"),
-                            in_axes=(1, 0, 0), out_axes=1)(flat, slots, new)
+            flat = pool.reshape(dp, L, KV, n_pages * ps, hd)
+            new = new.reshape(dp, rows * T, KV, hd).astype(pool.dtype)
+            flat = jax.vmap(lambda p, i, x: p.at[layer, :, i].set(x, mode="promise_in_bounds"))(flat, slots, new)
             return constrain(flat.reshape(pool.shape), PAGE_AXES)
 
         def context(pool):
-            ctx = jax.vmap(lambda p, t: p[layer, t], in_axes=(1, 0))(pool, table)  # [DP, rows, max_pages, ps, ..]
-            ctx = ctx.reshape(B, -1, *pool.shape[4:]).astype(k.dtype)
+            ctx = jax.vmap(lambda p, t: p[layer][:, t])(pool, table)  # [DP, KV, rows, max_pages, ps, hd]
+            ctx = jnp.moveaxis(ctx, 1, 4).reshape(B, -1, KV, hd).astype(k.dtype)
             return constrain(ctx, ("batch", "cache_seq", "kv_heads", "head_dim"))
 
         pk, pv = write(pages[0], k), write(pages[1], v)

@@ -3,7 +3,7 @@
 Device state (a dict, donated to every program, never leaves the devices between calls; S slots =
 DP shards x slots per shard, the slots of shard d contiguous):
 
-    k, v          [L, DP, P, page_size, KV, hd]  the page pools (``paged.PAGE_AXES``)
+    k, v          [DP, L, KV, P, page_size, hd]  the page pools (``paged.PAGE_AXES``)
     table         [S, max_pages]                 page table per slot (page ids local to its shard)
     length        [S]  tokens in the slot's cache = sequence position of the next token
     i             [S]  tokens generated so far;   live [S] decoding;   eos [S] ended on an end token
@@ -66,7 +66,7 @@ def state_axes(lay: Layout) -> dict:
 
 def state_shapes(lay: Layout, cfg: ModelConfig) -> dict:
     S, f32, i32 = lay.num_slots, jnp.float32, jnp.int32
-    pages = jax.ShapeDtypeStruct((cfg.layers, lay.dp, lay.pages, lay.page_size, cfg.kv_heads,
+    pages = jax.ShapeDtypeStruct((lay.dp, cfg.layers, cfg.kv_heads, lay.pages, lay.page_size,
                                   cfg.resolved_head_dim), DTYPES[cfg.dtype])
     sd = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
     return {"k": pages, "v": pages, "table": sd((S, lay.max_pages), i32), "length": sd((S,), i32),
