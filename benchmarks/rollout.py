@@ -45,7 +45,7 @@ def variable(params, cfg, hf, a) -> None:
 
     for slots in [int(x) for x in a.slots.split(",")]:
         stats: dict = {}
-        eng = Engine(params, cfg, slots=slots, page_size=16)
+        eng = Engine(params, cfg, slots=slots, page_size=16, sampler=a.sampler)
 
         def engine(eng=eng, stats=stats):
             eng.run(reqs)
@@ -76,7 +76,7 @@ def grouped(params, cfg, hf, a) -> None:
     def engine(share):
         def run():
             out = rollout.generate(params, cfg, prompts, num_samples=K, max_new_tokens=new, temperature=1.0, rng=0,
-                                   slots=slots, prefix_sharing=share)
+                                   slots=slots, prefix_sharing=share, sampler=a.sampler)
             stats[share].update(out["stats"])
         return run
 
@@ -107,10 +107,13 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--small", action="store_true", help="short prompts and responses (a quick check)")
     ap.add_argument("--only", choices=["variable", "grouped"])
+    ap.add_argument("--sampler", default="gumbel", choices=["gumbel", "inverse_cdf"],
+                    help="the engine's sampler (gumbel: the static sampler's draws)")
     a = ap.parse_args()
     params, cfg = tiny_llama(a.dtype)
     hf = None if a.no_hf else hf_twin(params, cfg)
-    print(f"{machine_line()}; tiny-llama {a.dtype}; HF peer: {'yes' if hf is not None else 'no'}")
+    print(f"{machine_line()}; tiny-llama {a.dtype}; engine sampler {a.sampler}; "
+          f"HF peer: {'yes' if hf is not None else ('off' if a.no_hf else 'no (transformers missing)')}")
     if a.only in (None, "variable"):
         variable(params, cfg, hf, a)
     if a.only in (None, "grouped"):

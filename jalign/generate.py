@@ -118,19 +118,41 @@ def _gather_rows(logp: jax.Array, tok: jax.Array) -> jax.Array:
     return jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
 
 
-def sample_tokens(logits: jax.Array, keys: jax.Array, temperature, greedy, **filters):
+def sample_tokens(logits: jax.Array, keys: jax.Array, temperature, greedy, *, method: str = "gumbel", **filters):
     """One sampling step shared by ``generate`` and the rollout engine.
 
     logits [B, V]; keys [B] (one per row); temperature scalar or [B, 1]; greedy scalar or [B];
     ``filters``: ``filter_logits`` keywords. Returns (token [B], log-prob under the filtered
     distribution, log_softmax(logits / T)[token]), as the module docstring defines them.
+    ``method``: "gumbel" (``jax.random.categorical``: argmax of logits + Gumbel noise, one noise per
+    vocabulary entry; generate's stream) or "inverse_cdf" (one uniform u per row, the first token whose
+    cumulative probability exceeds u: the same distribution, another stream, and no per-entry random
+    bits or logarithms, which dominate a small model's sampling cost on CPU).
     """
     scaled = logits.astype(jnp.float32) / temperature
     filt = filter_logits(scaled, **filters)
-    sampled = jax.vmap(jax.random.categorical)(keys, filt)
+    if method == "gumbel":
+        sampled = jax.vmap(jax.random.categorical)(keys, filt)
+    elif method == "inverse_cdf":
+        sampled = _inverse_cdf(keys, filt)
+    else:
+        raise ValueError(f"sample_tokens: unknown method {method!r} (gumbel, inverse_cdf)")
     tok = jnp.where(greedy, jnp.argmax(filt, axis=-1), sampled).astype(jnp.int32)
     return tok, _gather_rows(jax.nn.log_softmax(filt, axis=-1), tok), _gather_rows(
         jax.nn.log_softmax(scaled, axis=-1), tok)
+
+
+def _inverse_cdf(keys: jax.Array, filt: jax.Array) -> jax.Array:
+    """Token j with c[j-1] <= u < c[j] for c = cumsum(softmax(filt)), u ~ U[0, c[-1]): P(j) = p[j].
+    Entries with p = 0 never satisfy it (c is flat there); if rounding puts u at the very end, the last
+    token with p > 0 is taken."""
+    p = jax.nn.softmax(filt, axis=-1)
+    c = jnp.cumsum(p, axis=-1)
+    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)[:, None] * c[:, -1:]
+    V = filt.shape[-1]
+    tok = jnp.sum(c <= u, axis=-1)
+    last = V - 1 - jnp.argmax((p > 0)[:, ::-1], axis=-1)
+    return jnp.where(tok >= V, last, tok).astype(jnp.int32)
 
 
 # ---- the jitted program ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -172,6 +173,45 @@ def test_end_ids_min_and_max_new_tokens_per_request(model, sampled):
         else:
             assert r.length == q.max_new_tokens
     assert sum(r.ended_with_eos for r in res) >= 4
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (7, 1.0), (0, 0.6), (7, 0.6)])
+def test_inverse_cdf_sampler_draws_the_filtered_distribution(top_k, top_p):
+    x = np.random.default_rng(0).normal(size=(3, 50)).astype(np.float32) * 2
+    x[2, 10:] = -30.0  # most of the mass on a few tokens, a long tail of tiny probabilities
+    n = 40000
+    keys = jax.random.split(jax.random.key(0), n)
+    logits = np.repeat(x, n, 0)
+    draw = jax.jit(lambda k, z: gen.sample_tokens(z, k, 1.0, False, method="inverse_cdf", top_k=top_k,
+                                                  top_p=top_p if top_p < 1 else None))
+    tok, lp, _ = (np.asarray(t) for t in draw(jnp.tile(keys, 3), jnp.asarray(logits)))
+    for b in range(3):
+        allowed = allowed_set(x[b], top_k, top_p, slack=0.0)
+        want = np.exp(log_softmax(np.where(allowed, x[b], -np.inf)))
+        got = np.bincount(tok[b * n:(b + 1) * n], minlength=50) / n
+        assert allowed[tok[b * n:(b + 1) * n]].all()  # never an excluded token
+        assert 0.5 * np.abs(got - want).sum() < 0.015, (b, got, want)  # total variation
+        np.testing.assert_allclose(lp[b * n:(b + 1) * n], np.log(want[tok[b * n:(b + 1) * n]]), atol=1e-4)
+
+
+def test_inverse_cdf_engine_reproducible_and_log_probs_exact(model, sampled):
+    _, _, cfg, params = model
+    reqs = sampled[0]
+    a = run(engine(params, cfg, 2, sampler="inverse_cdf"), reqs)
+    b = run(engine(params, cfg, 5, sampler="inverse_cdf"), reqs, np.random.default_rng(4).permutation(len(reqs)))
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.tokens, y.tokens)
+    assert any((x.tokens[:5] != g.tokens[:5]).any() for x, g in zip(a, sampled[1]))  # another stream than gumbel
+    n = max(r.length for r in a)
+    tokens = np.zeros((len(a), n), np.int32)
+    for i, r in enumerate(a):
+        tokens[i, :r.length] = r.tokens
+    logits = fresh_logits(params, cfg, [list(q.prompt) for q in reqs], tokens, [r.length for r in a])
+    for i, (q, r) in enumerate(zip(reqs, a)):
+        scaled = logits[i, :r.length] / q.temperature
+        want = np.take_along_axis(log_softmax(scaled), r.tokens[:, None], -1)[:, 0]
+        np.testing.assert_allclose(r.logprobs_tempered, want, atol=2e-4)
+        assert all(allowed_set(scaled[j], q.top_k, q.top_p)[t] for j, t in enumerate(r.tokens))
 
 
 # ---- pages ----------------------------------------------------------------------------------------

@@ -231,8 +231,15 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, segment_ids: 
 
 def _forward_paged(params, x, positions, segment_ids, cfg, paged, inv_freq):
     """The layer loop over a paged cache: the pages are carried (so each layer's scatter is in place,
-    never a copy of the pool) and each layer gets its index to address them."""
+    never a copy of the pool) and each layer gets its index to address them. ``params["layers"]`` may
+    also be a list of per-layer trees (the engine slices them once per call on CPU, where XLA otherwise
+    copies every layer's weights out of the stack at every step); the layers then run unrolled."""
     kv_seg, kv_idx = paged.context_index(x.shape[0])
+    if isinstance(params["layers"], (list, tuple)):
+        pages = paged.pages
+        for i, p in enumerate(params["layers"]):
+            x, pages = _layer(cfg, x, p, positions, segment_ids, kv_seg, positions, kv_idx, inv_freq, pages, i, paged)
+        return rms_norm(x, params["final_norm"], cfg.norm_eps), pages
 
     def body(carry, xs):
         y, pages = carry

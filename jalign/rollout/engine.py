@@ -18,7 +18,8 @@ A request ends at its first end token (``end_ids``: EOS and stop ids; the token 
 ``ended_with_eos``), or after ``max_new_tokens``; ``min_new_tokens`` masks the end tokens before that.
 Sampling and both log-probs are ``jalign.generate``'s (``sample_tokens``): ``logprobs`` under the
 filtered distribution, ``logprobs_tempered`` = log_softmax(z / T)[token]. Token i of a request is drawn
-with ``fold_in(fold_in(key, i), stream)``, i.e. what ``generate(rng=key)`` draws for row ``stream``.
+with ``fold_in(fold_in(key, i), stream)``: with the default ``sampler="gumbel"`` exactly what
+``generate(rng=key)`` draws for row ``stream``; ``sampler="inverse_cdf"`` is cheaper (see Engine).
 
 Pages: each slot holds ceil((prompt + max_new_tokens) / page_size) pages from its shard's pool from
 admission to its end (admission waits while the pool is short, so a running slot never needs more).
@@ -147,12 +148,17 @@ class Engine:
     prefill_rows: rows per refill call per shard at most (more rows take several calls).
     prefix_sharing: share prompt pages between requests with identical prompts.
     check_pages: verify the page accounting (host and device tables) after every step (tests).
+    split_layers: slice the stacked layer weights once per device call (default: on CPU, where XLA
+    copies them out of the stack at every step otherwise; costs a copy of the weights during a call).
+    sampler: "gumbel" (the default: ``jalign.generate``'s draws, sample for sample) or "inverse_cdf"
+    (the same distribution from one uniform per token instead of one Gumbel noise per vocabulary entry:
+    several times cheaper on CPU, but other samples for the same seed).
     """
 
     def __init__(self, params, cfg: ModelConfig, *, slots: int = 16, page_size: int = 16,
                  prefill_chunk: Optional[int] = None, steps_per_call: int = 32, pages_per_shard: Optional[int] = None,
                  prefill_rows: int = 32, prefix_sharing: bool = True, mesh=None, rules=DEFAULT_RULES,
-                 check_pages: bool = False):
+                 check_pages: bool = False, split_layers: Optional[bool] = None, sampler: str = "gumbel"):
         self.params, self.cfg, self.mesh, self.rules = params, cfg, mesh, dict(rules)
         self.dp = 1
         if mesh is not None:
@@ -171,6 +177,10 @@ class Engine:
         self.prefill_rows = prefill_rows
         self.prefix_sharing = prefix_sharing
         self.check_pages = check_pages
+        self.split_layers = jax.default_backend() == "cpu" if split_layers is None else bool(split_layers)
+        if sampler not in ("gumbel", "inverse_cdf"):
+            raise ValueError(f"Engine: sampler must be 'gumbel' or 'inverse_cdf', got {sampler!r}")
+        self.sampler = sampler
         self.local_shards = self._local_shards()
         self.stats: dict = {}
 
@@ -217,7 +227,8 @@ class Engine:
         return prog.Layout(dp=self.dp, slots=self.slots_per_shard, pages=pages, page_size=ps, max_pages=max_pages,
                            prompt_pages=-(-_pow2(max_prompt, ps) // ps), chunk=self.chunk, steps=self.steps,
                            top_k_max=_pow2(top_k) if top_k else 0, use_top_p=bool(top_p),
-                           end_width=_pow2(ends, 4), key_shape=tuple(_key_data(0).shape))
+                           end_width=_pow2(ends, 4), key_shape=tuple(_key_data(0).shape),
+                           split_layers=self.split_layers, sampler=self.sampler)
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self, requests: Sequence[Request]) -> list[Result]:
@@ -348,12 +359,13 @@ class Engine:
 
     def _width(self, shards, lay) -> int:
         """Page-table columns the next decode call reads: covers every position a live slot can write."""
-        need = -(-128 // lay.page_size)  # short contexts cost little: one program for all up to 128 tokens
+        quantum = -(-128 // lay.page_size)  # widths in steps of 128 tokens: few programs, little waste
+        need = 1
         for sh in shards.values():
             for s in sh.slots:
                 if s is not None:
                     need = max(need, -(-min(s.length + lay.steps, s.end) // lay.page_size))
-        return min(_pow2(need), lay.max_pages)
+        return min(-(-need // quantum) * quantum, lay.max_pages)
 
     def _refill_inputs(self, adm, rows, start, R, lay):
         S, C, dp = lay.num_slots, lay.chunk, lay.dp

@@ -50,6 +50,8 @@ class Layout:
     use_top_p: bool
     end_width: int
     key_shape: tuple
+    split_layers: bool = False  # slice the stacked layer weights once per call (CPU: no per-step copies)
+    sampler: str = "gumbel"  # jalign.generate.sample_tokens method
 
     @property
     def num_slots(self) -> int:
@@ -100,6 +102,16 @@ def _constrain_state(st: dict, lay: Layout) -> dict:
 
 
 # ---- programs -----------------------------------------------------------------------------------
+def _layer_params(params: dict, lay: Layout) -> dict:
+    """With ``split_layers``, the stacked [L, ...] layer weights as L trees, sliced once per call outside the
+    decode loop: XLA:CPU otherwise copies each layer's weights out of the stack at every step (about a
+    fifth of a tiny-llama decode step). Costs one extra copy of the layer weights while a call runs."""
+    if not lay.split_layers:
+        return params
+    L = jax.tree.leaves(params["layers"])[0].shape[0]
+    return dict(params, layers=[jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(L)])
+
+
 def _init_impl(*, cfg, lay):
     st = {k: jnp.zeros(s.shape, s.dtype) for k, s in state_shapes(lay, cfg).items()}
     st["temperature"] = jnp.ones_like(st["temperature"])
@@ -113,6 +125,7 @@ def _refill_impl(state, params, adm, rows, *, cfg: ModelConfig, lay: Layout):
     [DP * R, prompt_pages]); a row with ``target`` >= 0 (a slot of its shard) ends its sequence's
     prompt: its ``last`` token's logits become that slot's next-token logits."""
     st = dict(state)
+    params = _layer_params(params, lay)
     admit = adm["admit"]
     for k in SLOT_FIELDS:
         a = adm[k]
@@ -145,6 +158,7 @@ def _decode_impl(state, params, n_steps, exit_on_free, *, cfg: ModelConfig, lay:
     after the call, steps run).
     """
     S, N = lay.num_slots, lay.steps
+    params = _layer_params(params, lay)
     table = state["table"][:, :width]
     top_k = state["top_k"] if lay.top_k_max else 0
 
@@ -158,7 +172,8 @@ def _decode_impl(state, params, n_steps, exit_on_free, *, cfg: ModelConfig, lay:
             st["key"], i, st["stream"])
         tok, lp, lpt = sample_tokens(st["logits"], keys, st["temperature"][:, None], st["greedy"],
                                      suppress=i < st["min_new"], end_ids=st["ends"], top_k=top_k,
-                                     top_k_max=lay.top_k_max, top_p=st["top_p"] if lay.use_top_p else None)
+                                     top_k_max=lay.top_k_max, top_p=st["top_p"] if lay.use_top_p else None,
+                                     method=lay.sampler)
         ended = live & jnp.any(tok[:, None] == st["ends"], axis=-1)
         finished = live & (ended | (i + 1 >= st["max_new"]))
         pos = st["length"][:, None]
