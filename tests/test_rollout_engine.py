@@ -316,7 +316,9 @@ def test_sharded_engine_equals_single_device(model, sampled, shape):
     reqs, want, _ = sampled
     mesh = make_mesh(*shape, devices=jax.devices()[:4])
     params = load_hf_params(d, cfg, mesh=mesh)
-    eng = engine(params, cfg, 4, mesh=mesh)
+    # (4,1,1,1) runs the layers as a scan over the stacked weights (the default off CPU), (2,1,2,1) and the
+    # single-device reference slice them per layer (the CPU default)
+    eng = engine(params, cfg, 4, mesh=mesh, split_layers=shape[0] != 4)
     res = run(eng, reqs, np.random.default_rng(2).permutation(len(reqs)))
     for x, y in zip(res, want):
         np.testing.assert_array_equal(x.tokens, y.tokens)
