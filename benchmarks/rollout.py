@@ -107,8 +107,8 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--small", action="store_true", help="short prompts and responses (a quick check)")
     ap.add_argument("--only", choices=["variable", "grouped"])
-    ap.add_argument("--sampler", default="gumbel", choices=["gumbel", "inverse_cdf"],
-                    help="the engine's sampler (gumbel: the static sampler's draws)")
+    ap.add_argument("--sampler", default="inverse_cdf", choices=["gumbel", "inverse_cdf"],
+                    help="the engine's sampler (default inverse_cdf; gumbel: the static sampler's own draws)")
     a = ap.parse_args()
     params, cfg = tiny_llama(a.dtype)
     hf = None if a.no_hf else hf_twin(params, cfg)

@@ -129,15 +129,16 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, temperature, greedy, *, me
     cumulative probability exceeds u: the same distribution, another stream, and no per-entry random
     bits or logarithms, which dominate a small model's sampling cost on CPU).
     """
+    if method not in ("gumbel", "inverse_cdf"):
+        raise ValueError(f"sample_tokens: unknown method {method!r} (gumbel, inverse_cdf)")
     scaled = logits.astype(jnp.float32) / temperature
     filt = filter_logits(scaled, **filters)
-    if method == "gumbel":
-        sampled = jax.vmap(jax.random.categorical)(keys, filt)
-    elif method == "inverse_cdf":
-        sampled = _inverse_cdf(keys, filt)
-    else:
-        raise ValueError(f"sample_tokens: unknown method {method!r} (gumbel, inverse_cdf)")
-    tok = jnp.where(greedy, jnp.argmax(filt, axis=-1), sampled).astype(jnp.int32)
+    best = jnp.argmax(filt, axis=-1).astype(jnp.int32)
+    draw = (lambda: jax.vmap(jax.random.categorical)(keys, filt).astype(jnp.int32)) if method == "gumbel" else (
+        lambda: _inverse_cdf(keys, filt))
+    # An all-greedy batch skips the draw: its noise costs more than the rest of a small model's step on CPU.
+    sampled = jax.lax.cond(jnp.all(greedy), lambda: best, draw)
+    tok = jnp.where(greedy, best, sampled).astype(jnp.int32)
     return tok, _gather_rows(jax.nn.log_softmax(filt, axis=-1), tok), _gather_rows(
         jax.nn.log_softmax(scaled, axis=-1), tok)
 

@@ -38,8 +38,9 @@ FILTERED = dict(temperature=1.3, top_k=12, top_p=0.8)
 PIN = Request(prompt=[9] * 30, max_new_tokens=40, key=99, **FILTERED)
 
 
-def engine(params, cfg, slots, **kw):
-    return Engine(params, cfg, slots=slots, page_size=PAGE, steps_per_call=16, **kw)
+def engine(params, cfg, slots, sampler="gumbel", **kw):
+    """Gumbel sampling (generate's draws) unless asked: most tests compare with jalign.generate."""
+    return Engine(params, cfg, slots=slots, page_size=PAGE, steps_per_call=16, sampler=sampler, **kw)
 
 
 def run(eng, reqs, order=None):
@@ -233,7 +234,7 @@ def test_page_accounting_over_thousands_of_refills(model):
     reqs = [Request(prompt=p, max_new_tokens=int(m), greedy=bool(g), end_ids=ends, key=key, stream=b)
             for b, (p, m, g) in enumerate(zip(prompts, max_new, greedy))]
     eng = Engine(params, cfg, slots=5, page_size=4, steps_per_call=8, pages_per_shard=22, prefill_rows=16,
-                 check_pages=True)
+                 check_pages=True, sampler="gumbel")
     res = eng.run(reqs)
     for b, r in enumerate(res):
         ref = refs[bool(greedy[b])]
@@ -251,7 +252,7 @@ def test_shared_prefix_samples_equal_unshared_and_adapter_convention(model):
     prompts = [ALL[0] + ALL[5][:10], ALL[3][:25], ALL[5], [4, 4]]  # 17, 25, 17 and 2 tokens
     kw = dict(max_new_tokens=50, temperature=1.0, top_k=12, top_p=0.8, eos_ids=(2,), pad_id=255,
               rng=jax.random.key(3))
-    eng = dict(page_size=PAGE, steps_per_call=16, slots=5, num_samples=4)
+    eng = dict(page_size=PAGE, steps_per_call=16, slots=5, num_samples=4, sampler="gumbel")
     probe = rollout.generate(params, cfg, prompts, **kw, **eng)
     vals, counts = np.unique(probe["tokens"][:, 3:12], return_counts=True)
     kw["stop_ids"] = (int(vals[np.argmax(counts)]),)  # a frequent token: several rows end early

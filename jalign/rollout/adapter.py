@@ -6,10 +6,11 @@
     dev = generate(..., return_device=True)                    # generate(return_device=True)'s device layout
 
 Rows: ``num_samples=K`` samples per prompt, row ``p * K + j`` = sample j of prompt p (the order of
-``np.repeat(prompts, K)``); every row draws its tokens like row ``b`` of ``jalign.generate.generate``
-with the same ``rng`` (``fold_in(fold_in(rng, i), b)``), so the engine and the static sampler give the
-same samples for the same seed (up to float rounding in attention). Requests with the same prompt
-(the K samples) share its prompt pages (prefilled once).
+``np.repeat(prompts, K)``); row ``b`` draws token i from ``fold_in(fold_in(rng, i), b)``: with
+``sampler="gumbel"`` exactly what ``jalign.generate.generate`` draws for row b with the same ``rng``
+(the same samples up to float rounding in attention); the default "inverse_cdf" samples the same
+distribution more cheaply. Requests with the same prompt (the K samples) share its prompt pages
+(prefilled once).
 
 One process: every row, ``rows = arange(n)``. Several processes (each calls with the same global
 prompts): the rows are split like a [B, ...] array sharded over the data-parallel axes ("batch",
@@ -93,7 +94,7 @@ def generate(params, cfg: ModelConfig, prompt_ids, *, max_new_tokens: int, min_n
              mesh=None, rules=DEFAULT_RULES, prompt_bucket: int = 64, batch_bucket: bool = True,
              new_bucket: Optional[int] = None, return_device: bool = False, num_samples: int = 1,
              slots: Optional[int] = None, page_size: int = 16, steps_per_call: int = 32, prefix_sharing: bool = True,
-             engine: Optional[Engine] = None, **engine_kwargs) -> dict:
+             sampler: str = "inverse_cdf", engine: Optional[Engine] = None, **engine_kwargs) -> dict:
     """``jalign.generate.generate`` on the engine (see the module docstring for rows and processes).
 
     Host results (default): numpy ``tokens/logprobs/logprobs_tempered`` [n, max_new_tokens] (pad_id / 0
@@ -104,8 +105,8 @@ def generate(params, cfg: ModelConfig, prompt_ids, *, max_new_tokens: int, min_n
     ``prompt_tokens``, ``prompt_positions``, ``prompt_segment_ids`` [B, P] and ``prompt_lengths`` [B]
     (P = the longest prompt rounded up to ``prompt_bucket``), and ``host``: the host results.
     ``slots`` (default: the rows per data-parallel shard rounded to a power of two, at most 64 per
-    shard) are refilled as rows end. ``engine``: reuse an ``Engine`` (its slots and pages settings);
-    extra keywords go to ``Engine``.
+    shard) are refilled as rows end. ``sampler``: see the module docstring. ``engine``: reuse an
+    ``Engine`` (its slots, pages and sampler settings); extra keywords go to ``Engine``.
     """
     if num_samples < 1:
         raise ValueError(f"generate: num_samples must be >= 1, got {num_samples}")
@@ -122,7 +123,7 @@ def generate(params, cfg: ModelConfig, prompt_ids, *, max_new_tokens: int, min_n
         if slots is None:  # every row in a slot up to 64 per shard
             slots = dp * min(1 << (max(-(-n // dp), 1) - 1).bit_length(), 64)
         engine = Engine(params, cfg, slots=slots, page_size=page_size, steps_per_call=steps_per_call,
-                        prefix_sharing=prefix_sharing, mesh=mesh, rules=rules, **engine_kwargs)
+                        prefix_sharing=prefix_sharing, sampler=sampler, mesh=mesh, rules=rules, **engine_kwargs)
     key = jax.random.key(rng) if isinstance(rng, (int, np.integer)) else rng
     ends = tuple(sorted(set(map(int, eos_ids)) | set(map(int, stop_ids))))
     reqs = [Request(prompt=prompts[b // num_samples], max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,

@@ -18,8 +18,9 @@ A request ends at its first end token (``end_ids``: EOS and stop ids; the token 
 ``ended_with_eos``), or after ``max_new_tokens``; ``min_new_tokens`` masks the end tokens before that.
 Sampling and both log-probs are ``jalign.generate``'s (``sample_tokens``): ``logprobs`` under the
 filtered distribution, ``logprobs_tempered`` = log_softmax(z / T)[token]. Token i of a request is drawn
-with ``fold_in(fold_in(key, i), stream)``: with the default ``sampler="gumbel"`` exactly what
-``generate(rng=key)`` draws for row ``stream``; ``sampler="inverse_cdf"`` is cheaper (see Engine).
+from ``fold_in(fold_in(key, i), stream)``: with ``sampler="gumbel"`` exactly what ``generate(rng=key)``
+draws for row ``stream``; the default ``sampler="inverse_cdf"`` draws from the same distribution with
+one uniform per token (several times cheaper on CPU; other samples for the same seed).
 
 Pages: each slot holds ceil((prompt + max_new_tokens) / page_size) pages from its shard's pool from
 admission to its end (admission waits while the pool is short, so a running slot never needs more).
@@ -150,15 +151,15 @@ class Engine:
     check_pages: verify the page accounting (host and device tables) after every step (tests).
     split_layers: slice the stacked layer weights once per device call (default: on CPU, where XLA
     copies them out of the stack at every step otherwise; costs a copy of the weights during a call).
-    sampler: "gumbel" (the default: ``jalign.generate``'s draws, sample for sample) or "inverse_cdf"
-    (the same distribution from one uniform per token instead of one Gumbel noise per vocabulary entry:
-    several times cheaper on CPU, but other samples for the same seed).
+    sampler: "inverse_cdf" (default: one uniform per token; the Gumbel noise of one entry per vocabulary
+    word cost more than the whole tiny-llama step at 32 slots on CPU) or "gumbel" (``jalign.generate``'s
+    draws, sample for sample, for the same key and stream). Both sample the same filtered distribution.
     """
 
     def __init__(self, params, cfg: ModelConfig, *, slots: int = 16, page_size: int = 16,
                  prefill_chunk: Optional[int] = None, steps_per_call: int = 32, pages_per_shard: Optional[int] = None,
                  prefill_rows: int = 32, prefix_sharing: bool = True, mesh=None, rules=DEFAULT_RULES,
-                 check_pages: bool = False, split_layers: Optional[bool] = None, sampler: str = "gumbel"):
+                 check_pages: bool = False, split_layers: Optional[bool] = None, sampler: str = "inverse_cdf"):
         self.params, self.cfg, self.mesh, self.rules = params, cfg, mesh, dict(rules)
         self.dp = 1
         if mesh is not None:

@@ -51,7 +51,7 @@ class Layout:
     end_width: int
     key_shape: tuple
     split_layers: bool = False  # slice the stacked layer weights once per call (CPU: no per-step copies)
-    sampler: str = "gumbel"  # jalign.generate.sample_tokens method
+    sampler: str = "inverse_cdf"  # jalign.generate.sample_tokens method
 
     @property
     def num_slots(self) -> int:
@@ -170,7 +170,7 @@ def _decode_impl(state, params, n_steps, exit_on_free, *, cfg: ModelConfig, lay:
         live, i = st["live"], st["i"]
         keys = jax.vmap(lambda kd, n, s: jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(kd), n), s))(
             st["key"], i, st["stream"])
-        tok, lp, lpt = sample_tokens(st["logits"], keys, st["temperature"][:, None], st["greedy"],
+        tok, lp, lpt = sample_tokens(st["logits"], keys, st["temperature"][:, None], st["greedy"] | ~live,
                                      suppress=i < st["min_new"], end_ids=st["ends"], top_k=top_k,
                                      top_k_max=lay.top_k_max, top_p=st["top_p"] if lay.use_top_p else None,
                                      method=lay.sampler)
