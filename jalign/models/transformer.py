@@ -238,13 +238,15 @@ def _forward_paged(params, x, positions, segment_ids, cfg, paged, inv_freq):
     if isinstance(params["layers"], (list, tuple)):
         pages = paged.pages
         for i, p in enumerate(params["layers"]):
-            x, pages = _layer(cfg, x, p, positions, segment_ids, kv_seg, positions, kv_idx, inv_freq, pages, i, paged)
+            x, pages = _layer(cfg, x, p, positions, segment_ids, kv_seg, positions, kv_idx, inv_freq, pages, i,
+                              paged=paged)
         return rms_norm(x, params["final_norm"], cfg.norm_eps), pages
 
     def body(carry, xs):
         y, pages = carry
         p, layer = xs
-        return _layer(cfg, y, p, positions, segment_ids, kv_seg, positions, kv_idx, inv_freq, pages, layer, paged), None
+        return _layer(cfg, y, p, positions, segment_ids, kv_seg, positions, kv_idx, inv_freq, pages, layer,
+                      paged=paged), None
 
     if cfg.remat != "none":
         body = jax.checkpoint(body, policy=_remat_policy(cfg.remat), prevent_cse=False)

@@ -102,13 +102,14 @@ def _constrain_state(st: dict, lay: Layout) -> dict:
 
 
 # ---- programs -----------------------------------------------------------------------------------
-def _layer_params(params: dict, lay: Layout) -> dict:
+def _layer_params(params: dict, lay: Layout, cfg: ModelConfig) -> dict:
     """With ``split_layers``, the stacked [L, ...] layer weights as L trees, sliced once per call outside the
     decode loop: XLA:CPU otherwise copies each layer's weights out of the stack at every step (about a
-    fifth of a tiny-llama decode step). Costs one extra copy of the layer weights while a call runs."""
-    if not lay.split_layers:
+    fifth of a tiny-llama decode step). Costs one extra copy of the layer weights while a call runs.
+    Left stacked when some leaf is not stacked on the layers (e.g. an adapter or quantisation scale)."""
+    L, leaves = cfg.layers, jax.tree.leaves(params["layers"])
+    if not lay.split_layers or not all(getattr(x, "ndim", 0) and x.shape[0] == L for x in leaves):
         return params
-    L = jax.tree.leaves(params["layers"])[0].shape[0]
     return dict(params, layers=[jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(L)])
 
 
@@ -125,7 +126,7 @@ def _refill_impl(state, params, adm, rows, *, cfg: ModelConfig, lay: Layout):
     [DP * R, prompt_pages]); a row with ``target`` >= 0 (a slot of its shard) ends its sequence's
     prompt: its ``last`` token's logits become that slot's next-token logits."""
     st = dict(state)
-    params = _layer_params(params, lay)
+    params = _layer_params(params, lay, cfg)
     admit = adm["admit"]
     for k in SLOT_FIELDS:
         a = adm[k]
@@ -158,7 +159,7 @@ def _decode_impl(state, params, n_steps, exit_on_free, *, cfg: ModelConfig, lay:
     after the call, steps run).
     """
     S, N = lay.num_slots, lay.steps
-    params = _layer_params(params, lay)
+    params = _layer_params(params, lay, cfg)
     table = state["table"][:, :width]
     top_k = state["top_k"] if lay.top_k_max else 0
 
