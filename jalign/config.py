@@ -190,6 +190,18 @@ class RoleConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """How every sampler of the run decodes (RL rollouts, generate-then-train, generation-based evaluation)."""
+
+    engine: bool = True  # the continuous-batching engine with a paged KV cache (jalign.rollout); false: one static batch
+    slots: Optional[int] = None  # concurrent sequences (default: the rows per data-parallel shard, at most 64)
+    page_size: int = 16  # tokens per KV-cache page
+    steps_per_call: int = 32  # decode steps per device call between refills
+    prefix_sharing: bool = True  # the samples of one prompt share its prefilled pages
+    sampler: Literal["inverse_cdf", "gumbel"] = "inverse_cdf"  # gumbel: the same draws as the static sampler
+
+
+@dataclass
 class EvalConfig:
     """Generation-based evaluation on held-out prompts (``data.eval``), run by the loop at every evaluation
     (``train.eval_every``) and before the first step; the same for every algorithm."""
@@ -212,6 +224,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     roles: dict[str, RoleConfig] = field(default_factory=dict)
     algorithm: Any = None  # the dataclass of the algorithm named by algorithm.name (jalign.algorithms.registry)
     source: Optional[str] = None  # the YAML file this came from (informational)
@@ -518,7 +531,7 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) ->
 def validate_static(cfg: Config, where: Optional[_Where] = None) -> None:
     """Checks that need no device information: value ranges of every key, then their combinations."""
     where = where or _Where(cfg.source, {}, {})
-    for section in ("model", "mesh", "data", "optim", "train", "distributed", "eval", "algorithm"):
+    for section in ("model", "mesh", "data", "optim", "train", "distributed", "eval", "rollout", "algorithm"):
         if dataclasses.is_dataclass(getattr(cfg, section)):
             validate_values(getattr(cfg, section), (section,), where)
     m = cfg.model

@@ -107,7 +107,8 @@ class GenerationEval:
                 out = xp.sample(params, cfg, ids, max_new_tokens=self.e.max_new_tokens, new_len=self.N,
                                 prompt_len=self.P, key=key, eos_ids=sorted(self.tokenizer.eos_ids),
                                 pad_id=self.tokenizer.pad_id, mesh=self.rt.mesh, rules=self.rt.rules,
-                                temperature=self.e.temperature, greedy=mode == "greedy")
+                                temperature=self.e.temperature, greedy=mode == "greedy",
+                                rollout=self.rt.cfg.rollout)
                 ref = roles.on_device([self.kl_role])[self.kl_role] if self.kl_role in roles else None
                 rm = roles.on_device([self.reward_role])[self.reward_role] if self.reward_role in roles else None
                 score = self._program(cfg, roles.config(self.kl_role) if ref is not None else None,

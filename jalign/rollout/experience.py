@@ -43,16 +43,30 @@ def rollout_shape(longest_prompt: int, max_new_tokens: int, sequence_parallel: i
 # ---- sampling -----------------------------------------------------------------------------------
 def sample(params, cfg, prompt_ids: list, *, max_new_tokens: int, new_len: int, prompt_len: int, key,
            eos_ids, pad_id: int, mesh, rules, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           greedy: bool = False) -> dict:
-    """Sample continuations; everything stays on the devices (``generate(return_device=True)``).
+           greedy: bool = False, rollout=None) -> dict:
+    """Sample continuations; everything stays on the devices (``return_device=True``).
 
     ``prompt_len`` fixes the prompt block (>= every prompt), ``new_len`` the response block; the batch is the
-    given prompts exactly (its size must divide over the data-parallel axes)."""
+    given prompts exactly (its size must divide over the data-parallel axes). ``rollout`` (the config's
+    ``rollout`` section, default its defaults) picks the continuous-batching engine (``jalign.rollout``: slots
+    refilled as sequences end, a paged KV cache, the samples of one prompt sharing its pages) or one static
+    batch (``jalign.generate``); both return the same layout."""
+    from jalign.config import RolloutConfig
+
+    r = rollout or RolloutConfig()
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+              eos_ids=eos_ids, pad_id=pad_id, rng=key, mesh=mesh, rules=rules, prompt_bucket=prompt_len,
+              new_bucket=new_len, batch_bucket=False, return_device=True)
+    if r.engine:
+        from jalign.rollout.adapter import generate as engine_generate
+
+        out = engine_generate(params, cfg, prompt_ids, slots=r.slots, page_size=r.page_size,
+                              steps_per_call=r.steps_per_call, prefix_sharing=r.prefix_sharing, sampler=r.sampler,
+                              **kw)
+        return {k: v for k, v in out.items() if isinstance(v, jax.Array)}  # the layout, not the host copies
     from jalign.generate import generate
 
-    return generate(params, cfg, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                    top_p=top_p, greedy=greedy, eos_ids=eos_ids, pad_id=pad_id, rng=key, mesh=mesh, rules=rules,
-                    prompt_bucket=prompt_len, new_bucket=new_len, batch_bucket=False, return_device=True)
+    return generate(params, cfg, prompt_ids, **kw)
 
 
 def rollout_rows(out: dict, pad_id: int) -> dict:
