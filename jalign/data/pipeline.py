@@ -50,8 +50,16 @@ def _check_packable(records: Sequence, packing: bool):
 
 def epoch_stream(records: Sequence, *, shuffle: bool, seed: int, process_index: int, process_count: int,
             repeat: bool):
-    """This process's stream of records: shuffled per epoch, sliced by process, maybe repeated."""
+    """This process's stream of records: shuffled per epoch, sliced by process, maybe repeated (a
+    :class:`jalign.data.mixture.Mixture`: its weighted stream of its sources, always repeated)."""
     import grain
+
+    from jalign.data.mixture import Mixture
+
+    if isinstance(records, Mixture):
+        if not repeat:
+            raise ValueError("a mixture of sources is an infinite stream: it has no single epoch")
+        return records.stream(shuffle=shuffle, seed=seed, process_index=process_index, process_count=process_count)
 
     ds = grain.MapDataset.source(list(records))
     if shuffle:
@@ -175,19 +183,67 @@ class ConfigData:
         from jalign.data.chat import describe_template
 
         self.log(f"data: {describe_template(d.chat_template, tokenizer)}")
-        self.train_examples = self._load(load_source, d.train, d.max_examples)
-        self.train_records = self._tokenize(d.train, self.train_examples)
-        self._check_kept("train", d.train, self.train_examples, self.train_records)
-        self.eval_examples_raw = self._load(load_source, d.eval, None) if d.eval else []
-        self.eval_records = self._tokenize(d.eval, self.eval_examples_raw) if d.eval else []
-        if d.eval:
-            self._check_kept("eval", d.eval, self.eval_examples_raw, self.eval_records)
-        self.has_eval = bool(self.eval_records)
-        self._eval_batches = None
+        self.train_records = self._load_train(load_source)
+        self._load_eval(load_source)
 
-    def _load(self, load_source, spec: str, max_examples: Optional[int]) -> list:
+    def _load_train(self, load_source):
+        """The training records: one source's list, or a :class:`Mixture` of ``data.train``'s sources."""
+        from jalign.config import train_sources
+        from jalign.data.mixture import Mixture
+
         d = self.cfg.data
-        examples, skipped = load_source(spec, self.kind, d.skip_bad_lines, seed=d.seed, max_examples=max_examples)
+        sources, parts, self.train_examples = train_sources(d), [], []
+        for src in sources:
+            examples = self._load(load_source, src.source, d.max_examples, src.fields or d.fields)
+            records = self._tokenize(src.source, examples)
+            self._check_kept("train", src.source, examples, records)
+            self.train_examples += examples
+            parts.append(records)
+        if isinstance(d.train, str):
+            return parts[0]
+        return Mixture(parts, [s.weight for s in sources], [s.source for s in sources])
+
+    def _load_eval(self, load_source) -> None:
+        """Every eval set, concatenated (``eval_records``; ``index`` renumbered), and each set's range in
+        ``eval_sets`` ({name: (start, stop)}, name None for one unnamed set). Generation-based evaluation uses
+        the first set's examples."""
+        from jalign.config import eval_sources
+        from jalign.data.mixture import concatenate
+
+        d = self.cfg.data
+        parts, names, self.eval_examples_raw = [], [], []
+        for name, src in eval_sources(d).items():
+            examples = self._load(load_source, src.source, None, src.fields or d.fields)
+            records = self._tokenize(src.source, examples)
+            self._check_kept("eval" if name is None else f"eval.{name}", src.source, examples, records)
+            self.eval_examples_raw = self.eval_examples_raw or examples
+            parts.append(records)
+            names.append(name)
+        self.eval_records, ranges = concatenate(parts)
+        self.eval_sets = dict(zip(names, ranges))
+        self.has_eval = bool(self.eval_records)
+        self._selected_eval = names[0] if names else None
+        self._eval_batches = {}
+
+    @property
+    def eval_set_names(self) -> list:
+        """The eval sets' names in config order ([None] for one unnamed set, [] without eval data)."""
+        return list(self.eval_sets)
+
+    def select_eval(self, name) -> None:
+        """Make ``eval_iterator()`` iterate over the eval set ``name`` (one of :attr:`eval_set_names`)."""
+        if name not in self.eval_sets:
+            raise KeyError(f"no eval set {name!r} (have {self.eval_set_names})")
+        self._selected_eval = name
+
+    def selected_eval_records(self) -> list:
+        start, stop = self.eval_sets[self._selected_eval]
+        return self.eval_records[start:stop]
+
+    def _load(self, load_source, spec: str, max_examples: Optional[int], fields: Optional[dict] = None) -> list:
+        d = self.cfg.data
+        examples, skipped = load_source(spec, self.kind, d.skip_bad_lines, seed=d.seed, max_examples=max_examples,
+                                        fields=fields or None)
         for msg in skipped[:5]:
             self.log(f"data: skipped {msg}")
         if skipped:
@@ -229,14 +285,16 @@ class ConfigData:
     def eval_iterator(self):
         """A fresh one-pass iterator over the eval set (same number of batches on every process).
 
-        The batches are built once and kept: eval sets are small, and evaluation runs many times.
+        The batches are built once and kept: eval sets are small, and evaluation runs many times. With
+        several named eval sets, the one chosen with :meth:`select_eval` (the first by default).
         """
-        if self._eval_batches is None:
-            self._eval_batches = list(make_eval_iterator(
-                self.eval_records, seq_len=self.cfg.data.seq_len, batch_rows_per_process=self.rows,
+        key = self._selected_eval
+        if key not in self._eval_batches:
+            self._eval_batches[key] = list(make_eval_iterator(
+                self.selected_eval_records(), seq_len=self.cfg.data.seq_len, batch_rows_per_process=self.rows,
                 packing=self._eval_packing, process_index=self.process_index,
                 process_count=self.process_count))
-        return iter(self._eval_batches)
+        return iter(self._eval_batches[key])
 
 
 class SFTData(ConfigData):

@@ -244,18 +244,22 @@ class _RowData(ConfigData):
                                process_index=self.process_index, process_count=self.process_count)
 
     def eval_iterator(self):
-        if self._eval_batches is None:
-            self._eval_batches = list(self.ordered("eval"))
-        return iter(self._eval_batches)
+        """Ordered batches of the selected eval set (``select_eval``), built once per set."""
+        key = self._selected_eval
+        if key not in self._eval_batches:
+            self._eval_batches[key] = list(ordered_batches(
+                self.selected_eval_records(), self.make_row, batch_rows_per_process=self.rows,
+                process_index=self.process_index, process_count=self.process_count))
+        return iter(self._eval_batches[key])
 
-    def _load(self, load_source, spec, max_examples):
+    def _load(self, load_source, spec, max_examples, fields=None):
         def recording(*args, **kw):  # keep the skipped lines' reasons for the counts
             examples, skipped = load_source(*args, **kw)
             self._skipped[spec] = list(skipped)
             return examples, skipped
 
         self._skipped = getattr(self, "_skipped", {})
-        return super()._load(recording, spec, max_examples)
+        return super()._load(recording, spec, max_examples, fields)
 
     def _log_counts(self, spec, counts, token_skipped=()):
         """Counts of a split: the tokenizer's, plus the degenerate lines skipped when reading (per reason)."""
