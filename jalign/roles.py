@@ -66,6 +66,19 @@ class Roles:
         """Release a role that is no longer needed (e.g. a reference whose log-probs were precomputed)."""
         self.params.pop(name, None)
 
+    def set(self, name: str, params, config: ModelConfig) -> None:
+        """Put (or replace) a role built by the algorithm rather than from config: e.g. SPIN's opponent,
+        rebuilt from the policy between iterations with :func:`snapshot`. The previous buffers are released."""
+        self.params[name] = params
+        self.configs[name] = config
+        self.offloaded = self.offloaded - {name}
+
+
+def snapshot(params):
+    """A frozen copy of (trained) params: bit-identical, on the same shardings, in buffers of its own, so
+    donating the train state in the next update never invalidates it (``may_alias=False`` forces the copy)."""
+    return jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), params)
+
 
 def to_memory(tree, kind: str):
     """The same arrays, same shardings, in another memory space of their devices ("device", "pinned_host")."""

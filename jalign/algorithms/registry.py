@@ -24,6 +24,12 @@ BUILTIN = {
     "ppo": "jalign.algorithms.ppo",
     "grpo": "jalign.algorithms.grpo",
     "rloo": "jalign.algorithms.rloo",
+    "rs": "jalign.algorithms.rs",
+    "online_dpo": "jalign.algorithms.online_dpo",
+    "spin": "jalign.algorithms.spin",
+    "cai_sl": "jalign.algorithms.cai",
+    "cai_rlaif": "jalign.algorithms.cai",
+    "opd": "jalign.algorithms.opd",
 }
 _REGISTERED: dict[str, type] = {}
 
