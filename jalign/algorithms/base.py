@@ -103,13 +103,17 @@ def require_mesh_context(what: str) -> None:
                            "constraints would be dropped; trace it inside the run's mesh context")
 
 
-def make_train_step(loss_fn: LossFn, normalizers_fn: Callable[[dict], dict], trained: TrainedModel):
+def make_train_step(loss_fn: LossFn, normalizers_fn: Callable[[dict], dict], trained: TrainedModel,
+                    statistics_fn: Optional[Callable[[Any, Any, dict], dict]] = None):
     """Jitted ``(state, roles, batch) -> (state, metrics)`` with gradient accumulation.
 
     ``batch`` leaves are [accum, micro, ...]. ``normalizers_fn(batch)`` computes global counts (valid
     tokens / pairs) over the whole optimizer batch; ``loss_fn(params, micro_batch, normalizers, roles)``
     returns a loss already divided by those counts, so summing over micro-batches gives the big-batch loss
-    and gradient exactly. A non-finite loss, gradient norm or updated parameters skip the update (params
+    and gradient exactly. ``statistics_fn(params, roles, batch) -> dict`` (optional) adds constants of the
+    whole optimizer batch that need the current parameters (KTO's KL reference point): computed once before
+    the micro-batches, without gradient, and merged into the normalisers, so they too are the same whatever
+    the accumulation. A non-finite loss, gradient norm or updated parameters skip the update (params
     and optimizer state unchanged) and report ``skipped = 1``. ``roles`` (frozen params) are an input:
     never differentiated, never donated.
     """
@@ -119,6 +123,8 @@ def make_train_step(loss_fn: LossFn, normalizers_fn: Callable[[dict], dict], tra
     def step(state: TrainState, roles, batch):
         require_mesh_context("the train step")
         norms = normalizers_fn(batch)
+        if statistics_fn is not None:
+            norms = {**norms, **jax.lax.stop_gradient(statistics_fn(state.params, roles, batch))}
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         def micro(carry, mb):
@@ -270,7 +276,7 @@ class SupervisedAlgorithm(Algorithm):
                                     params_lib.DTYPES[cfg.model.param_dtype])
         self.data = self.make_data()
         self.fields = self.batch_fields()
-        self._train_step = make_train_step(self.loss, self.normalizers, self.trained)
+        self._train_step = make_train_step(self.loss, self.normalizers, self.trained, self.batch_statistics())
         self._eval_step = jax.jit(self._eval_sums)
         from jalign.evaluation import GenerationEval
 
@@ -292,6 +298,11 @@ class SupervisedAlgorithm(Algorithm):
 
     def normalizers(self, batch: dict) -> dict:
         raise NotImplementedError
+
+    def batch_statistics(self) -> Optional[Callable]:
+        """None, or ``fn(params, roles, batch) -> dict``: batch constants that need the parameters (see
+        :func:`make_train_step`); a subclass that uses them also computes them in its eval step."""
+        return None
 
     def eval_examples(self) -> list:
         """(prompt_ids, reference answer) of held-out examples for the generation-based evaluation."""

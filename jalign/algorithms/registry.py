@@ -24,6 +24,9 @@ BUILTIN = {
     "ppo": "jalign.algorithms.ppo",
     "grpo": "jalign.algorithms.grpo",
     "rloo": "jalign.algorithms.rloo",
+    "kto": "jalign.algorithms.kto",
+    "steerlm": "jalign.algorithms.steerlm",
+    "distill": "jalign.algorithms.distill",
 }
 _REGISTERED: dict[str, type] = {}
 

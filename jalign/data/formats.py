@@ -10,6 +10,8 @@ kind          fields
               ``chosen_reward`` / ``rejected_reward``
 ``reward``    ``{"prompt", "response", "attributes": {name: number or null}}`` (null = not labelled)
 ``prompt``    ``{"prompt"}`` with an optional ``"answer"`` string (for rule-based rewards)
+``unpaired``  ``{"prompt", "completion", "label": true | false}`` (KTO; TRL's unpaired preference format;
+              ``"response"`` is accepted for ``"completion"``), prompt and completion strings or message lists
 ============  =========================================================================================
 
 A bad line raises :class:`DataError` with ``path:line: reason``; with ``skip_bad=True`` it is skipped and
@@ -99,6 +101,16 @@ class RewardExample:
     prompt: Text
     response: Text
     attributes: dict = field(default_factory=dict)  # name -> float or None (masked)
+    source: str = ""
+
+
+@dataclass
+class UnpairedExample:
+    """One completion with a binary label: desirable (``label`` True) or undesirable (KTO's data)."""
+
+    prompt: Text
+    completion: Text
+    label: bool
     source: str = ""
 
 
@@ -245,8 +257,21 @@ def parse_prompt(obj: dict) -> PromptExample:
     return PromptExample(_text(obj, "prompt"), None if answer is None else str(answer))
 
 
+def parse_unpaired(obj: dict) -> UnpairedExample:
+    hint = 'unpaired data needs "prompt", "completion" and "label" (true = desirable, false = undesirable)'
+    prompt = _text(obj, "prompt", hint)
+    key = "completion" if "completion" in obj or "response" not in obj else "response"
+    completion = _nonempty_response(_text(obj, key, hint), key)
+    label = _require(obj, "label", hint)
+    if not isinstance(label, bool):
+        raise _Bad(f'field "label" must be true (desirable) or false (undesirable), got {_type_name(label)} '
+                   f"{json.dumps(label)[:40]}")
+    return UnpairedExample(prompt, completion, label)
+
+
 PARSERS: dict[str, Callable[[dict], Any]] = {
     "sft": parse_sft, "preference": parse_preference, "reward": parse_reward, "prompt": parse_prompt,
+    "unpaired": parse_unpaired,
 }
 
 
