@@ -342,7 +342,11 @@ class SupervisedAlgorithm(Algorithm):
         require_mesh_context("the eval step")
         mb = jax.tree.map(lambda x: x[0], batch)  # drop the accumulation axis
         norms = self.normalizers(batch)
-        _, metrics = self.loss(params, mb, {k: jnp.ones_like(v) for k, v in norms.items()}, roles)
+        sums = {k: jnp.ones_like(v) for k, v in norms.items()}  # divisors of 1: the loss returns sums
+        stats = self.batch_statistics()
+        if stats is not None:  # the eval batch's own constants (e.g. KTO's reference point)
+            sums.update(stats(params, roles, batch))
+        _, metrics = self.loss(params, mb, sums, roles)
         default = next(iter(norms))
         out = {}
         for k, v in metrics.items():  # totals (counts of tokens / pairs) are summed, not averaged

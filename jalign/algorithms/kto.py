@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jalign.algorithms.base import SupervisedAlgorithm, policy_token_logps, require_mesh_context
+from jalign.algorithms.base import SupervisedAlgorithm, policy_token_logps
 from jalign.algorithms.precompute import fill_columns
 from jalign.algorithms.registry import register
 from jalign.config_values import VALUE_RANGES, _NON_NEGATIVE, _POSITIVE
@@ -128,13 +128,6 @@ class KTO(SupervisedAlgorithm):
                            undesirable_weight=a.undesirable_weight)
         m["num_tokens"] = jnp.sum(self._valid(mb)[:, None] * rows["loss_mask"])
         return loss, m
-
-    def _eval_sums(self, params, roles, batch):
-        require_mesh_context("the eval step")
-        norms = self.normalizers(batch)
-        z0 = self.batch_statistics()(params, roles, batch)["kto_kl"]  # this eval batch's reference point
-        _, m = self.loss(params, jax.tree.map(lambda x: x[0], batch), {"kto_kl": z0, "num_seqs": 1.0}, roles)
-        return {k: (v, None if k in self.total_metrics else norms["num_seqs"]) for k, v in m.items()}
 
     # -- the precomputed reference --
     def _reference_sums(self, params, batch):
