@@ -10,6 +10,9 @@ kind          fields
               ``chosen_reward`` / ``rejected_reward``
 ``reward``    ``{"prompt", "response", "attributes": {name: number or null}}`` (null = not labelled)
 ``prompt``    ``{"prompt"}`` with an optional ``"answer"`` string (for rule-based rewards)
+``steer``     SFT data (``{"prompt", "response"}`` or ``{"messages"}``) with ``"attributes": {name: value}``
+              (SteerLM; what ``jalign annotate`` writes); a conversation's attributes belong to its last
+              assistant turn, which is the response
 ``unpaired``  ``{"prompt", "completion", "label": true | false}`` (KTO; TRL's unpaired preference format;
               ``"response"`` is accepted for ``"completion"``), prompt and completion strings or message lists
 ============  =========================================================================================
@@ -269,9 +272,24 @@ def parse_unpaired(obj: dict) -> UnpairedExample:
     return UnpairedExample(prompt, completion, label)
 
 
+def parse_steer(obj: dict) -> RewardExample:
+    """An SFT example with attribute values, as (prompt, response, attributes): for a conversation the prompt
+    is everything before its last assistant turn."""
+    sft = parse_sft(obj)
+    if sft.messages is not None:
+        last = max(i for i, m in enumerate(sft.messages) if m["role"] == "assistant")
+        prompt, response = sft.messages[:last], sft.messages[last]["content"]
+    else:
+        prompt, response = sft.prompt, sft.response
+    attrs = _require(obj, "attributes", 'SteerLM data needs "attributes" (run `jalign annotate` to add them)')
+    if not isinstance(attrs, dict):
+        raise _Bad(f'field "attributes" must be an object {{name: number or null}}, got {_type_name(attrs)}')
+    return RewardExample(prompt, response, {k: _number(v, f"attributes.{k}") for k, v in attrs.items()})
+
+
 PARSERS: dict[str, Callable[[dict], Any]] = {
     "sft": parse_sft, "preference": parse_preference, "reward": parse_reward, "prompt": parse_prompt,
-    "unpaired": parse_unpaired,
+    "unpaired": parse_unpaired, "steer": parse_steer,
 }
 
 

@@ -17,7 +17,7 @@ Registered in ``jalign.data.tiny.BUILTIN`` (same splits and prompts as the rest 
 ``addition_steer_sloppy`` (sft)  SteerLM's SFT data before annotation: ``addition_sloppy``'s five
     demonstrators per prompt (three forget the carry), each demonstration said tersely or with its working
     (a seeded coin), and no labels: the regression model annotates them (``jalign annotate``).
-``addition_steer`` (reward)  held-out prompts with the right, terse answer, labelled correctness 4 and
+``addition_steer`` (steer)  held-out prompts with the right, terse answer, labelled correctness 4 and
     verbosity 0 (SteerLM's eval data).
 
 :func:`true_attributes` gives the ground truth of any response (to check an annotation), :func:`answer_correct`
@@ -131,8 +131,8 @@ def addition_steer(split: str = "eval", n: Optional[int] = None, seed: int = 0) 
 
 BUILTIN = {  # name -> (generator, data kinds it can serve)
     "addition_unpaired": (addition_unpaired, ("unpaired",)),
-    "addition_steer_rm": (addition_steer_rm, ("reward",)),
+    "addition_steer_rm": (addition_steer_rm, ("reward", "steer")),
     "addition_steer_sloppy": (addition_steer_sloppy, ("sft",)),
-    "addition_steer": (addition_steer, ("reward",)),
+    "addition_steer": (addition_steer, ("steer", "reward")),
 }
 
