@@ -383,6 +383,9 @@ def generate_main(argv: list[str]) -> int:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--attributes", help="SteerLM: condition every prompt on these attribute values, e.g. "
+                                         "correctness=4,verbosity=0 (rendered in the order the model was trained "
+                                         "with, from its steerlm.json)")
     ap.add_argument("--chat-template", help="auto | tiny | none | hf | FILE.jinja (default: a run's "
                                             "data.chat_template; 'auto' for a Hugging Face directory: the "
                                             "tokenizer's own template if it has one, else none)")
@@ -411,7 +414,10 @@ def generate_main(argv: list[str]) -> int:
     print(f"jalign generate: {describe_template(template, tok)}", file=sys.stderr)
     eos = sorted(tok.eos_ids)
     pad = tok.pad_id if tok.pad_id is not None else 0
-    encoded = [encode_prompt(p, template, tok) for p in prompts]  # template errors before any output
+    if a.attributes:
+        encoded = _steered(a.model, a.attributes, prompts, tok, template)
+    else:
+        encoded = [encode_prompt(p, template, tok) for p in prompts]  # template errors before any output
     longest = max(map(len, encoded))
     if longest + a.max_new_tokens > cfg.max_seq_len:
         from jalign.config import ConfigError
@@ -434,6 +440,23 @@ def generate_main(argv: list[str]) -> int:
                 out_f.write(json.dumps({"prompt": p, "response": tok.decode(ids), "num_tokens": n,
                                         "ended_with_eos": bool(res["ended_with_eos"][j])}) + "\n")
     return 0
+
+
+def _steered(model: str, attributes: str, prompts: list, tok, template) -> list[list[int]]:
+    """Prompt ids conditioned on SteerLM attribute values, in the attribute order the model was trained with
+    (``steerlm.json`` of a steerlm run or its export; without one, the order given)."""
+    from pathlib import Path
+
+    from jalign.data.steer import MAX_VALUE, parse_attribute_values, steered_prompt_ids
+
+    values = parse_attribute_values(attributes)
+    record = Path(model) / "steerlm.json"
+    info = json.loads(record.read_text()) if Path(model).is_dir() and record.is_file() else {}
+    if not info:
+        print(f"jalign generate: {model} has no steerlm.json: rendering the attributes in the order given",
+              file=sys.stderr)
+    order, top = info.get("attributes", list(values)), int(info.get("max_value", MAX_VALUE))
+    return [steered_prompt_ids(p, values, tok, template, order, max_value=top) for p in prompts]
 
 
 @contextlib.contextmanager

@@ -119,6 +119,9 @@ def train_size(algo) -> Optional[int]:
     return len(prompts) if prompts is not None else None
 
 
+# metrics that measure the wall clock (they differ between runs that are otherwise bitwise equal)
+WALL_CLOCK_METRICS = ("tokens_per_s", "loss_tokens_per_s", "mfu")
+
 class Throughput:
     """Counts of the batches consumed since the last log step -> the figures of the module docstring."""
 

@@ -10,6 +10,7 @@ from jalign import cli
 from jalign.checkpoint import load_params
 from jalign.config import ConfigError, load_config
 from jalign.metrics import read_metrics
+from jalign.throughput import WALL_CLOCK_METRICS
 from jalign.trainer import train
 
 ROOT = Path(__file__).parent.parent
@@ -62,7 +63,7 @@ def _train_rows(run):
     rows = {}
     for r in read_metrics(run):
         if "loss" in r or "actor_loss" in r:
-            rows[r["step"]] = {k: v for k, v in r.items() if not k.startswith("time") and k not in ("tokens_per_s",)
+            rows[r["step"]] = {k: v for k, v in r.items() if not k.startswith("time") and k not in WALL_CLOCK_METRICS
                                and isinstance(v, float)}
     return rows
 

@@ -104,13 +104,16 @@ def require_mesh_context(what: str) -> None:
 
 
 def make_train_step(loss_fn: LossFn, normalizers_fn: Callable[[dict], dict], trained: TrainedModel,
-                    with_rng: bool = False):
+                    with_rng: bool = False, statistics_fn: Optional[Callable[[Any, Any, dict], dict]] = None):
     """Jitted ``(state, roles, batch) -> (state, metrics)`` with gradient accumulation.
 
     ``batch`` leaves are [accum, micro, ...]. ``normalizers_fn(batch)`` computes global counts (valid
     tokens / pairs) over the whole optimizer batch; ``loss_fn(params, micro_batch, normalizers, roles)``
     returns a loss already divided by those counts, so summing over micro-batches gives the big-batch loss
-    and gradient exactly. A non-finite loss, gradient norm or updated parameters skip the update (params
+    and gradient exactly. ``statistics_fn(params, roles, batch) -> dict`` (optional) adds constants of the
+    whole optimizer batch that need the current parameters (KTO's KL reference point): computed once before
+    the micro-batches, without gradient, and merged into the normalisers, so they too are the same whatever
+    the accumulation. A non-finite loss, gradient norm or updated parameters skip the update (params
     and optimizer state unchanged) and report ``skipped = 1``. ``roles`` (frozen params) are an input:
     never differentiated, never donated. ``with_rng`` adds ``norms["rng"]``, a key per step and micro-batch
     from the state's RNG (e.g. for LoRA dropout).
@@ -121,6 +124,8 @@ def make_train_step(loss_fn: LossFn, normalizers_fn: Callable[[dict], dict], tra
     def step(state: TrainState, roles, batch):
         require_mesh_context("the train step")
         norms = normalizers_fn(batch)
+        if statistics_fn is not None:
+            norms = {**norms, **jax.lax.stop_gradient(statistics_fn(state.params, roles, batch))}
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step) if with_rng else None
@@ -282,7 +287,9 @@ class SupervisedAlgorithm(Algorithm):
         self.data = self.make_data()
         self.fields = self.batch_fields()
         dropout = self.trainable.is_lora and cfg.model.lora.dropout > 0
-        self._train_step = make_train_step(self._trained_loss, self.normalizers, self.trained, with_rng=dropout)
+        stats = self.batch_statistics()
+        self._train_step = make_train_step(self._trained_loss, self.normalizers, self.trained, with_rng=dropout,
+                                           statistics_fn=None if stats is None else self._trained_statistics)
         self._eval_step = jax.jit(self._eval_sums)
         from jalign.evaluation import GenerationEval
 
@@ -305,9 +312,18 @@ class SupervisedAlgorithm(Algorithm):
     def normalizers(self, batch: dict) -> dict:
         raise NotImplementedError
 
+    def batch_statistics(self) -> Optional[Callable]:
+        """None, or ``fn(params, roles, batch) -> dict``: batch constants that need the parameters (see
+        :func:`make_train_step`); a subclass that uses them also computes them in its eval step."""
+        return None
+
     def eval_examples(self) -> list:
         """(prompt_ids, reference answer) of held-out examples for the generation-based evaluation."""
         return self.data.eval_examples() if hasattr(self.data, "eval_examples") else []
+
+    def _trained_statistics(self, params, roles, batch):
+        """``batch_statistics`` on the model's forward params (no dropout: they are constants of the batch)."""
+        return self.batch_statistics()(self.trainable.forward_params(params, roles, None), roles, batch)
 
     def _trained_loss(self, params, mb, norms, roles):
         """``loss`` on the model's forward params (under LoRA: the frozen base with the trained adapters)."""
@@ -368,7 +384,10 @@ class SupervisedAlgorithm(Algorithm):
         require_mesh_context("the eval step")
         mb = jax.tree.map(lambda x: x[0], batch)  # drop the accumulation axis
         norms = self.normalizers(batch)
-        _, metrics = self._trained_loss(params, mb, {k: jnp.ones_like(v) for k, v in norms.items()}, roles)
+        sums = {k: jnp.ones_like(v) for k, v in norms.items()}  # divisors of 1: the loss returns sums
+        if self.batch_statistics() is not None:  # the eval batch's own constants (e.g. KTO's reference point)
+            sums.update(self._trained_statistics(params, roles, batch))
+        _, metrics = self._trained_loss(params, mb, sums, roles)
         default = next(iter(norms))
         out = {}
         for k, v in metrics.items():  # totals (counts of tokens / pairs) are summed, not averaged

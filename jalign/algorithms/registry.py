@@ -30,6 +30,9 @@ BUILTIN = {
     "cai_sl": "jalign.algorithms.cai",
     "cai_rlaif": "jalign.algorithms.cai",
     "opd": "jalign.algorithms.opd",
+    "kto": "jalign.algorithms.kto",
+    "steerlm": "jalign.algorithms.steerlm",
+    "distill": "jalign.algorithms.distill",
 }
 _REGISTERED: dict[str, type] = {}
 

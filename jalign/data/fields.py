@@ -35,3 +35,22 @@ def scored_fields() -> dict:
 def with_columns(fields: dict, columns: dict) -> dict:
     """``fields`` plus precomputed columns ({name: logical axes})."""
     return {**fields, **columns}
+
+
+def unpaired_fields() -> dict:
+    """KTO batches (``jalign.data.unpaired``): side 0 the completion, side 1 its mismatched KL row (the prompt
+    followed by another example's completion), [B, 2, T]; ``label`` 1 desirable / 0 undesirable and
+    ``kl_valid`` (the KL row exists) [B]."""
+    fields = {k: PAIR_ROW for k in ("tokens", "targets", "positions", "segment_ids", "loss_mask")}
+    fields.update(index=PER_ROW, valid=PER_ROW, label=PER_ROW, kl_valid=PER_ROW)
+    return fields
+
+
+TOPK = ("batch", "seq", None)  # [B, T, K]: a teacher's top-k ids / log-probs per position (k unsharded)
+
+
+def distill_fields(with_teacher_columns: bool) -> dict:
+    """Distillation batches: SFT rows, plus the teacher's top-k ``teacher_ids`` / ``teacher_logps`` [B, T, K]
+    when they were precomputed (``jalign.data.distill``)."""
+    extra = {"teacher_ids": TOPK, "teacher_logps": TOPK} if with_teacher_columns else {}
+    return {**SFT_FIELDS, **extra}

@@ -10,6 +10,11 @@ kind          fields
               ``chosen_reward`` / ``rejected_reward``
 ``reward``    ``{"prompt", "response", "attributes": {name: number or null}}`` (null = not labelled)
 ``prompt``    ``{"prompt"}`` with an optional ``"answer"`` string (for rule-based rewards)
+``steer``     SFT data (``{"prompt", "response"}`` or ``{"messages"}``) with ``"attributes": {name: value}``
+              (SteerLM; what ``jalign annotate`` writes); a conversation's attributes belong to its last
+              assistant turn, which is the response
+``unpaired``  ``{"prompt", "completion", "label": true | false}`` (KTO; TRL's unpaired preference format;
+              ``"response"`` is accepted for ``"completion"``), prompt and completion strings or message lists
 ============  =========================================================================================
 
 TRL's names are accepted too, producing the same examples as the jalign lines they correspond to: SFT
@@ -107,6 +112,16 @@ class RewardExample:
     prompt: Text
     response: Text
     attributes: dict = field(default_factory=dict)  # name -> float or None (masked)
+    source: str = ""
+
+
+@dataclass
+class UnpairedExample:
+    """One completion with a binary label: desirable (``label`` True) or undesirable (KTO's data)."""
+
+    prompt: Text
+    completion: Text
+    label: bool
     source: str = ""
 
 
@@ -284,8 +299,36 @@ def parse_prompt(obj: dict) -> PromptExample:
     return PromptExample(_text(obj, "prompt"), None if answer is None else str(answer))
 
 
+def parse_unpaired(obj: dict) -> UnpairedExample:
+    hint = 'unpaired data needs "prompt", "completion" and "label" (true = desirable, false = undesirable)'
+    prompt = _text(obj, "prompt", hint)
+    key = "completion" if "completion" in obj or "response" not in obj else "response"
+    completion = _nonempty_response(_text(obj, key, hint), key)
+    label = _require(obj, "label", hint)
+    if not isinstance(label, bool):
+        raise _Bad(f'field "label" must be true (desirable) or false (undesirable), got {_type_name(label)} '
+                   f"{json.dumps(label)[:40]}")
+    return UnpairedExample(prompt, completion, label)
+
+
+def parse_steer(obj: dict) -> RewardExample:
+    """An SFT example with attribute values, as (prompt, response, attributes): for a conversation the prompt
+    is everything before its last assistant turn."""
+    sft = parse_sft(obj)
+    if sft.messages is not None:
+        last = max(i for i, m in enumerate(sft.messages) if m["role"] == "assistant")
+        prompt, response = sft.messages[:last], sft.messages[last]["content"]
+    else:
+        prompt, response = sft.prompt, sft.response
+    attrs = _require(obj, "attributes", 'SteerLM data needs "attributes" (run `jalign annotate` to add them)')
+    if not isinstance(attrs, dict):
+        raise _Bad(f'field "attributes" must be an object {{name: number or null}}, got {_type_name(attrs)}')
+    return RewardExample(prompt, response, {k: _number(v, f"attributes.{k}") for k, v in attrs.items()})
+
+
 PARSERS: dict[str, Callable[[dict], Any]] = {
     "sft": parse_sft, "preference": parse_preference, "reward": parse_reward, "prompt": parse_prompt,
+    "unpaired": parse_unpaired, "steer": parse_steer,
 }
 
 

@@ -171,6 +171,7 @@ BUILTIN = {  # name -> (generator, data kinds it can serve)
     "addition_prompts": (addition_prompts, ("prompt",)),
     **__import__("jalign.data.tiny_math", fromlist=["BUILTIN"]).BUILTIN,  # math, math_sloppy, math_pairs, math_prompts
     **__import__("jalign.data.tiny_cai", fromlist=["BUILTIN"]).BUILTIN,  # cai_critic, cai_red_team
+    **__import__("jalign.data.tiny_steer", fromlist=["BUILTIN"]).BUILTIN,  # addition_unpaired, addition_steer*
 }
 
 
