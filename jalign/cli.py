@@ -25,7 +25,7 @@ USAGE = """usage:
   jalign convert --hf DIR --out CKPT           Hugging Face <-> jalign checkpoints
                  --from-checkpoint RUN[/checkpoints/N] --to-hf DIR
   jalign annotate --model RM --input IN --output OUT   SteerLM attributes from a regression reward model
-  jalign pipeline [--out DIR] [--fast]         the tiny SFT -> RM -> PPO / DPO pipeline end to end
+  jalign pipeline [--out DIR] [--seed S] [--fast] the tiny SFT -> RM -> PPO / DPO / GRPO pipeline end to end
   jalign plot RUN_DIR                          plot metrics.jsonl curves to RUN_DIR/curves.png
 options for every command:
   --debug               print the traceback of an error too (or JALIGN_DEBUG=1)

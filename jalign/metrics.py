@@ -1,8 +1,17 @@
-"""Host-side metrics: JSONL file, TensorBoard, and a progress bar; written by process 0 only."""
+"""Host-side metrics: JSONL file, TensorBoard, and progress (a bar or lines); written by process 0 only.
+
+Progress is a tqdm bar when ``progress`` is on and both stdout and stderr are terminals; otherwise (the
+pipeline passes ``train.progress=false``; a log file or a pipe) it is one plain line per log step::
+
+    step 40/500  loss 0.8123  lr 0.00199  tokens/s 2.1k  elapsed 0:31  ETA 5:58
+
+so a long stage shows it is alive, and a log never holds carriage returns.
+"""
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -44,6 +53,7 @@ class MetricsWriter:
         self.tb = None
         self.bar = None
         self._shown: dict = {}
+        self._rate_from: tuple[int, float] | None = None  # (step, time) after the first step: compiles excluded
         if not self.is_main:
             return
         run_dir = Path(run_dir)
@@ -60,7 +70,7 @@ class MetricsWriter:
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"))
             except ImportError:  # optional
                 self.tb = None
-        if progress:
+        if progress and _is_terminal(sys.stdout) and _is_terminal(sys.stderr):
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, mininterval=1.0)
@@ -103,15 +113,33 @@ class MetricsWriter:
                 self._shown[label] = fmt(metrics[key])
 
     def progress(self, step: int, metrics: dict) -> None:
+        """Called after every step. The bar moves each step; without a bar a line is printed at the
+        trainer's log steps (the ones whose metrics carry ``tokens_per_s``)."""
+        if not self.is_main:
+            return
+        now = time.time()
+        if self._rate_from is None:
+            self._rate_from = (step, now)
         if self.bar is None:
+            if "tokens_per_s" in metrics:
+                print(progress_line(step, self.total, metrics, now - self.start_time,
+                                    self._eta(step, now)), flush=True)
             return
         self.bar.n = step
-        for key in ("loss", "accuracy", "reward_mean", "kl", "lr", "tokens_per_s"):
+        for key in PROGRESS_KEYS:
             if key in metrics:  # keep the last value of metrics that are only computed at log steps
                 v = metrics[key]
                 self._shown[key] = f"{v:.3g}" if isinstance(v, float) else v
         self.bar.set_postfix(self._shown, refresh=False)
         self.bar.refresh()
+
+    def _eta(self, step: int, now: float) -> float | None:
+        """Seconds left at the mean rate since the first step (so the first step's compiles do not count;
+        evaluations do, since they recur)."""
+        first_step, first_time = self._rate_from
+        if step <= first_step:
+            return None
+        return (self.total - step) * (now - first_time) / (step - first_step)
 
     def message(self, text: str) -> None:
         if not self.is_main:
@@ -133,12 +161,50 @@ class MetricsWriter:
             self.tb.close()
 
 
+<<<<<<< HEAD
 SHOWN_EXTRA = (("loss_tokens_per_s", "loss_tokens/s", lambda v: f"{v:.3g}"), ("mfu", "mfu", lambda v: f"{100 * v:.1f}%"),
                ("epoch", "epoch", lambda v: f"{v:.2f}"))
 
 
 def _cell(v):
     return round(v, 4) if isinstance(v, float) else ("" if v is None else v)
+=======
+PROGRESS_KEYS = ("loss", "accuracy", "reward_mean", "kl", "lr", "tokens_per_s")
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
+
+
+def _clock(seconds: float) -> str:
+    """1:05 / 1:02:03."""
+    s = int(round(seconds))
+    h, rest = divmod(s, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def _number(v: float) -> str:
+    if abs(v) >= 1e4:
+        return f"{v / 1e3:.0f}k"
+    if abs(v) >= 1e3:
+        return f"{v / 1e3:.1f}k"
+    return f"{v:.4g}"
+
+
+def progress_line(step: int, total: int, metrics: dict, elapsed: float, eta: float | None) -> str:
+    """``step 40/500  loss 0.8123  lr 0.002  tokens/s 2.1k  elapsed 0:31  ETA 5:58`` (metrics absent from
+    ``metrics`` are left out; ETA is ``?`` until a rate is known)."""
+    parts = [f"step {step}/{total}"]
+    for key in PROGRESS_KEYS:
+        v = metrics.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            parts.append(f"{'tokens/s' if key == 'tokens_per_s' else key} {_number(float(v))}")
+    parts += [f"elapsed {_clock(elapsed)}", f"ETA {'?' if eta is None else _clock(eta)}"]
+    return "  ".join(parts)
+>>>>>>> tiny
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -1,4 +1,4 @@
-"""``jalign pipeline [--out DIR] [--fast]``: the classic tiny RLHF pipeline end to end, in one process.
+"""``jalign pipeline [--out DIR] [--seed S] [--fast]``: the classic tiny RLHF pipeline end to end, in one process.
 
     SFT (configs/sft_tiny.yaml)
      ├── reward model (configs/rm_tiny.yaml, from SFT)
@@ -11,7 +11,9 @@ Each stage is ``jalign train`` of its config with the previous stage's run passe
 same way on held-out prompts (reward-model score of sampled answers, greedy exact match, KL to the SFT
 policy per sequence) and the table is printed and written to ``DIR/results.md``; ``DIR/curves.png``
 holds the training curves. Finished stages are not retrained when the command is run again
-(``train.resume``). ``--fast`` is a smoke version with a few steps per stage.
+(``train.resume``). ``--fast`` is a smoke version with a few steps per stage. ``--seed S`` sets
+``train.seed`` (init, sampling) and ``data.seed`` (which examples, in which order) of every stage and of
+the final evaluation; ``benchmarks/pipeline_seeds.py`` runs one pipeline per seed and device count.
 """
 from __future__ import annotations
 
@@ -52,8 +54,14 @@ def default_config_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "configs"
 
 
-def stage_overrides(stage: str, out: Path, fast: bool, extra: Optional[dict] = None) -> list[str]:
-    o = [f"train.out_dir={out / stage}", *QUIET]
+def seed_overrides(seed: Optional[int]) -> list[str]:
+    """``train.seed`` and ``data.seed`` for a stage (none: the configs' own seeds)."""
+    return [] if seed is None else [f"train.seed={seed}", f"data.seed={seed}"]
+
+
+def stage_overrides(stage: str, out: Path, fast: bool, extra: Optional[dict] = None,
+                    seed: Optional[int] = None) -> list[str]:
+    o = [f"train.out_dir={out / stage}", *QUIET, *seed_overrides(seed)]
     if stage != "sft":  # the architecture comes from the SFT run itself
         o.append(f"model.init_from=run:{out / 'sft'}")
     if stage == "ppo":
@@ -62,7 +70,8 @@ def stage_overrides(stage: str, out: Path, fast: bool, extra: Optional[dict] = N
     return o + list((extra or {}).get(stage, []))
 
 
-def evaluate_policies(out: Path, runs: dict[str, Path], config_dir: Path, fast: bool, log=print) -> dict:
+def evaluate_policies(out: Path, runs: dict[str, Path], config_dir: Path, fast: bool, log=print,
+                      seed: Optional[int] = None) -> dict:
     """The same held-out evaluation for every policy (``jalign.evaluation.GenerationEval``): greedy and sampled
     answers to the eval prompts, scored by the reward model, exact match, KL to the SFT policy."""
     from jalign.config import load_config
@@ -77,7 +86,8 @@ def evaluate_policies(out: Path, runs: dict[str, Path], config_dir: Path, fast: 
     cfg = load_config(config_dir / CONFIG_FILES["grpo"], [
         f"model.init_from=run:{out / 'sft'}", f"train.out_dir={out / 'eval'}", *reward,
         f"eval.prompts={32 if fast else 512}", "eval.greedy=true", "eval.sampled=true", "eval.log_samples=0",
-        "train.global_batch=8", "algorithm.num_rollouts_per_prompt=8", "algorithm.minibatch_size=16"])
+        "train.global_batch=8", "algorithm.num_rollouts_per_prompt=8", "algorithm.minibatch_size=16",
+        *seed_overrides(seed)])
     rt, evaluator = setup(cfg)
     rt.log = lambda *_: None
     results = {}
@@ -109,7 +119,7 @@ def results_table(results: dict) -> str:
 
 
 def run_pipeline(out: Path, fast: bool = False, config_dir: Optional[Path] = None, stages=STAGES,
-                 extra: Optional[dict] = None, log=print) -> dict:
+                 extra: Optional[dict] = None, log=print, seed: Optional[int] = None) -> dict:
     import jax
 
     from jalign.config import ConfigError, load_config
@@ -121,8 +131,6 @@ def run_pipeline(out: Path, fast: bool = False, config_dir: Optional[Path] = Non
         raise ConfigError(f"{config_dir}: no {CONFIG_FILES['sft']} here; pass --configs DIR (the repository's "
                           f"configs/ directory; a non-editable install does not carry it)")
     out.mkdir(parents=True, exist_ok=True)
-    # Identical programs (e.g. generation of the same model shape) compile once across stages / reruns.
-    jax.config.update("jax_compilation_cache_dir", str(out / ".xla_cache"))
     timings, runs, skipped = {}, {}, []
     t_all = time.time()
     for stage in stages:
@@ -133,15 +141,16 @@ def run_pipeline(out: Path, fast: bool = False, config_dir: Optional[Path] = Non
             log(f"== {stage}: skipped ({'no ' + str(path) if not path.is_file() else 'needs ' + needs})")
             continue
         t0 = time.time()
-        log(f"== {stage}: jalign train {path} " + " ".join(stage_overrides(stage, out, fast, extra)))
-        train(load_config(path, stage_overrides(stage, out, fast, extra)))
+        overrides = stage_overrides(stage, out, fast, extra, seed)
+        log(f"== {stage}: jalign train {path} " + " ".join(overrides))
+        train(load_config(path, overrides))
         timings[stage] = time.time() - t0
         runs[stage] = out / stage
         log(f"== {stage}: done in {timings[stage]:.0f}s")
     t0 = time.time()
     policies = {label: runs[s] for label, s in (("SFT", "sft"), ("PPO (RM reward)", "ppo"), ("DPO", "dpo"),
                                                 ("GRPO (rule reward)", "grpo")) if s in runs}
-    results = evaluate_policies(out, policies, config_dir, fast, log) if "sft" in runs else {}
+    results = evaluate_policies(out, policies, config_dir, fast, log, seed) if "sft" in runs else {}
     timings["final_eval"] = time.time() - t0
     table = results_table(results) if results else "(no policy to evaluate)"
     curves = plot_runs(dict(runs), out / "curves.png",
@@ -156,8 +165,8 @@ def run_pipeline(out: Path, fast: bool = False, config_dir: Optional[Path] = Non
     if skipped:
         md.append(f"Skipped stages: {', '.join(skipped)}")
     (out / "results.md").write_text("\n".join(md) + "\n")
-    (out / "results.json").write_text(json.dumps({"results": results, "timings": timings, "skipped": skipped},
-                                                 indent=1))
+    (out / "results.json").write_text(json.dumps({"results": results, "timings": timings, "skipped": skipped,
+                                                  "seed": seed}, indent=1))
     log("\n" + table)
     log(f"\nwall time {timings['total']:.0f}s; wrote {out / 'results.md'} and {curves}")
     return {"results": results, "timings": timings, "skipped": skipped}
@@ -169,6 +178,8 @@ def pipeline_main(argv: list[str]) -> int:
     ap.add_argument("--fast", action="store_true", help="a few steps per stage (smoke test)")
     ap.add_argument("--configs", help="directory holding the *_tiny.yaml configs (default: the repo's configs/)")
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    ap.add_argument("--seed", type=int, help="train.seed and data.seed of every stage and of the final evaluation "
+                                             "(default: the configs' own)")
     a = ap.parse_args(argv)
     stages = [s for s in a.stages.split(",") if s]
     bad = [s for s in stages if s not in STAGES]
@@ -179,7 +190,7 @@ def pipeline_main(argv: list[str]) -> int:
     from jalign.data.formats import DataError
 
     try:
-        run_pipeline(Path(a.out), a.fast, Path(a.configs) if a.configs else None, stages)
+        run_pipeline(Path(a.out), a.fast, Path(a.configs) if a.configs else None, stages, seed=a.seed)
     except (ConfigError, DataError) as e:
         print(f"error: {e}")
         return 2
