@@ -161,14 +161,14 @@ class MetricsWriter:
             self.tb.close()
 
 
-<<<<<<< HEAD
 SHOWN_EXTRA = (("loss_tokens_per_s", "loss_tokens/s", lambda v: f"{v:.3g}"), ("mfu", "mfu", lambda v: f"{100 * v:.1f}%"),
                ("epoch", "epoch", lambda v: f"{v:.2f}"))
 
 
 def _cell(v):
     return round(v, 4) if isinstance(v, float) else ("" if v is None else v)
-=======
+
+
 PROGRESS_KEYS = ("loss", "accuracy", "reward_mean", "kl", "lr", "tokens_per_s")
 
 
@@ -204,7 +204,6 @@ def progress_line(step: int, total: int, metrics: dict, elapsed: float, eta: flo
             parts.append(f"{'tokens/s' if key == 'tokens_per_s' else key} {_number(float(v))}")
     parts += [f"elapsed {_clock(elapsed)}", f"ETA {'?' if eta is None else _clock(eta)}"]
     return "  ".join(parts)
->>>>>>> tiny
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -120,8 +120,6 @@ def results_table(results: dict) -> str:
 
 def run_pipeline(out: Path, fast: bool = False, config_dir: Optional[Path] = None, stages=STAGES,
                  extra: Optional[dict] = None, log=print, seed: Optional[int] = None) -> dict:
-    import jax
-
     from jalign.config import ConfigError, load_config
     from jalign.plot import plot_runs
     from jalign.trainer import train

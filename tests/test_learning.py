@@ -8,7 +8,6 @@ Scored independently of the trainer's own evaluation: greedy answers to every he
 """
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
