@@ -234,12 +234,21 @@ class Algorithm:
         path = getattr(self.tokenizer, "path", None)
         return None if path is None else str(Path(path).parent)
 
+    def special_token_ids(self) -> dict:
+        """bos/eos/pad ids of the run's tokenizer for an export's config.json (pad only when it is a
+        real pad token: an EOS stand-in would make transformers treat EOS as padding)."""
+        from jalign.models.hf_heads import own_pad_id
+
+        tok = getattr(self, "tokenizer", None)
+        return {"bos_token_id": getattr(tok, "bos_id", None), "eos_token_id": getattr(tok, "eos_id", None),
+                "pad_token_id": own_pad_id(tok)}
+
     def export(self, state: TrainState, roles: Roles, out_dir: str) -> None:
-        """A Hugging Face directory of the trained policy with the tokenizer files."""
+        """A Hugging Face directory of the trained policy with the tokenizer files and special ids."""
         from jalign.models.hf_io import save_hf
 
         params, cfg = self.policy(state, roles)
-        save_hf(params, cfg, out_dir, tokenizer_dir=self.tokenizer_dir())
+        save_hf(params, cfg, out_dir, tokenizer_dir=self.tokenizer_dir(), special_ids=self.special_token_ids())
 
 
 def initial_policy_params(rt: Runtime, decls, *, allow_fresh=(), role: str = "policy") -> dict:
@@ -344,7 +353,8 @@ class SupervisedAlgorithm(Algorithm):
     def export(self, state, roles, out_dir):
         from jalign.models.hf_io import save_hf
 
-        save_hf(self.trainable.merged(state.params, roles), self.cfg.model, out_dir, tokenizer_dir=self.tokenizer_dir())
+        save_hf(self.trainable.merged(state.params, roles), self.cfg.model, out_dir, tokenizer_dir=self.tokenizer_dir(),
+                special_ids=self.special_token_ids())
         self.export_adapter(state, out_dir)
 
     def export_adapter(self, state, out_dir) -> None:

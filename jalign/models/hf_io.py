@@ -353,13 +353,16 @@ def _write_header(f, entries: list[tuple[str, tuple, np.dtype]]) -> None:
 
 
 def save_hf(params: dict, cfg: ModelConfig, out_dir, tokenizer_dir=None, max_shard_bytes: int = 2 * 1024**3,
-            dtype=None, generation_config: Optional[dict] = None) -> str:
+            dtype=None, generation_config: Optional[dict] = None, special_ids: Optional[dict] = None) -> str:
     """Write a Hugging Face directory loadable by ``AutoModelForCausalLM.from_pretrained``.
 
     config.json, ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``,
     generation_config.json, and the tokenizer files of ``tokenizer_dir`` (if given). ``dtype`` (e.g.
     "bfloat16") casts on write; default: the params' dtype. Call it on every process; only process 0
     writes, one tensor gathered at a time. The directory appears atomically (temp dir + rename).
+    ``special_ids`` (``bos_token_id``/``eos_token_id``/``pad_token_id`` of the tokenizer the model was
+    trained with) fill the ids the tokenizer directory's config files do not give: a directory holding
+    only tokenizer files would otherwise export a model without them.
     """
     out_dir = Path(out_dir)
     layout, flat = _hf_layout(cfg), flatten(params)
@@ -408,7 +411,8 @@ def save_hf(params: dict, cfg: ModelConfig, out_dir, tokenizer_dir=None, max_sha
             if f:
                 f.close()
     if writer:
-        special = _special_tokens(tokenizer_dir)
+        given = {k: v for k, v in (special_ids or {}).items() if v is not None}
+        special = {**given, **_special_tokens(tokenizer_dir)}
         gen = dict(generation_config or {})
         if not gen and tokenizer_dir and (Path(tokenizer_dir) / "generation_config.json").is_file():
             gen = json.loads((Path(tokenizer_dir) / "generation_config.json").read_text())
