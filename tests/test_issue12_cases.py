@@ -209,19 +209,26 @@ def test_template_sandbox_violation(capsys, tmp_path):
 
 
 # ---- the reward function by import path, from the config ----------------------------------------
-def test_reward_fn_file_path_from_the_config_reaches_the_algorithm(tmp_path):
-    """`algorithm.reward_fn: FILE.py:fn` in a GRPO config resolves to that function (no launcher script);
-    a misspelt function is one message naming the key."""
-    from jalign.config import load_config
-    from jalign.rewards import RewardError, get_reward
+def test_reward_fn_file_path_from_the_config_reaches_the_algorithm(capsys, tmp_path):
+    """`algorithm.reward_fn: FILE.py:fn` in a GRPO config is the function GRPO scores with (no launcher
+    script); a misspelt function through `jalign train` is one message naming the key and the file."""
+    from jalign.algorithms.grpo import GRPO
+    from sharding import use_rules
+    from test_ppo import runtime, single
 
     f = tmp_path / "my_rewards.py"
     f.write_text("def short_answer(prompt, response, reference):\n    return float(len(response) < 4)\n")
-    cfg = load_config(None, ["algorithm.name=grpo", f"algorithm.reward_fn={f}:short_answer"])
-    r = get_reward(cfg.algorithm.reward_fn)
-    assert r("p", "ab", None) == 1.0 and r("p", "abcdef", None) == 0.0
-    with pytest.raises(RewardError, match=r"^algorithm.reward_fn: .*has no attribute 'short_answr'"):
-        get_reward(f"{f}:short_answr")
+    rt = runtime(["algorithm.name=grpo", f"algorithm.reward_fn={f}:short_answer", "train.global_batch=4",
+                  "algorithm.num_rollouts_per_prompt=2", "algorithm.max_new_tokens=4"], single())
+    with use_rules(rt.mesh, rt.rules):
+        algo = GRPO(rt)
+    score = algo._rule_fn()
+    assert score("p", "ab", None, None) == 1.0 and score("p", "abcdef", None, None) == 0.0
+    rc, err = run_cli(capsys, "train", str(ROOT / "configs/grpo_tiny.yaml"), f"algorithm.reward_fn={f}:short_answr", "model.init_from=null",
+                      f"train.out_dir={tmp_path / 'run'}")
+    assert rc == 2
+    assert_one_line_error(err, "train", "algorithm.reward_fn", str(f), "has no attribute 'short_answr'")
+    assert not (tmp_path / "run" / "config.yaml").exists()
 
 
 # ---- RL exports carry the tokenizer (issue 12, silent case 6) ----------------------------------------
