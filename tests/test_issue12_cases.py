@@ -224,8 +224,8 @@ def test_reward_fn_file_path_from_the_config_reaches_the_algorithm(capsys, tmp_p
         algo = GRPO(rt)
     score = algo._rule_fn()
     assert score("p", "ab", None, None) == 1.0 and score("p", "abcdef", None, None) == 0.0
-    rc, err = run_cli(capsys, "train", str(ROOT / "configs/grpo_tiny.yaml"), f"algorithm.reward_fn={f}:short_answr", "model.init_from=null",
-                      f"train.out_dir={tmp_path / 'run'}")
+    rc, err = run_cli(capsys, "train", str(ROOT / "configs/grpo_tiny.yaml"), f"algorithm.reward_fn={f}:short_answr",
+                      "model.init_from=null", f"train.out_dir={tmp_path / 'run'}")
     assert rc == 2
     assert_one_line_error(err, "train", "algorithm.reward_fn", str(f), "has no attribute 'short_answr'")
     assert not (tmp_path / "run" / "config.yaml").exists()
