@@ -54,6 +54,17 @@ def register(name: str, *, config: type):
     return deco
 
 
+def _edits(a: str, b: str) -> int:
+    """Optimal-string-alignment distance: insertions, deletions, substitutions, adjacent transpositions."""
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[-1][-1]
+
+
 def resolve(name: str) -> type:
     """The algorithm class for ``algorithm.name``: a built-in name or ``package.module:Class``."""
     if not isinstance(name, str) or not name:
@@ -64,7 +75,8 @@ def resolve(name: str) -> type:
         importlib.import_module(BUILTIN[name])
     if name in _REGISTERED:
         return _REGISTERED[name]
-    close = difflib.get_close_matches(name, list(BUILTIN), n=1)
+    # among difflib's close names the fewest edits first (a swap of neighbours is one: "dop" -> "dpo", not "opd")
+    close = sorted(difflib.get_close_matches(name, list(BUILTIN), n=3), key=lambda c: _edits(name, c))
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise UnknownAlgorithm(f"unknown algorithm {name!r}{hint} (known: {', '.join(sorted(BUILTIN))}; or an import "
                            "path package.module:Class)")
