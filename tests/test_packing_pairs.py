@@ -185,3 +185,37 @@ def test_packed_pair_iterator_covers_the_epoch_and_resumes_exactly():
         got = next(again)
         for k in w:
             np.testing.assert_array_equal(got[k], w[k])
+
+
+def test_kto_packed_equals_unpacked():
+    """KTO rows (the completion + its mismatched KL row) packed like pairs: same loss, KL point and gradients."""
+    from jalign.algorithms.kto import KTO, KTOConfig
+    from jalign.data.unpaired import unpaired_row
+
+    recs = []
+    for i, r in enumerate(pair_records(9, seed=5)):
+        recs.append({"completion": r["chosen"], "kl": r["rejected"], "label": float(i % 3 != 0),
+                     "kl_valid": float(i != 4), "index": i})
+    rows = [unpaired_row(r, T_PAIR) for r in recs]
+    unpacked = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    ds = grain.MapDataset.source(rows).to_iter_dataset()
+    packed_rows = list(pack_pairs(ds, T_PACKED, num_bins=2, max_pairs=MAX_PAIRS, example_row=rows[0]))
+    packed = {k: np.stack([r[k] for r in packed_rows]) for k in packed_rows[0]}
+    assert packed["tokens"].shape[0] < len(rows)
+    params = init_params(declare_params(CFG), jax.random.key(0))
+    ref = init_params(declare_params(CFG), jax.random.key(1))
+    algo = fake_algorithm(KTO, KTOConfig(beta=0.2, desirable_weight=1.0, undesirable_weight=1.5))
+    roles = {"reference": ref}
+    out = []
+    for b in (unpacked, packed):
+        b = jax.tree.map(jnp.asarray, b)
+        norms = dict(algo.normalizers(b), **algo.batch_statistics()(params, roles, jax.tree.map(lambda x: x[None], b)))
+        (loss, m), g = jax.value_and_grad(lambda p: algo.loss(p, b, norms, roles), has_aux=True)(params)
+        out.append((loss, m, g, norms))
+    (lu, mu, gu, nu), (lp, mp, gp, np_) = out
+    for k in ("num_seqs", "num_kl"):
+        assert float(nu[k]) == float(np_[k])
+    np.testing.assert_allclose(float(np_["kto_kl"]), float(nu["kto_kl"]), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(float(lp), float(lu), rtol=1e-5)
+    np.testing.assert_allclose(float(mp["num_tokens"]), float(mu["num_tokens"]))
+    assert_trees_close(gp, gu, rtol=1e-4, atol=1e-6)
