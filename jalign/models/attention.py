@@ -92,6 +92,22 @@ def pallas_attention(q, k, v, seg, *, block: int = PALLAS_BLOCK, interpret=None)
     return out[:, :T]
 
 
+def sharded_pallas_attention(q, k, v, seg) -> jax.Array:
+    """:func:`pallas_attention` per device under the active mesh (``sharding.use_rules``): a Pallas call is
+    opaque to XLA's partitioner, so it runs inside ``shard_map`` over the batch (and head) shards the rules
+    give the activations; without a mesh, or on one device, it is called directly."""
+    from sharding.ring_attention import ring_specs
+    from sharding.rules import active_rules
+
+    mesh, rules = active_rules()
+    if mesh is None or mesh.size == 1:
+        return pallas_attention(q, k, v, seg)
+    qs, kvs, ids = ring_specs(mesh, rules, q.shape[0], q.shape[2], k.shape[2])
+    # (a sequence-sharded mesh never gets here: forward() switches to the ring when mesh.sequence > 1)
+    fn = jax.shard_map(pallas_attention, mesh=mesh, in_specs=(qs, kvs, kvs, ids), out_specs=qs, check_vma=False)
+    return fn(q, k, v, seg)
+
+
 _warned_pallas_fallback = set()
 
 
@@ -115,7 +131,7 @@ def attend(q, k, v, q_seg, kv_seg, q_idx, kv_idx, *, impl: str = "xla", window=N
         if q.shape[1] == k.shape[1] and window is None:
             # Same tokens as queries and keys, indices = row order (forward() passes arange(T) without a
             # cache; permuted rows only occur under "ring"), so the kernel's causal-by-row-order is the mask.
-            return pallas_attention(q, k, v, q_seg)
+            return sharded_pallas_attention(q, k, v, q_seg)
         why = "a sliding window" if window is not None else "a KV cache (queries and keys differ)"
         if why not in _warned_pallas_fallback:
             _warned_pallas_fallback.add(why)
