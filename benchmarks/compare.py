@@ -157,7 +157,7 @@ def compare(workload: str, peers: list[str], model_dir: str, rounds: int, steps:
                       "gflops": gflops}
         print(f"  {LABELS[s]:28s} {unit} per round: {' / '.join(f'{x:,.3g}' for x in wall)}   median "
               f"{statistics.median(wall):,.3g}; per CPU-second {statistics.median(cpu):,.3g}; last loss "
-              f"{ts[-1]['loss']:.4f}")
+              f"{ts[-1]['loss']:.4g}")
         if flops:
             print(f"  {'':28s} model GFLOP/s per round: {' / '.join(f'{g:.1f}' for g in gflops)}   MFU vs "
                   f"{peak:.0f} GFLOP/s matmul: {' / '.join(f'{g / peak:.1%}' for g in gflops)}")
