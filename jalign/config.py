@@ -73,7 +73,7 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # master params
     # activation rematerialisation per layer (jax.checkpoint policy): less memory for more compute
     remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"
-    attention: Literal["xla", "cudnn", "ring"] = "xla"  # "ring" is used whenever mesh.sequence > 1
+    attention: Literal["xla", "cudnn", "pallas", "ring"] = "xla"  # "ring" is used whenever mesh.sequence > 1
     init_std: float = 0.02  # std of the normal init of weights under random init
     # LoRA: train adapters on a frozen base (None: train every parameter). quantize_base stores the
     # frozen base weights quantised (QLoRA): per-channel int8, NF4 blocks of 64, or NF4 with its

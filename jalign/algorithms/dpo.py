@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jalign.algorithms.base import SupervisedAlgorithm, policy_token_logps
+from jalign.algorithms.packed_pairs import pair_view, packed_pair_logps
 from jalign.algorithms.registry import register
 from jalign.algorithms.reward import flatten_pairs, pair_valid, unstack_pairs
 from jalign.data import fields
@@ -110,7 +111,11 @@ def reference_free_loss(a, pi_c, pi_r, lp_c, mask_c, valid, num_pairs, num_token
 
 
 def pair_sequence_logps(params, mb, cfg):
-    """(per-sequence log-prob *sums* [b, 2], token log-probs [2b, T], masks [2b, T]) in one forward pass."""
+    """(per-sequence log-prob *sums* [b, 2], token log-probs [2b, T], masks [2b, T]) in one forward pass.
+    A packed view (``jalign.algorithms.packed_pairs``) gives per-sequence means and counts [2b, 1] in place
+    of the token-level arrays (the same sums of lp * mask and of mask)."""
+    if "rows" in mb:
+        return packed_pair_logps(policy_token_logps(params, mb["rows"], cfg), mb)
     both = flatten_pairs(mb, LM_FIELDS + ("loss_mask",))
     lp = policy_token_logps(params, both, cfg)
     sums = sequence_logps(lp, both["loss_mask"]).reshape(-1, 2)
@@ -181,6 +186,7 @@ class DPO(SupervisedAlgorithm):
 
     def loss(self, params, mb, norms, roles):
         a = self.a
+        mb = pair_view(mb)  # packed rows -> per-pair fields (unpacked batches pass through)
         pi_c, pi_r, ref_c, ref_r, lp, mask = self._sequence_terms(params, mb, roles)
         v = pair_valid(mb)
         lp_c, _ = unstack_pairs(lp)
@@ -206,9 +212,10 @@ class DPO(SupervisedAlgorithm):
         def bco_shift(params, roles, batch):
             """BCO's reward shift: the mean implicit reward beta (a + b) / 2 over the optimizer batch, before the
             update (TRL updates its running mean with the batch before the loss; here the batch is the window)."""
-            n = jnp.sum(pair_valid(batch))
+            n = jnp.sum(pair_valid(pair_view(batch)))
 
             def one(mb):
+                mb = pair_view(mb)
                 pi_c, pi_r, ref_c, ref_r, _, _ = self._sequence_terms(params, mb, roles)
                 return jnp.sum(pair_valid(mb) * 0.5 * self.a.beta * ((pi_c - ref_c) + (pi_r - ref_r)))
 
@@ -217,6 +224,7 @@ class DPO(SupervisedAlgorithm):
         return bco_shift
 
     def normalizers(self, batch):
+        batch = pair_view(batch)
         v = pair_valid(batch)
         return {"num_pairs": jnp.sum(v), "num_chosen_tokens": jnp.sum(v[..., None] * batch["loss_mask"][..., 0, :])}
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jalign.algorithms.base import SupervisedAlgorithm, policy_token_logps
+from jalign.algorithms.packed_pairs import packed_pair_logps, pair_view
 from jalign.algorithms.precompute import fill_columns
 from jalign.algorithms.registry import register
 from jalign.config_values import VALUE_RANGES, _NON_NEGATIVE, _POSITIVE
@@ -65,6 +66,14 @@ def seq_sums(params, rows, cfg):
     return sequence_logps(policy_token_logps(params, rows, cfg), rows["loss_mask"])
 
 
+def side_sums(params, mb, i: int, cfg):
+    """Log-prob sums of side ``i`` [b]; a packed view (``jalign.algorithms.packed_pairs``) forwards its rows,
+    both sides at once, and reads side ``i`` per segment."""
+    if "rows" in mb:
+        return packed_pair_logps(policy_token_logps(params, mb["rows"], cfg), mb)[0][:, i]
+    return seq_sums(params, side(mb, i), cfg)
+
+
 @register("kto", config=KTOConfig)
 class KTO(SupervisedAlgorithm):
     role_names = ("reference",)
@@ -98,7 +107,7 @@ class KTO(SupervisedAlgorithm):
         """The reference's log-prob sums of side ``i`` (0 completions, 1 KL rows), [b], no gradient."""
         if self.precomputed:
             return mb["ref_logps"][:, i]
-        return jax.lax.stop_gradient(seq_sums(self.trainable.reference(roles), side(mb, i), self.cfg.model))
+        return jax.lax.stop_gradient(side_sums(self.trainable.reference(roles), mb, i, self.cfg.model))
 
     @staticmethod
     def _valid(mb):
@@ -106,16 +115,18 @@ class KTO(SupervisedAlgorithm):
         return mb["valid"] * (jnp.sum(mb["loss_mask"][..., 0, :], -1) > 0).astype(jnp.float32)
 
     def normalizers(self, batch):
+        batch = pair_view(batch)  # packed rows -> per-row fields (unpacked batches pass through)
         return {"num_seqs": jnp.sum(self._valid(batch)), "num_kl": jnp.sum(self._valid(batch) * batch["kl_valid"])}
 
     def batch_statistics(self):
         def kl_point(params, roles, batch):
             """KTO's reference point over the whole batch [accum, micro, ...]: one forward-only pass per micro-batch."""
-            n = jnp.sum(self._valid(batch) * batch["kl_valid"])
+            view = pair_view(batch)
+            n = jnp.sum(self._valid(view) * view["kl_valid"])
 
             def one(mb):
-                kl_rows = side(mb, 1)
-                return kto_kl_estimate(seq_sums(params, kl_rows, self.cfg.model), self._reference(mb, roles, 1),
+                mb = pair_view(mb)
+                return kto_kl_estimate(side_sums(params, mb, 1, self.cfg.model), self._reference(mb, roles, 1),
                                        self._valid(mb) * mb["kl_valid"], n)
 
             return {"kto_kl": jnp.sum(jax.lax.map(one, batch))}
@@ -124,12 +135,12 @@ class KTO(SupervisedAlgorithm):
 
     def loss(self, params, mb, norms, roles):
         a = self.a
-        rows = side(mb, 0)
-        pi = seq_sums(params, rows, self.cfg.model)
+        mb = pair_view(mb)
+        pi = side_sums(params, mb, 0, self.cfg.model)
         loss, m = kto_loss(pi, self._reference(mb, roles, 0), mb["label"], norms["kto_kl"], self._valid(mb),
                            norms["num_seqs"], beta=a.beta, desirable_weight=a.desirable_weight,
                            undesirable_weight=a.undesirable_weight)
-        m["num_tokens"] = jnp.sum(self._valid(mb)[:, None] * rows["loss_mask"])
+        m["num_tokens"] = jnp.sum(self._valid(mb)[:, None] * mb["loss_mask"][:, 0])
         return loss, m
 
     # -- the precomputed reference --

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jalign.algorithms.base import SupervisedAlgorithm
+from jalign.algorithms.packed_pairs import packed_pair_scores, pair_view
 from jalign.algorithms.registry import register
 from jalign.config import ConfigError
 from jalign.data import fields
@@ -94,15 +95,20 @@ class RewardModel(SupervisedAlgorithm):
 
     def normalizers(self, batch):
         if self.pairwise:
-            return {"num_pairs": jnp.sum(pair_valid(batch))}
+            return {"num_pairs": jnp.sum(pair_valid(pair_view(batch)))}
         _, mask = self._attr(batch)
         return {"num_values": jnp.sum(mask), "num_values_per_attr": jnp.sum(mask, axis=tuple(range(mask.ndim - 1)))}
 
     def _pair_loss(self, params, mb, norms):
         a = self.a
-        both = flatten_pairs(mb, ("tokens", "positions", "segment_ids"))
-        r = sequence_scores(params, both["tokens"], both["positions"], both["segment_ids"], self.cfg.model)
-        r_c, r_r = unstack_pairs(r[:, 0])
+        mb = pair_view(mb)  # packed rows -> per-pair fields (unpacked batches pass through)
+        if "rows" in mb:
+            r = packed_pair_scores(params, mb, self.cfg.model)
+            r_c, r_r = r[:, 0], r[:, 1]
+        else:
+            both = flatten_pairs(mb, ("tokens", "positions", "segment_ids"))
+            r = sequence_scores(params, both["tokens"], both["positions"], both["segment_ids"], self.cfg.model)
+            r_c, r_r = unstack_pairs(r[:, 0])
         v, n = pair_valid(mb), norms["num_pairs"]
         fn = PAIR_LOSS_FNS[a.loss]
         if a.loss == "bt":

@@ -54,3 +54,13 @@ def distill_fields(with_teacher_columns: bool) -> dict:
     when they were precomputed (``jalign.data.distill``)."""
     extra = {"teacher_ids": TOPK, "teacher_logps": TOPK} if with_teacher_columns else {}
     return {**SFT_FIELDS, **extra}
+
+
+def packed_pair_fields(mode: str, value_fields: dict) -> dict:
+    """Packed pair batches (``jalign.data.packing.pack_pairs``): rows [B, T] of whole pairs (pair k = segments
+    2k+1 / 2k+2) and per-pair tables [B, K, ...]; ``value_fields`` {name: logical axes after the pair axis}
+    (e.g. ``{"index": (), "valid": (), "rewards": (None,)}``)."""
+    seq = ("tokens", "positions", "segment_ids", "loss_mask") + (("targets",) if mode == "lm" else ())
+    out = {k: ROW for k in seq}
+    out.update({k: ("batch", None) + tuple(axes) for k, axes in value_fields.items()})
+    return out

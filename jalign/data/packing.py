@@ -116,3 +116,82 @@ def pack(ds, seq_len: int, num_bins: int):
     packed = grain.experimental.FirstFitPackIterDataset(
         ds, length_struct=lengths, num_packing_bins=num_bins, shuffle_bins=False)
     return packed.map(_rename_packed)
+
+
+# ---- packing two-sided rows (preference pairs, KTO's completion + KL row) -------------------------
+# A packed pair row holds whole pairs: pair k of the row (0-based) is segments 2k+1 (side 0, chosen) and 2k+2
+# (side 1, rejected), each side with its own positions from 0, so the two sides of a pair never see each
+# other (attention masks by segment) and a pair is never split between rows. Per-pair fields (``index``,
+# ``valid``, ``rewards``, ...) become tables [max_pairs, ...] per row, zero (``valid`` 0) where a row has
+# fewer pairs. The losses read per-sequence sums / last-token scores per segment
+# (``jalign.models.heads.segment_sums``).
+PAIR_SEQ_FIELDS = ("tokens", "targets", "loss_mask")
+
+
+def pair_to_flat(row: dict) -> dict[str, np.ndarray]:
+    """A two-sided row (sequence fields [2, T], per-pair fields) as one flat record: each side cut to its
+    length, side 0 then side 1, a ``side`` marker per token and the per-pair fields repeated per token (so
+    they travel through grain's packer with the tokens)."""
+    n = [int(np.sum(row["segment_ids"][s] > 0)) for s in (0, 1)]
+    flat = {k: np.concatenate([row[k][0, :n[0]], row[k][1, :n[1]]]) for k in PAIR_SEQ_FIELDS if k in row}
+    total = n[0] + n[1]
+    flat["side"] = np.repeat(np.asarray([0, 1], np.int32), n)
+    for k in pair_value_fields(row):
+        v = np.asarray(row[k])
+        flat["pair." + k] = np.broadcast_to(v, (total,) + v.shape).copy()
+    return flat
+
+
+def pair_value_fields(row: dict) -> list[str]:
+    """The per-pair (not per-token) fields of a two-sided row."""
+    return [k for k in row if k not in PAIR_SEQ_FIELDS + ("positions", "segment_ids") and not k.startswith("pair.")]
+
+
+def split_packed_pairs(row: dict, max_pairs: int, value_fields: Sequence[str]) -> dict[str, np.ndarray]:
+    """grain's packed flat records -> a packed pair row: segment ids 2k+1 / 2k+2, positions restarting per side,
+    per-pair tables [max_pairs, ...]."""
+    seg, side, pos = row["tokens_segment_ids"], row["side"], row["tokens_positions"]
+    out = {k: row[k] for k in PAIR_SEQ_FIELDS if k in row}
+    out["segment_ids"] = np.where(seg > 0, 2 * (seg - 1) + 1 + side, 0).astype(np.int32)
+    side0_len = np.bincount(seg[(seg > 0) & (side == 0)], minlength=max_pairs + 1)
+    out["positions"] = (pos - side * side0_len[seg]).astype(np.int32)
+    first = {s: int(np.flatnonzero(seg == s)[0]) for s in np.unique(seg[seg > 0])}
+    for k in value_fields:
+        v = row["pair." + k]
+        table = np.zeros((max_pairs,) + v.shape[1:], v.dtype)
+        for s, t in first.items():
+            table[s - 1] = v[t]
+        out[k] = table
+    return out
+
+
+def pack_pairs(ds, seq_len: int, num_bins: int, max_pairs: int, example_row: dict):
+    """Pack a grain ``IterDataset`` of two-sided rows (as ``jalign.data.preference.pair_row`` makes them) into
+    packed pair rows of ``seq_len`` tokens holding at most ``max_pairs`` whole pairs (first fit over
+    ``num_bins`` open rows, deterministic and checkpointable like :func:`pack`). Rows with ``valid`` 0 (filler)
+    are left out. ``example_row`` names the fields. A pair longer than ``seq_len`` is an error naming it."""
+    import grain
+
+    if max_pairs < 1:
+        raise ValueError(f"max_pairs must be >= 1, got {max_pairs}")
+    value_fields = pair_value_fields(example_row)
+
+    def flat(row):
+        f = pair_to_flat(row)
+        if len(f["tokens"]) > seq_len:
+            raise ValueError(f"pair (index {int(row.get('index', -1))}) has {len(f['tokens'])} tokens on its two "
+                             f"sides together: it does not fit a packed row of {seq_len} (raise the packed length)")
+        return f
+
+    flats = ds.filter(lambda r: float(np.asarray(r.get("valid", 1.0))) > 0).map(flat)
+    lengths = {k: seq_len for k in PAIR_SEQ_FIELDS + ("side",) if k in example_row or k == "side"}
+    lengths.update({"pair." + k: seq_len for k in value_fields})
+    packed = grain.experimental.FirstFitPackIterDataset(flats, length_struct=lengths, num_packing_bins=num_bins,
+                                                        shuffle_bins=False, max_sequences_per_bin=max_pairs)
+    return packed.map(lambda r: split_packed_pairs(r, max_pairs, value_fields))
+
+
+def padding_fraction(segment_ids: np.ndarray) -> float:
+    """Share of positions that are padding (segment id 0)."""
+    s = np.asarray(segment_ids)
+    return float(np.mean(s == 0)) if s.size else 0.0

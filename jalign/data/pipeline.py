@@ -45,7 +45,8 @@ def _check(records: Sequence, batch_rows_per_process: int, process_index: int, p
 
 def _check_packable(records: Sequence, packing: bool):
     if packing and "tokens" not in records[0]:
-        raise ValueError("packing needs flat SFT records; paired (chosen/rejected) records are not packed")
+        raise ValueError("packing here needs flat SFT records; paired (chosen/rejected) records are packed by "
+                         "make_packed_pair_iterator")
 
 
 def epoch_stream(records: Sequence, *, shuffle: bool, seed: int, process_index: int, process_count: int,
@@ -102,6 +103,26 @@ def make_sft_iterator(records: Sequence[dict], *, seq_len: int, batch_rows_per_p
         rows = pack(ds.to_iter_dataset(read_options()), seq_len, packing_bins or batch_rows_per_process)
     else:
         rows = ds.map(lambda r: pad_row(r, seq_len)).to_iter_dataset(read_options())
+    return batch_stream(rows, batch_rows_per_process, prefetch)
+
+
+def make_packed_pair_iterator(records: Sequence[dict], make_row, *, seq_len: int, batch_rows_per_process: int,
+                              max_pairs: int, shuffle: bool, seed: int, process_index: int = 0,
+                              process_count: int = 1, repeat: bool = True, packing_bins: Optional[int] = None,
+                              prefetch: int = 0):
+    """A checkpointable iterator of packed pair batches (``jalign.data.packing.pack_pairs``): rows
+    [batch_rows_per_process, seq_len] holding up to ``max_pairs`` whole pairs each (segments 2k+1 / 2k+2) and
+    per-pair tables [batch_rows_per_process, max_pairs, ...]. ``make_row`` turns a record into a two-sided row
+    (e.g. ``PairData.make_row``); ``seq_len`` is the packed row length (at least the longest pair's two sides).
+    The number of pairs per batch varies: the losses normalise by the valid pairs they see."""
+    from jalign.data.packing import pack_pairs
+
+    _check(records, batch_rows_per_process, process_index, process_count)
+    ds = epoch_stream(records, shuffle=shuffle, seed=seed, process_index=process_index,
+                      process_count=process_count, repeat=repeat)
+    example = make_row(records[0])
+    rows = pack_pairs(ds.map(make_row).to_iter_dataset(read_options()), seq_len,
+                      packing_bins or batch_rows_per_process, max_pairs, example)
     return batch_stream(rows, batch_rows_per_process, prefetch)
 
 

@@ -10,7 +10,9 @@ slots), so the window holds for packed rows, the cache and permuted (zigzag) row
 no visible key (padding) return zeros, never NaN.
 
 impl: "xla" (dense einsum, any device), "cudnn" (``jax.nn.dot_product_attention``; falls back to XLA
-off GPU), "ring" (``sharding.ring_attention`` over the "sequence" mesh axis).
+off GPU), "pallas" (flash attention, JAX's Pallas GPU kernel ``jax.experimental.pallas.ops.gpu.attention``
+with segment ids + causal, GQA by repeating the k/v heads; off GPU it runs in Pallas interpret mode, which
+is for testing: slow), "ring" (``sharding.ring_attention`` over the "sequence" mesh axis).
 """
 from __future__ import annotations
 
@@ -55,6 +57,60 @@ def cudnn_attention(q, k, v, mask) -> jax.Array:
     return jnp.where(any_key, out, 0).astype(q.dtype)
 
 
+PALLAS_BLOCK = 64  # rows are padded to a multiple of this (the kernel tiles queries and keys by it)
+
+
+def pallas_attention(q, k, v, seg, *, block: int = PALLAS_BLOCK, interpret=None) -> jax.Array:
+    """Flash attention (FlashAttention-2 tiling: Dao 2023, Alg. 1; forward and backward Pallas kernels, never a
+    [T, S] score matrix) for rows whose queries and keys are the same tokens in row order (training /
+    scoring, no KV cache): query t sees key s iff ``seg[t] == seg[s] != 0`` and ``s <= t``.
+
+    q [B, T, H, hd], k/v [B, T, KV, hd]; seg [B, T]. The kernel takes one segment-id array for queries and
+    keys and treats segment 0 like any other, so padding queries (seg 0) see only padding keys and their
+    output is zeroed here (as :func:`dense_attention`); real tokens never see padding. GQA: each k/v head is
+    repeated for its H / KV query heads (the gradient sums back over the copies). T is padded to a multiple
+    of ``block`` with padding tokens. ``interpret`` defaults to "not on a GPU".
+    """
+    from jax.experimental.pallas.ops.gpu import attention as pallas_gpu
+
+    B, T, H, hd = q.shape
+    KV = k.shape[2]
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    blk = min(block, max(16, 1 << (T - 1).bit_length()))
+    pad = (-T) % blk
+    if H != KV:
+        k, v = jnp.repeat(k, H // KV, axis=2), jnp.repeat(v, H // KV, axis=2)
+    if pad:
+        widen = ((0, 0), (0, pad), (0, 0), (0, 0))
+        q, k, v, seg = jnp.pad(q, widen), jnp.pad(k, widen), jnp.pad(v, widen), jnp.pad(seg, ((0, 0), (0, pad)))
+    sizes = pallas_gpu.BlockSizes(block_q=blk, block_k=blk, block_q_dkv=blk, block_kv_dkv=blk, block_q_dq=blk,
+                                  block_kv_dq=blk)
+    out = pallas_gpu.mha(q, k, v, seg.astype(jnp.int32), sm_scale=float(hd) ** -0.5, causal=True,
+                         block_sizes=sizes, interpret=interpret)
+    out = jnp.where((seg > 0)[:, :, None, None], out, 0).astype(q.dtype)
+    return out[:, :T]
+
+
+def sharded_pallas_attention(q, k, v, seg) -> jax.Array:
+    """:func:`pallas_attention` per device under the active mesh (``sharding.use_rules``): a Pallas call is
+    opaque to XLA's partitioner, so it runs inside ``shard_map`` over the batch (and head) shards the rules
+    give the activations; without a mesh, or on one device, it is called directly."""
+    from sharding.ring_attention import ring_specs
+    from sharding.rules import active_rules
+
+    mesh, rules = active_rules()
+    if mesh is None or mesh.size == 1:
+        return pallas_attention(q, k, v, seg)
+    qs, kvs, ids = ring_specs(mesh, rules, q.shape[0], q.shape[2], k.shape[2])
+    # (a sequence-sharded mesh never gets here: forward() switches to the ring when mesh.sequence > 1)
+    fn = jax.shard_map(pallas_attention, mesh=mesh, in_specs=(qs, kvs, kvs, ids), out_specs=qs, check_vma=False)
+    return fn(q, k, v, seg)
+
+
+_warned_pallas_fallback = set()
+
+
 def attend(q, k, v, q_seg, kv_seg, q_idx, kv_idx, *, impl: str = "xla", window=None) -> jax.Array:
     if impl == "ring" and q.shape[1] == k.shape[1]:
         from sharding.ring_attention import ring_attention_auto, ring_size
@@ -71,6 +127,16 @@ def attend(q, k, v, q_seg, kv_seg, q_idx, kv_idx, *, impl: str = "xla", window=N
         if n > 1:
             warnings.warn(f"ring attention: sequence length {q.shape[1]} not divisible by the sequence axis ({n}); "
                           "using dense attention (it materialises the full [T, T] scores)", stacklevel=2)
+    if impl == "pallas":
+        if q.shape[1] == k.shape[1] and window is None:
+            # Same tokens as queries and keys, indices = row order (forward() passes arange(T) without a
+            # cache; permuted rows only occur under "ring"), so the kernel's causal-by-row-order is the mask.
+            return sharded_pallas_attention(q, k, v, q_seg)
+        why = "a sliding window" if window is not None else "a KV cache (queries and keys differ)"
+        if why not in _warned_pallas_fallback:
+            _warned_pallas_fallback.add(why)
+            warnings.warn(f"model.attention=pallas: {why} is not covered by the Pallas kernel; using the XLA path "
+                          "there", stacklevel=2)
     mask = attention_mask(q_seg, kv_seg, q_idx, kv_idx, window)
     if impl == "cudnn":
         return cudnn_attention(q, k, v, mask)

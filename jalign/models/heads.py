@@ -46,3 +46,33 @@ def token_logps(params, rows, cfg, temperature: float = 1.0, return_entropy: boo
     hidden = tfm.forward(params, rows["tokens"], rows["positions"], rows["segment_ids"], cfg)
     return chunked_token_logps(hidden, tfm.unembed_matrix(params, cfg), rows["targets"], LOGPROB_CHUNK,
                                temperature, return_entropy=return_entropy)
+
+
+# ---- packed rows: per-segment reads ---------------------------------------------------------------
+def segment_onehot(segment_ids: jax.Array, num_segments: int, dtype=jnp.float32) -> jax.Array:
+    """[R, T] -> [R, T, S]: 1 where position t belongs to segment s + 1 (segment 0 is padding)."""
+    ids = jnp.arange(1, num_segments + 1, dtype=segment_ids.dtype)
+    return (segment_ids[..., None] == ids).astype(dtype)
+
+
+def segment_sums(values: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
+    """sum_t values[..., r, t] [segment_ids[..., r, t] == s + 1] -> [..., R, S] (a one-hot contraction over the row, so a
+    sequence-sharded axis reduces locally; an absent segment sums to 0)."""
+    return jnp.einsum("...t,...ts->...s", values, segment_onehot(segment_ids, num_segments, values.dtype))
+
+
+def segment_last_scores(scores: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
+    """scores [R, T, A] read at the last position of each segment -> [R, S, A] (0 for an absent segment):
+    the reward model's read of :func:`sequence_scores`, per packed sequence."""
+    T = segment_ids.shape[-1]
+    hot = segment_onehot(segment_ids, num_segments, jnp.int32)  # [R, T, S]
+    pos = jnp.arange(T, dtype=jnp.int32)[None, :, None]
+    last = jnp.max(jnp.where(hot > 0, pos, -1), axis=1)  # [R, S]
+    pick = (pos == last[:, None, :]).astype(scores.dtype)  # [R, T, S]; no position matches an absent segment
+    return jnp.einsum("rta,rts->rsa", scores, pick)
+
+
+def packed_segment_scores(params, tokens, positions, segment_ids, cfg, num_segments: int) -> jax.Array:
+    """[R, S, A] reward-model scores of every packed sequence (the packed twin of :func:`sequence_scores`)."""
+    hidden = tfm.forward(params, tokens, positions, segment_ids, cfg)
+    return segment_last_scores(tfm.score_head(params, hidden), segment_ids, num_segments)
