@@ -27,6 +27,8 @@ USAGE = """usage:
   jalign annotate --model RM --input IN --output OUT   SteerLM attributes from a regression reward model
   jalign pipeline [--out DIR] [--seed S] [--fast] the tiny SFT -> RM -> PPO / DPO / GRPO pipeline end to end
   jalign plot RUN_DIR                          plot metrics.jsonl curves to RUN_DIR/curves.png
+  jalign config --list [SECTION]               every config key: type, default, meaning (docs/configuration.md)
+  jalign config CONFIG.yaml [key=value ...]    print the resolved config (every default filled in)
 options for every command:
   --debug               print the traceback of an error too (or JALIGN_DEBUG=1)
   --no-compile-cache    do not use the persistent compilation cache (or JALIGN_COMPILATION_CACHE=off)
@@ -169,8 +171,37 @@ def _plot(argv):
     return plot_main(argv)
 
 
+def _config(argv):
+    from jalign.config import ConfigError
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    if argv[0] in ("--list", "--markdown"):
+        from jalign import docs_gen
+
+        if argv[0] == "--markdown":
+            sys.stdout.write(docs_gen.markdown())
+            return 0
+        section = argv[1] if len(argv) > 1 else None
+        text = docs_gen.listing(section)
+        if not text:
+            raise ConfigError(f"jalign config --list {section}: no such section (sections: "
+                              f"{', '.join(docs_gen.section_names())}, or a key prefix such as train.wandb)")
+        print(text)
+        return 0
+    import yaml
+
+    from jalign.config import load_config, to_dict
+
+    data = to_dict(load_config(argv[0], argv[1:]))
+    data.pop("source", None)
+    sys.stdout.write(yaml.safe_dump(data, sort_keys=False))
+    return 0
+
+
 COMMANDS = {"train": _train, "generate": _generate, "convert": _convert, "annotate": _annotate,
-            "pipeline": _pipeline, "plot": _plot}
+            "pipeline": _pipeline, "plot": _plot, "config": _config}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -185,7 +216,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if cmd not in COMMANDS:
         print(f"unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
         return 2
-    if cmd != "plot":
+    if cmd not in ("plot", "config"):
         setup_compilation_cache(cache)
     return run_command(cmd, COMMANDS[cmd], rest, debug)
 

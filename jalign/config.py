@@ -66,11 +66,11 @@ class ModelConfig:
     rope_theta: float = 10000.0  # RoPE base frequency
     rope_scaling: Optional[RopeScalingConfig] = None  # long-context RoPE scaling (HF rope_scaling); null = none
     norm_eps: float = 1e-6  # RMSNorm epsilon
-    qkv_bias: bool = False  # Qwen2
-    qk_norm: bool = False  # Qwen3
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm on queries and keys per head (Qwen3)
     tie_embeddings: bool = False  # the LM head is the transposed embedding
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
-    param_dtype: Literal["float32", "bfloat16"] = "float32"  # master params
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype of the forward and backward
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the master params (and optimizer state)
     # activation rematerialisation per layer (jax.checkpoint policy): less memory for more compute
     remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"
     attention: Literal["xla", "cudnn", "pallas", "ring"] = "xla"  # "ring" is used whenever mesh.sequence > 1

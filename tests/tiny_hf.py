@@ -48,3 +48,12 @@ def make_model_dir(path) -> Path:
 
     make_tokenizer(path)
     return make_llama(path, vocab_size=load_tokenizer(str(path)).id_limit)
+
+
+if __name__ == "__main__":  # `python tests/tiny_hf.py DIR`: the model directory of docs/your_own_model.md
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python tests/tiny_hf.py DIR")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # jalign, when run from a checkout
+    print(f"wrote {make_model_dir(sys.argv[1])}")

@@ -113,7 +113,7 @@ def parse_source(spec: Optional[str], *, where: str) -> WeightSource:
                         f"directory (needs {need}); it is {other}")
     if kind == "hf" and step is not None:
         raise LoadError(f"{where}={spec}: @STEP applies to run: sources only")
-    return WeightSource(kind, str(p), step)
+    return WeightSource(kind, str(p.absolute()), step)  # orbax reads absolute paths only
 
 
 def _hub_source(kind: Optional[str], rest: str, where: str, spec: str) -> Optional[WeightSource]:
