@@ -26,7 +26,7 @@ from test_seam import QUIET, TINY_MODEL, _assert_bitwise, _resume_pair
 
 MODEL = ["model.vocab_size=288", "model.hidden=32", "model.mlp=64", "model.layers=2", "model.heads=4",
          "model.kv_heads=2"]
-OPTIM = ["optim.lr=1e-2", "optim.warmup_steps=0", "optim.schedule=constant", "optim.weight_decay=0.0"]
+OPTIM = ["optim.lr=1e-2", "optim.eps=1e-4", "optim.warmup_steps=0", "optim.schedule=constant", "optim.weight_decay=0.0"]
 PROMPTS = ["data.train=builtin:addition_prompts:train", "data.eval=null", "train.global_batch=8",
            "algorithm.max_new_tokens=3"]
 
@@ -43,12 +43,16 @@ def runtime(overrides, mesh=None, run_dir="/tmp/unused"):
     return base.Runtime(cfg=cfg, mesh=mesh, rules=make_rules(), run_dir=Path(run_dir), log=lambda *_: None)
 
 
-def make_lm_run(directory: Path, seed: int, lm_head=True, score_outputs=0, algorithm="sft") -> str:
-    """A run dir (config.yaml + one checkpoint) holding random weights of the tiny model (a teacher / RM)."""
-    cfg = load_config(None, [f"algorithm.name={algorithm}", *MODEL, f"train.out_dir={directory}"])
+def make_lm_run(directory: Path, seed: int, lm_head=True, score_outputs=0, algorithm="sft", sharpen=1.0,
+                model=MODEL) -> str:
+    """A run dir (config.yaml + one checkpoint) holding random weights of the tiny model (a teacher / RM);
+    ``sharpen`` scales the unembedding (a peaked teacher, far from a random student)."""
+    cfg = load_config(None, [f"algorithm.name={algorithm}", *model, f"train.out_dir={directory}"])
     directory.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, directory / "config.yaml")
     params = params_lib.init_params(tfm.declare_params(cfg.model, lm_head=lm_head, score_outputs=score_outputs), seed)
+    if "lm_head" in params:
+        params["lm_head"] = params["lm_head"] * sharpen
     ck = Checkpointer(directory / "checkpoints", async_save=False)
     ck.save(1, {"step": jnp.int32(1), "params": params}, force=True)
     ck.close()
@@ -236,7 +240,8 @@ def rm_dir(tmp_path_factory):
 
 SHARDED = {
     "rs": (RejectionSampling, ["algorithm.name=rs", "algorithm.reward_fn=starts_with_one", "algorithm.top_n=2",
-                               "algorithm.num_rollouts_per_prompt=4", "algorithm.micro_batch_size=8"]),
+                               "algorithm.num_rollouts_per_prompt=4", "algorithm.micro_batch_size=8",
+                               "algorithm.truncated_response=keep"]),  # a random model never ends
     "online_dpo": (OnlineDPO, ["algorithm.name=online_dpo", "algorithm.num_rollouts_per_prompt=3",
                                "algorithm.sft_weight=0.5", "algorithm.micro_batch_size=8",
                                "algorithm.truncated_response=keep"]),
@@ -258,7 +263,8 @@ def test_sharded_step_equals_unsharded(name, rm_dir):
 
 # ---- resume == uninterrupted (bitwise) ----------------------------------------------------------
 RESUME = ["data.train=builtin:addition_prompts:train", "data.eval=null", "train.global_batch=4",
-          "algorithm.max_new_tokens=3", "optim.lr=1e-2", "optim.warmup_steps=0", "train.eval_every=0"]
+          "algorithm.max_new_tokens=3", "optim.lr=1e-2", "optim.warmup_steps=0", "train.eval_every=0",
+          "algorithm.truncated_response=keep"]
 
 
 @pytest.mark.parametrize("config,extra", [
@@ -278,13 +284,13 @@ def test_resume_inside_a_round_equals_uninterrupted(tmp_path, config, extra):
 # ---- on-policy distillation ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
-    return make_lm_run(tmp_path_factory.mktemp("teacher"), 7)
+    return make_lm_run(tmp_path_factory.mktemp("teacher"), 7, sharpen=8.0)
 
 
 @pytest.mark.parametrize("loss", ["reverse_kl", "jsd"])
 def test_on_policy_distillation_moves_the_student_toward_the_teacher(teacher_dir, loss):
     rt = runtime([*PROMPTS, "algorithm.name=opd", f"roles.teacher=run:{teacher_dir}", f"algorithm.loss={loss}",
-                  "algorithm.beta=1.0", "algorithm.num_rollouts_per_prompt=2", "train.steps=12", "optim.lr=3e-2"])
+                  "algorithm.beta=1.0", "algorithm.num_rollouts_per_prompt=2", "train.steps=12"])
     with use_rules(rt.mesh, rt.rules):
         algo = OnPolicyDistillation(rt)
         roles = roles_for(algo)

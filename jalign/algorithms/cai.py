@@ -261,6 +261,7 @@ class CAISupervised(GenTrainAlgorithm):
                                                  _sharding(mesh, rules, self.fields[k]),
                                                  lambda idx, v=v.reshape((s.accum, s.micro) + v.shape[1:]): v[idx])
                  for k, v in host.items() if k in self.fields}
+        self.log_rollouts(batch, out, train, extra={"answers": answers, "critiques": critiques, "revisions": revisions})
         state, m = self.update(state, roles, train)
         refs = [self.train_prompts.answers[i] for i in rows]
         metrics = {"kept_fraction": float(np.mean(host["loss_mask"].sum(-1) > 0)),
