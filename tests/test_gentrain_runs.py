@@ -193,3 +193,92 @@ def test_opd_reverse_kl_to_the_teacher_on_the_students_samples(tmp_path, start_d
         expected = np.sum(mask * (s - t)) / mask.sum()  # k1 estimate of KL(student || teacher) per token
         assert m[step]["reverse_kl"] == pytest.approx(expected, rel=1e-4, abs=1e-5), step
         assert expected > 0.1  # a peaked teacher, away from the student
+
+
+# ---- Constitutional AI ----------------------------------------------------------------------------
+CONSTITUTION = """\
+- name: odd
+  critique_request: Odd?
+  revision_request: Redo.
+  judge_question: Which is odd?
+- name: even
+  critique_request: Even?
+  revision_request: Again.
+  judge_question: Which is even?
+"""
+
+
+@pytest.fixture(scope="module")
+def constitution(tmp_path_factory):
+    path = tmp_path_factory.mktemp("constitution") / "constitution.yaml"
+    path.write_text(CONSTITUTION)
+    return str(path), {p["name"]: p for p in __import__("yaml").safe_load(CONSTITUTION)}
+
+
+def test_cai_sl_trains_on_revisions_of_critiques_built_from_the_constitution(tmp_path, start_dir, constitution,
+                                                                             tmp_path_factory):
+    path, principles = constitution
+    critic = make_lm_run(tmp_path_factory.mktemp("critic"), 5, model=TINY_MODEL[:-1])
+    out = run("cai_sl_tiny.yaml", tmp_path / "cai_sl", *TINY_MODEL, f"model.init_from={start_dir}",
+              f"roles.critic=run:{critic}", f"algorithm.constitution={path}", "train.steps=1",
+              "algorithm.critique_max_new_tokens=4", "algorithm.revision_max_new_tokens=3",
+              "algorithm.truncated_revision=keep")  # a random critic never ends
+    r = rollouts(out)[1]
+    texts, _, cfg = texts_and_scores(out, r)
+    assert r["answers"] == texts  # the policy's own samples are what gets critiqued
+    assert set(r["principles"]) <= set(principles) and len(set(r["principles"])) == 2  # both drawn
+    for i, name in enumerate(r["principles"]):
+        p, prompt, answer = principles[name], r["prompts"][i], r["answers"][i]
+        assert r["critique_prompts"][i] == f"{prompt}{answer}\n{p['critique_request']}"
+        assert r["revision_prompts"][i] == (f"{prompt}{answer}\n{p['critique_request']}\n{r['critiques'][i]}\n"
+                                            f"{p['revision_request']}")
+    # SFT on the final revisions, not on the answers
+    tok = load_tokenizer(cfg.model.tokenizer)
+    trained = trained_responses(r["train"], "loss_mask")
+    kept = [i for i, t in enumerate(trained) if t]
+    assert kept, "no revision was trained on"
+    for i in kept:
+        ids = [t for t in trained[i] if t not in tok.eos_ids]
+        assert tok.decode(ids) == r["revisions"][i]
+
+
+def test_cai_rlaif_pairs_follow_the_judges_both_orders_preference(tmp_path, start_dir, constitution, tmp_path_factory):
+    from jalign.data.chat import encode_prompt
+
+    path, principles = constitution
+    judge = make_lm_run(tmp_path_factory.mktemp("judge"), 9, model=TINY_MODEL[:-1], sharpen=4.0)
+    out = run("cai_rlaif_tiny.yaml", tmp_path / "rlaif", *TINY_MODEL, f"model.init_from={start_dir}",
+              f"roles.judge=run:{judge}", f"algorithm.constitution={path}", "train.steps=1",
+              "algorithm.min_confidence=0.0", "algorithm.sft_weight=0.0")
+    r = rollouts(out)[1]
+    texts, _, cfg = texts_and_scores(out, r)
+    tok = load_tokenizer(cfg.model.tokenizer)
+    first, second = texts[0::2], texts[1::2]
+    q = [principles[n]["judge_question"] for n in r["principles"]]
+    shown = [f"{t}\n{qq}\nA: {a}\nB: {b}" for t, qq, a, b in zip(r["prompts"], q, first, second)]
+    assert r["judge_prompts"] == shown
+    swapped = [f"{t}\n{qq}\nA: {b}\nB: {a}" for t, qq, a, b in zip(r["prompts"], q, first, second)]
+    # the judge's choice-token log-probs after each prompt, in NumPy (right padding: causal, so harmless)
+    ids = [encode_prompt(x, cfg.data.chat_template, tok) for x in shown + swapped]
+    L = max(map(len, ids))
+    rows = {"tokens": np.zeros((len(ids), L), np.int32), "segment_ids": np.zeros((len(ids), L), np.int32),
+            "positions": np.tile(np.arange(L, dtype=np.int32), (len(ids), 1))}
+    for i, x in enumerate(ids):
+        rows["tokens"][i, :len(x)], rows["segment_ids"][i, :len(x)] = x, 1
+    params = load_params(judge)
+    h = np.asarray(tfm.forward(params, rows["tokens"], rows["positions"], rows["segment_ids"], cfg.model), np.float64)
+    last = h[np.arange(len(ids)), [len(x) - 1 for x in ids]] @ np.asarray(tfm.unembed_matrix(params, cfg.model),
+                                                                           np.float64)
+    a_id, b_id = tok.encode("A")[0], tok.encode("B")[0]
+    n = len(shown)
+    p1 = 1 / (1 + np.exp(-(last[:n, a_id] - last[:n, b_id])))  # response 1 shown first as A
+    p2 = 1 / (1 + np.exp(-(last[n:, b_id] - last[n:, a_id])))  # response 1 shown second, as B
+    p = (p1 + p2) / 2
+    np.testing.assert_allclose(r["prob_first"], p, rtol=1e-4, atol=1e-5)
+    label = p > 0.5
+    assert 0 < label.sum() < n  # the judge prefers first answers sometimes, second ones other times
+    expected = [r["responses"][2 * i + (0 if label[i] else 1)] for i in range(n)]
+    pairs = trained_responses({k: np.asarray(r["train"][k])[:, :, 0] for k in ("targets", "loss_mask")}, "loss_mask")
+    valid = np.asarray(r["train"]["valid"]).reshape(-1) > 0
+    np.testing.assert_array_equal(valid, np.asarray([a != b for a, b in zip(first, second)]) & (np.abs(2 * p - 1) > 0))
+    assert [c for c, v in zip(pairs, valid) if v] == [e for e, v in zip(expected, valid) if v]
