@@ -299,8 +299,10 @@ RESUME = ["data.train=builtin:addition_prompts:train", "data.eval=null", "train.
 ])
 def test_resume_inside_a_round_equals_uninterrupted(tmp_path, config, extra):
     # 4 steps in 2 rounds, stopped after step 3: the resumed run rebuilds round 1's iterate from RUN_DIR/iterates
-    straight, sliced = _resume_pair(tmp_path, config, [*RESUME, *extra], steps=4, at=3)
+    straight, sliced = _resume_pair(tmp_path, config, [*RESUME, *extra, "algorithm.log_rollouts=true"], steps=4, at=3)
     _assert_bitwise(straight, sliced, 4)
+    # the same samples and training batches, step 4 logged once (the resumed run dropped nothing it needed)
+    assert (sliced / "rollouts.jsonl").read_text() == (straight / "rollouts.jsonl").read_text()
     assert sorted(p.name for p in (sliced / "iterates" / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
 
 

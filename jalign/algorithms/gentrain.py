@@ -293,7 +293,20 @@ class GenTrainAlgorithm(Algorithm):
     def start(self, state, roles):
         self._host_step = int(jax.device_get(state.step))
         self._round = None
+        self._trim_rollout_log()
         self.begin_round(state, roles)
+
+    def _trim_rollout_log(self) -> None:
+        """A resumed run samples the steps after its checkpoint again: drop what an earlier attempt logged of them."""
+        import json
+
+        path = self.rt.run_dir / "rollouts.jsonl"
+        if not getattr(self.a, "log_rollouts", False) or jax.process_index() != 0 or not path.is_file():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= self._host_step]
+        if len(keep) != len(lines):
+            path.write_text("".join(keep))
 
     # ---- rounds ---------------------------------------------------------------------------------
     def iterate_roles(self) -> tuple:
