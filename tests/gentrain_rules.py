@@ -5,7 +5,3 @@ def char_score(prompt, response, reference, **_):
     """A reward with few ties on a random model's samples: the response's characters hashed into [0, 1)."""
     return (sum(ord(c) * (i + 1) for i, c in enumerate(response)) % 997) / 997.0
 
-
-def starts_with_one(prompt, response, reference, **_):
-    """A reward a random model earns on some samples and not on others."""
-    return float(response[:1] in "1\x11!1Aa")
