@@ -6,7 +6,8 @@ recipe): a constitution of principles (``jalign.data.constitution``) and its two
   (``roles.critic``, by default the starting policy itself; any instruct model in real use) critiques the
   answer against a principle sampled per answer and then revises it, each from a prompt rendered from the
   config's ``critique_template`` / ``revision_template`` and the chat template; the policy is trained with the
-  SFT loss on (prompt, final revision). Revisions that did not end within their token budget are dropped.
+  SFT loss on (prompt, final revision). Revisions (or critiques) that did not end within their token budget
+  are dropped (``truncated_revision: drop``) or trained on as they are (``keep``).
 * ``cai_rlaif`` (Sec. 4, RL from AI feedback): online DPO (``jalign.algorithms.online_dpo``) whose annotator is
   the judge role (``roles.judge``): the policy samples two answers per prompt, the judge reads a
   multiple-choice prompt (``judge_template``) under a sampled principle in both orders, and the log-probs of
@@ -27,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +69,8 @@ class CAISLConfig(GenTrainConfig, ConstitutionConfig):
     critique_max_new_tokens: int = 32
     revision_max_new_tokens: Optional[int] = None  # default: max_new_tokens
     critic_temperature: float = 0.0  # <= 0: greedy critiques and revisions
+    # a critique or revision that did not end within its token budget: drop the row, or train on it as it is
+    truncated_revision: Literal["drop", "keep"] = "drop"
 
 
 @dataclass
@@ -225,9 +228,14 @@ class CAISupervised(GenTrainAlgorithm):
         critiques = []
         for r in range(a.revision_rounds):
             ps = p.sample(self.cfg.train.seed, self._host_step, r, len(responses))
-            ids = [p.ids(p.critique_text(t, y, q)) for t, y, q in zip(texts, responses, ps)]
-            critiques, c_end = self.critic_sample(critic, ids, a.critique_max_new_tokens, jax.random.fold_in(key, 2 * r))
-            ids = [p.ids(p.revision_text(t, y, c, q)) for t, y, c, q in zip(texts, responses, critiques, ps)]
+            critique_texts = [p.critique_text(t, y, q) for t, y, q in zip(texts, responses, ps)]
+            critiques, c_end = self.critic_sample(critic, [p.ids(x) for x in critique_texts],
+                                                  a.critique_max_new_tokens, jax.random.fold_in(key, 2 * r))
+            revision_texts = [p.revision_text(t, y, c, q) for t, y, c, q in zip(texts, responses, critiques, ps)]
+            ids = [p.ids(x) for x in revision_texts]
+            # the last round's prompts, for algorithm.log_rollouts
+            self.log_extra = {"principles": [q.name for q in ps], "critique_prompts": critique_texts,
+                              "revision_prompts": revision_texts}
             responses, r_end = self.critic_sample(critic, ids, a.revision_max_new_tokens or a.max_new_tokens,
                                                   jax.random.fold_in(key, 2 * r + 1))
             ended &= c_end & r_end
@@ -255,12 +263,14 @@ class CAISupervised(GenTrainAlgorithm):
         texts = [self.train_prompts.texts[i] for i in rows]
         answers = all_texts(self.tokenizer, out)
         revisions, ended, critiques = self.revise(roles, texts, answers)
-        host = self.sft_rows(rows, revisions, ended)
+        host = self.sft_rows(rows, revisions, ended if self.a.truncated_revision == "drop" else np.ones_like(ended))
         s, mesh, rules = self.sizes, self.rt.mesh, self.rt.rules
         train = {k: jax.make_array_from_callback((s.accum, s.micro) + v.shape[1:],
                                                  _sharding(mesh, rules, self.fields[k]),
                                                  lambda idx, v=v.reshape((s.accum, s.micro) + v.shape[1:]): v[idx])
                  for k, v in host.items() if k in self.fields}
+        self.log_rollouts(batch, out, train, extra={"prompts": texts, "answers": answers, "critiques": critiques,
+                                                    "revisions": revisions, **self.log_extra})
         state, m = self.update(state, roles, train)
         refs = [self.train_prompts.answers[i] for i in rows]
         metrics = {"kept_fraction": float(np.mean(host["loss_mask"].sum(-1) > 0)),
@@ -342,6 +352,9 @@ class CAIFeedback(OnlineDPO):
         principles = self.prompts.sample(self.cfg.train.seed, self._host_step, 0, len(idx))
         judged = self.judge.judge(roles.on_device(["judge"])["judge"], self.judge_cfg, texts, first, second,
                                   principles)
+        self.log_extra = {"prompts": texts, "principles": [q.name for q in principles],
+                          "judge_prompts": [self.prompts.judge_text(t, x, y, q)
+                                            for t, x, y, q in zip(texts, first, second, principles)]}
         if self.a.write_feedback:
             self.write_feedback(idx, first, second, principles, jax.device_get(judged))
         inputs = {k: judged[k] for k in ("prob_first", "label", "confidence", "consistent", "position_bias")}

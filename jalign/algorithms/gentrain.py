@@ -61,6 +61,9 @@ class GenTrainConfig:
     top_k: int = 0
     top_p: float = 1.0
     micro_batch_size: Optional[int] = None
+    # write each step's samples (prompt index, response tokens, end flag) and the training batch built from them
+    # to RUN_DIR/rollouts.jsonl, one line per step (process 0; a host copy per step: for audits and tests)
+    log_rollouts: bool = False
 
 
 @dataclass
@@ -225,6 +228,11 @@ class GenTrainAlgorithm(Algorithm):
     def __init__(self, rt):
         super().__init__(rt)
         cfg = self.cfg
+        if cfg.model.lora is not None:
+            # the rounds' snapshots, the iterate store and the frozen roles all copy full policy params; LoRA
+            # (adapters over a base role, jalign.algorithms.trainable) is not wired through them yet
+            raise ConfigError(f"{cfg.source or '<config>'}: model.lora: algorithm.name={self.a.name} trains the full "
+                              "model (generate-then-train does not support LoRA adapters yet); drop model.lora")
         rounds = (getattr(self.a, self.rounds_key) if self.rounds_key else None) or cfg.train.steps  # None: online
         self.sizes = check_sizes(cfg, rt.mesh, self.rows_per_prompt, rounds, self.rounds_key or "")
         self.decls = tfm.declare_params(cfg.model)
@@ -285,7 +293,20 @@ class GenTrainAlgorithm(Algorithm):
     def start(self, state, roles):
         self._host_step = int(jax.device_get(state.step))
         self._round = None
+        self._trim_rollout_log()
         self.begin_round(state, roles)
+
+    def _trim_rollout_log(self) -> None:
+        """A resumed run samples the steps after its checkpoint again: drop what an earlier attempt logged of them."""
+        import json
+
+        path = self.rt.run_dir / "rollouts.jsonl"
+        if not getattr(self.a, "log_rollouts", False) or jax.process_index() != 0 or not path.is_file():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        keep = [line for line in lines if line.strip() and json.loads(line)["step"] <= self._host_step]
+        if len(keep) != len(lines):
+            path.write_text("".join(keep))
 
     # ---- rounds ---------------------------------------------------------------------------------
     def iterate_roles(self) -> tuple:
@@ -330,7 +351,7 @@ class GenTrainAlgorithm(Algorithm):
                          new_len=new_len or self.N, prompt_len=prompt_len or self.P, key=key,
                          eos_ids=sorted(self.tokenizer.eos_ids), pad_id=self.tokenizer.pad_id, mesh=self.rt.mesh,
                          rules=self.rt.rules, temperature=a.temperature if temperature is None else temperature,
-                         top_k=a.top_k, top_p=a.top_p, greedy=greedy)
+                         top_k=a.top_k, top_p=a.top_p, greedy=greedy, rollout=self.cfg.rollout)
 
     def row_prompts(self, batch) -> np.ndarray:
         """The prompt index of every sampled row (each prompt K times, consecutively)."""
@@ -350,6 +371,28 @@ class GenTrainAlgorithm(Algorithm):
 
     def learn(self, state, roles, batch, out) -> tuple:
         raise NotImplementedError
+
+    def log_rollouts(self, batch, out: dict, train: dict, extra: Optional[dict] = None) -> None:
+        """With ``algorithm.log_rollouts``: one line of ``RUN_DIR/rollouts.jsonl`` for this step: the prompt index
+        and the response tokens (up to their length) and end flag of every sampled row, and every field of the
+        training batch the update receives ([accum, micro, ...]), so selection and pairing can be re-derived;
+        ``extra``: the algorithm's own per-row inputs (a rule's scores, a judge's labels, critiques, revisions)."""
+        if not getattr(self.a, "log_rollouts", False):
+            return
+        import json
+
+        tokens, lengths = host_global(out["tokens"]), host_global(out["lengths"])
+        ended = host_global(out["ended_with_eos"])
+        record = {"step": self._host_step + 1, "prompt_index": [int(i) for i in self.row_prompts(batch)],
+                  "responses": [t[:n].tolist() for t, n in zip(tokens, lengths)],
+                  "ended_with_eos": [bool(e) for e in ended],
+                  "train": {k: host_global(v).tolist() for k, v in train.items()},
+                  **{k: host_global(v).tolist() if isinstance(v, jax.Array) else v for k, v in (extra or {}).items()}}
+        if jax.process_index() == 0:
+            path = self.rt.run_dir / "rollouts.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def update(self, state, roles, train_batch: dict):
         """One optimizer update on a prepared batch [accum, micro, ...]."""

@@ -175,6 +175,7 @@ class OnlineDPO(GenTrainAlgorithm):
         inputs = self.rank_inputs(state, roles, batch, out)
         names = [n for n in ("reference",) + self.ranking_roles() if n in roles]
         train, metrics = self._prepare(roles.on_device(names), out, inputs)
+        self.log_rollouts(batch, out, train, extra={**inputs, **getattr(self, "log_extra", {})})
         state, m = self.update(state, roles, train)
         return state, {**metrics, **m}
 

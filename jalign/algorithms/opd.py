@@ -81,6 +81,7 @@ class OnPolicyDistillation(GenTrainAlgorithm):
     def learn(self, state, roles, batch, out):
         teacher = roles.on_device(["teacher"])["teacher"] if self.a.loss == "reverse_kl" else None
         train, metrics = self._prepare(teacher, out)
+        self.log_rollouts(batch, out, train)
         state, m = self.update(state, roles, train)
         return state, {**metrics, **m}
 

@@ -97,7 +97,9 @@ class RejectionSampling(GenTrainAlgorithm):
     def learn(self, state, roles, batch, out):
         names = [n for n in ("reference", "reward") if n in roles]
         key = jax.random.fold_in(self.rollout_key(self._host_step), 1)
-        train, metrics = self._prepare(roles.on_device(names), out, self.rule_scores(out, batch), key)
+        rule = self.rule_scores(out, batch)
+        train, metrics = self._prepare(roles.on_device(names), out, rule, key)
+        self.log_rollouts(batch, out, train, extra=None if rule is None else {"rule_score": rule})
         state, m = self.update(state, roles, train)
         return state, {**metrics, **m}
 

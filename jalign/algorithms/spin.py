@@ -114,6 +114,7 @@ class SPIN(GenTrainAlgorithm):
         mesh, rules = self.rt.mesh, self.rt.rules
         train, metrics = self._prepare(roles["opponent"], out, place_rows(tokens, mesh, rules),
                                        place_rows(lengths, mesh, rules))
+        self.log_rollouts(batch, out, train)
         state, m = self.update(state, roles, train)
         return state, {**metrics, **m}
 
