@@ -18,7 +18,7 @@ from jalign.algorithms.base import Runtime
 from jalign.algorithms.registry import resolve
 from jalign.checkpoint import Checkpointer
 from jalign.config import Config, dump_config, to_dict, validate_for_devices
-from jalign.evaluation import reduce_eval
+from jalign.evaluation import host_state, load_host_state, reduce_eval
 from jalign.metrics import MetricsWriter, to_host
 from jalign.models.architecture import resolve_architecture
 from jalign.resume import check_resume_config
@@ -83,12 +83,14 @@ def _stop_everywhere(flag: bool) -> bool:
     return bool(multihost_utils.process_allgather(jax.numpy.asarray(int(flag))).max())
 
 
-def evaluate(algo, state, roles, step: int) -> dict:
-    """The algorithm's eval metrics (reduced from (sum, count) pairs) and the shared generation-based eval."""
+def evaluate(algo, state, roles, step: int, train_metrics=None) -> dict:
+    """The algorithm's eval metrics (reduced from (sum, count) pairs), the shared generation-based eval and its
+    monitors (fed this evaluation and the latest training metrics)."""
     out = reduce_eval(algo, state, roles, algo.cfg.train.eval_batches)
     if algo.generation_eval is not None:
         params, mcfg = algo.policy(state, roles)
         out.update(algo.generation_eval(params, mcfg, roles, step))
+        out.update(algo.generation_eval.observe(step, out, train_metrics))
     return out
 
 
@@ -141,7 +143,8 @@ def _train(cfg: Config) -> dict:
             roles = build_roles(cfg, algo.role_specs(), rt.mesh, rt.rules, log=rt.log)
             restored = ckpt.restore_latest(algo.abstract_state(), train_iter, log=rt.log) if t.resume else None
             if restored is not None:
-                latest, state, _ = restored
+                latest, state, meta = restored
+                load_host_state(algo, meta)  # the evaluation monitors' series
                 rt.log(f"resumed from {ckpt.directory}/{latest}")
             else:
                 state = algo.init_state(roles)
@@ -182,7 +185,7 @@ def _train(cfg: Config) -> dict:
                         f"{progress.bad_in_a_row} non-finite steps in a row (train.max_nonfinite={t.max_nonfinite}); "
                         f"stopping at step {step}; the last good checkpoint is kept in {ckpt.directory}")
                 if eval_due:
-                    _log_eval(writer, step, evaluate(algo, state, roles, step), last)
+                    _log_eval(writer, step, evaluate(algo, state, roles, step, last), last)
                 # on several processes agreeing on a stop is a collective: only where the loop syncs anyway
                 signalled = (must_read or jax.process_count() == 1) and _stop_everywhere(stop.requested)
                 stopping = signalled or (t.stop_after_steps is not None and step - start >= t.stop_after_steps)
@@ -190,7 +193,8 @@ def _train(cfg: Config) -> dict:
                     progress.read(*pending)
                     pending = None
                 if (ckpt_due and not progress.bad_in_a_row) or stopping:  # keep the last good one in a bad streak
-                    ckpt.save(step, state, train_iter, meta={"step": step, "config": saved_config}, force=True)
+                    ckpt.save(step, state, train_iter, meta={"step": step, "config": saved_config, **host_state(algo)},
+                              force=True)
                 if stopping:
                     writer.message(f"stopping early: checkpoint at step {step} written, exiting")
                     break

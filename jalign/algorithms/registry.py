@@ -24,6 +24,9 @@ BUILTIN = {
     "ppo": "jalign.algorithms.ppo",
     "grpo": "jalign.algorithms.grpo",
     "rloo": "jalign.algorithms.rloo",
+    "dapo": "jalign.algorithms.dapo",
+    "gspo": "jalign.algorithms.gspo",
+    "reinforce_pp": "jalign.algorithms.reinforce_pp",
 }
 _REGISTERED: dict[str, type] = {}
 
