@@ -27,6 +27,15 @@ BUILTIN = {
     "dapo": "jalign.algorithms.dapo",
     "gspo": "jalign.algorithms.gspo",
     "reinforce_pp": "jalign.algorithms.reinforce_pp",
+    "rs": "jalign.algorithms.rs",
+    "online_dpo": "jalign.algorithms.online_dpo",
+    "spin": "jalign.algorithms.spin",
+    "cai_sl": "jalign.algorithms.cai",
+    "cai_rlaif": "jalign.algorithms.cai",
+    "opd": "jalign.algorithms.opd",
+    "kto": "jalign.algorithms.kto",
+    "steerlm": "jalign.algorithms.steerlm",
+    "distill": "jalign.algorithms.distill",
 }
 _REGISTERED: dict[str, type] = {}
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +60,8 @@ class RLConfig:
     model (``roles.reward: run:DIR``), a rule (``reward_fn``), or a weighted list of both (``rewards``).
     Each preset (ppo, grpo, rloo, dapo, gspo, reinforce_pp) sets its own defaults of the objective keys.
     """
+
+    global_batch_counts: ClassVar[str] = "prompts"  # train.global_batch is prompts per step (rows: x K samples)
 
     name: str = ""
     reward_fn: Optional[str] = None  # a rule-based reward from jalign.rewards (e.g. exact_match)
@@ -268,7 +270,8 @@ class RLAlgorithm(Algorithm):
         self._critic_step = make_train_step(self.critic_loss, self.normalizers, self.critic)
 
     def _load_data(self):
-        from jalign.data.tiny import load_source
+        from jalign.data.prompts import PromptIterator, PromptSet
+        from jalign.data.sources import load_source
 
         d, a = self.cfg.data, self.a
         max_prompt = d.seq_len - a.max_new_tokens
@@ -280,7 +283,7 @@ class RLAlgorithm(Algorithm):
             examples, skipped = load_source(spec, "prompt", d.skip_bad_lines, seed=d.seed, max_examples=limit)
             if skipped:
                 self.rt.log(f"data: {spec}: skipped {len(skipped)} bad lines")
-            return xp.PromptSet(examples, self.tokenizer, d.chat_template, max_prompt, self.rt.log, spec)
+            return PromptSet(examples, self.tokenizer, d.chat_template, max_prompt, self.rt.log, spec)
 
         self.train_prompts = prompts(d.train, d.max_examples)
         e = self.cfg.eval
@@ -290,7 +293,7 @@ class RLAlgorithm(Algorithm):
         if self.P + self.N > self.cfg.model.max_seq_len:
             raise ConfigError(f"prompt ({self.P}) + algorithm.max_new_tokens ({a.max_new_tokens}) exceeds "
                               f"model.max_seq_len={self.cfg.model.max_seq_len}")
-        self.train_iter = xp.PromptIterator(len(self.train_prompts), self.sizes.prompts, d.seed, d.shuffle)
+        self.train_iter = PromptIterator(len(self.train_prompts), self.sizes.prompts, d.seed, d.shuffle)
 
     # ---- protocol -------------------------------------------------------------------------------
     def init_state(self, roles):
