@@ -4,7 +4,8 @@ One ``step(state, roles, {"prompt_index"})`` is:
 
 1. rollout  K samples of each of the P prompts at temperature T with the actor (``rollout.experience``):
             the result stays on the devices in the sampler's layout; rule rewards pull only the tokens and
-            lengths of each process's own rows to the host (``rl_sampling``; with DAPO's dynamic sampling, groups whose rewards all agree are replaced by new ones);
+            lengths of each process's own rows to the host (``rl_sampling``; with DAPO's dynamic sampling,
+            groups whose rewards all agree are replaced by new ones); under LoRA with the adapters applied;
 2. score    one jitted program: the training rows, old log-probs of the actor at logits/T (skipped when the
             rollout is used for one update and nothing needs them), reference log-probs, critic values, the
             reward terms (reward models and rules, ``rl_rewards``), their weighted sum and shaping (overlong
@@ -17,6 +18,11 @@ One ``step(state, roles, {"prompt_index"})`` is:
 Train state: ``TrainState(step, params=actor, opt_state, rng, extra={"kl_coef", "critic": {...}})``. The
 reference and reward models are roles (``roles.reference``, ``roles.reward``, one ``reward_NAME`` per other
 reward-model term): frozen, never in an optimizer, never donated, never checkpointed.
+
+LoRA (``model.lora``, :class:`jalign.algorithms.trainable.Trainable`): the actor's trained params are the
+adapters over the frozen ``base`` role; the reference defaults to that base with the adapters off (no second
+copy; ``roles.reference`` still picks a separate one); rollouts and scoring run the base with the adapters
+applied; a critic (PPO) stays a full model. Export writes the merged model and ``OUT_DIR/adapter`` (PEFT).
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ from jalign.algorithms.rl_objectives import AdvantageInputs, check_objectives, k
 from jalign.algorithms.rl_rewards import (REWARD_ROLE, check_reward_keys, model_components, model_terms,
                                           reward_terms, shape_rewards)
 from jalign.algorithms.rl_sampling import Sampler
+from jalign.algorithms.trainable import BASE, Trainable
 from jalign.config import ConfigError
 from jalign.evaluation import GenerationEval, MonitorConfig
 from jalign.losses import entropy_bonus, kl_k1, rollout_mismatch_metrics
@@ -185,7 +192,8 @@ class RLAlgorithm(Algorithm):
         check_reward_keys(a, src)
         self.objective, self.estimator, self.mismatch = check_objectives(a, src, has_critic_keys=hasattr(a, "lam"))
         self.sizes = check_sizes(cfg, rt.mesh, max(self.min_per_prompt, self.estimator.min_per_prompt))
-        self.decls = tfm.declare_params(cfg.model)
+        self.trainable = Trainable(cfg.model, tfm.declare_params(cfg.model))
+        self.decls = self.trainable.decls  # every parameter, or (LoRA) the adapters
         self.gen_cfg = dataclasses.replace(cfg.model, init_from=None, hf_path=None)
         self.updates = cfg.train.steps * a.ppo_epochs * self.sizes.minibatches
         self.actor = TrainedModel(self.decls, cfg.optim, self.updates, rt.mesh, rt.rules,
@@ -198,17 +206,23 @@ class RLAlgorithm(Algorithm):
             self._init_critic()
         self._load_data()
         self.sampler = Sampler(self)
-        self._actor_step = make_train_step(self.actor_loss, self.normalizers, self.actor)
+        dropout = self.trainable.is_lora and cfg.model.lora.dropout > 0
+        self._actor_step = make_train_step(self._trained_actor_loss, self.normalizers, self.actor, with_rng=dropout)
         self._score = jax.jit(self._score_impl)
         shardings = self._state_shardings()
-        self._update = jax.jit(self._update_impl, in_shardings=(shardings, None, self.replicated),
+        self._update = jax.jit(self._update_impl, in_shardings=(shardings, None, self.replicated, None),
                                out_shardings=(shardings, self.replicated), donate_argnums=(0,))
         self._host_step = 0
         self._penalty_checked = False
-        self.generation_eval = (GenerationEval(rt, self.tokenizer, self.eval_set, kl_role="reference",
+        self.generation_eval = (GenerationEval(rt, self.tokenizer, self.eval_set, kl_role=self.reference_role,
                                                rewards=self.terms, monitor=a.monitor,
                                                standardize=(a.reward_offset, a.reward_scale, a.reward_clip))
                                 if self.eval_set is not None and cfg.eval.prompts > 0 else None)
+
+    @property
+    def reference_role(self) -> str:
+        """The role the reference policy is: ``reference``, or under LoRA by default the frozen base."""
+        return BASE if self.trainable.is_lora and "reference" not in self.cfg.roles else "reference"
 
     @property
     def has_critic(self) -> bool:
@@ -235,8 +249,10 @@ class RLAlgorithm(Algorithm):
 
     # ---- construction ---------------------------------------------------------------------------
     def role_specs(self):
-        specs = {"reference": RoleSpec(what="reference model"),
-                 REWARD_ROLE: RoleSpec(source=None, lm_head=False, score_outputs=-1, what="reward model")}
+        specs = dict(self.trainable.role_specs())  # under LoRA: the frozen base
+        if self.reference_role == "reference":
+            specs["reference"] = RoleSpec(what="reference model")
+        specs[REWARD_ROLE] = RoleSpec(source=None, lm_head=False, score_outputs=-1, what="reward model")
         for t in model_terms(self.terms):
             if t.role != REWARD_ROLE:
                 specs[t.role] = RoleSpec(source=t.source, lm_head=False, score_outputs=-1,
@@ -297,7 +313,7 @@ class RLAlgorithm(Algorithm):
 
     # ---- protocol -------------------------------------------------------------------------------
     def init_state(self, roles):
-        params = initial_policy_params(self.rt, self.decls)
+        params = self.trainable.init_params(self.rt, lambda decls: initial_policy_params(self.rt, decls))
         extra = {"kl_coef": jax.device_put(jnp.float32(self.a.kl_coef), self.replicated)}
         if self.has_critic:
             extra["critic"] = self._initial_critic()
@@ -337,6 +353,26 @@ class RLAlgorithm(Algorithm):
     def train_batches(self):
         return self.train_iter
 
+    # ---- the trained policy -----------------------------------------------------------------------
+    def actor_roles(self, roles) -> Optional[dict]:
+        """The frozen params the actor's forward pass needs: the base under LoRA, else none."""
+        return roles.on_device([BASE]) if self.trainable.is_lora else None
+
+    def policy(self, state, roles):
+        """(params, config) generation uses: the actor, under LoRA the base with the adapters applied."""
+        return self.trainable.forward_params(state.params, self.actor_roles(roles)), self.cfg.model
+
+    def export(self, state, roles, out_dir):
+        """The actor as a Hugging Face directory (under LoRA: merged, and the PEFT adapter in ``OUT_DIR/adapter``)."""
+        from pathlib import Path
+
+        from jalign.models.hf_io import save_hf
+
+        save_hf(self.trainable.merged(state.params, self.actor_roles(roles)), self.cfg.model, out_dir,
+                tokenizer_dir=self.tokenizer_dir())
+        if self.trainable.is_lora:
+            self.trainable.export_adapter(state.params, str(Path(out_dir) / "adapter"), self.cfg.model.hf_path)
+
     def start(self, state, roles):
         self._host_step = int(jax.device_get(state.step))
 
@@ -356,7 +392,7 @@ class RLAlgorithm(Algorithm):
         timing = self.cfg.train.timing
         step = self._host_step
         t0 = time.perf_counter()
-        roll = self.sampler(state.params, roles, np.asarray(batch["prompt_index"]), step)
+        roll = self.sampler(self.policy(state, roles)[0], roles, np.asarray(batch["prompt_index"]), step)
         if timing:
             jax.block_until_ready(roll.out)
         t1 = time.perf_counter()
@@ -369,7 +405,7 @@ class RLAlgorithm(Algorithm):
         if timing:
             jax.block_until_ready(prep)
         t2 = time.perf_counter()
-        state, train_metrics = self.update(state, prep, step)
+        state, train_metrics = self.update(state, prep, step, self.actor_roles(roles))
         state = state.replace(step=state.step + 1, extra=dict(state.extra, kl_coef=new_kl))
         if timing:
             jax.block_until_ready(state.params)
@@ -384,7 +420,8 @@ class RLAlgorithm(Algorithm):
         return roles.on_device(sorted(self.rm_cfgs))
 
     def scoring_roles(self, roles) -> dict:
-        return roles.on_device(["reference", *sorted(self.rm_cfgs)])
+        return roles.on_device([*dict.fromkeys((self.reference_role, *self.trainable.role_specs())),
+                                *sorted(self.rm_cfgs)])
 
     # ---- rollout --------------------------------------------------------------------------------
     def _rollout_key(self, step: int):
@@ -395,7 +432,8 @@ class RLAlgorithm(Algorithm):
         return xp.sample(params, self.gen_cfg, prompt_ids, max_new_tokens=a.max_new_tokens, new_len=self.N,
                          prompt_len=self.P, key=key, eos_ids=sorted(self.tokenizer.eos_ids),
                          pad_id=self.tokenizer.pad_id, mesh=self.rt.mesh, rules=self.rt.rules,
-                         temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, greedy=greedy)
+                         temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, greedy=greedy,
+                         rollout=self.cfg.rollout)
 
     # ---- scoring (one jitted program) -----------------------------------------------------------
     def _score_impl(self, params, critic, roles, out, given, kl_coef, row_valid=None):
@@ -408,8 +446,9 @@ class RLAlgorithm(Algorithm):
         rows = xp.rollout_rows(out, self.tokenizer.pad_id)
         mask0 = rows["mask"] if row_valid is None else rows["mask"] * row_valid[:, None]
         ended = rows["ended"] > 0
-        ref = token_logps(roles["reference"], rows, self.cfg.model, T)
-        old = None if self.old_from_update else token_logps(params, rows, self.cfg.model, T)
+        ref = token_logps(roles[self.reference_role], rows, self.cfg.model, T)
+        policy = self.trainable.forward_params(params, roles)
+        old = None if self.old_from_update else token_logps(policy, rows, self.cfg.model, T)
         raw = dict(given or {})
         raw.update(model_components(self.terms, roles, self.rm_cfgs, rows, raw))
         _, score, reward_metrics = shape_rewards(self.terms, a, raw, rows["lengths"], ended)
@@ -465,7 +504,7 @@ class RLAlgorithm(Algorithm):
         """The behaviour log-probs: scored before the update, or (one update per rollout) this very forward."""
         return mb["old_logps"] if "old_logps" in mb else jax.lax.stop_gradient(logps)
 
-    def _update_impl(self, state, prep, idx):
+    def _update_impl(self, state, prep, idx, actor_roles):
         s = self.sizes
         mb = {}
         for k, x in prep.items():
@@ -473,7 +512,7 @@ class RLAlgorithm(Algorithm):
             mb[k] = jax.lax.with_sharding_constraint(
                 x[idx].reshape((s.accum, s.micro) + x.shape[1:]), field_sharding(self.rt.mesh, self.rt.rules, axes))
         sub = state.replace(extra={})
-        new, m = self._actor_step(sub, None, mb)
+        new, m = self._actor_step(sub, actor_roles, mb)
         out = state.replace(params=new.params, opt_state=new.opt_state)
         metrics = {("policy_" + k if k in ("grad_norm", "skipped") else k): v for k, v in m.items()}
         metrics["actor_loss"] = metrics.pop("loss")
@@ -488,7 +527,7 @@ class RLAlgorithm(Algorithm):
         metrics["skipped"] = metrics["policy_skipped"] + metrics.get("critic_skipped", 0)
         return out, metrics
 
-    def update(self, state, prep, step: int):
+    def update(self, state, prep, step: int, actor_roles=None):
         """``ppo_epochs`` shuffled passes of minibatch updates; metrics averaged over the updates (on device)."""
         s = self.sizes
         rows = prep["tokens"].shape[0]
@@ -501,13 +540,18 @@ class RLAlgorithm(Algorithm):
             for i in range(s.minibatches):
                 idx = jax.device_put(jnp.asarray(perm[i * s.minibatch:(i + 1) * s.minibatch], jnp.int32),
                                      self.replicated)
-                state, m = self._update(state, prep, idx)
+                state, m = self._update(state, prep, idx, actor_roles)
                 collected.append(m)
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *collected)
         out = {k: jnp.mean(v.astype(jnp.float32)) for k, v in stacked.items()}
         out["skipped"] = jnp.max(stacked["skipped"])
         out["num_tokens"] = jnp.sum(stacked["num_tokens"]) / self.a.ppo_epochs
         return state, out
+
+    def _trained_actor_loss(self, params, mb, norms, roles):
+        """``actor_loss`` on the actor's forward params (under LoRA: the frozen base with the trained adapters;
+        ``norms["rng"]`` turns on LoRA dropout)."""
+        return self.actor_loss(self.trainable.forward_params(params, roles, norms.get("rng")), mb, norms, roles)
 
     def actor_loss(self, params, mb, norms, roles):
         """``algorithm.policy_loss`` on the (mismatch-weighted) advantages, + kl_coef * k3 with ``kl_in: loss``,
