@@ -220,10 +220,7 @@ def _todays_grpo_actor_loss(algo):
 
 def _update(rt, algo, state, prep, loss_fn=None):
     if loss_fn is not None:
-        algo._actor_step = base.make_train_step(loss_fn, algo.normalizers, algo.actor)
-        shardings = algo._state_shardings()
-        algo._update = jax.jit(algo._update_impl, in_shardings=(shardings, None, algo.replicated),
-                               out_shardings=(shardings, algo.replicated), donate_argnums=(0,))
+        algo.build_update(loss_fn)
     with use_rules(rt.mesh, rt.rules):
         new, m = algo.update(state, jax.tree.map(jnp.asarray, prep), 0)
     return jax.device_get(new.params), jax.device_get(m)

@@ -206,12 +206,8 @@ class RLAlgorithm(Algorithm):
             self._init_critic()
         self._load_data()
         self.sampler = Sampler(self)
-        dropout = self.trainable.is_lora and cfg.model.lora.dropout > 0
-        self._actor_step = make_train_step(self._trained_actor_loss, self.normalizers, self.actor, with_rng=dropout)
         self._score = jax.jit(self._score_impl)
-        shardings = self._state_shardings()
-        self._update = jax.jit(self._update_impl, in_shardings=(shardings, None, self.replicated, None),
-                               out_shardings=(shardings, self.replicated), donate_argnums=(0,))
+        self.build_update(self.actor_loss)
         self._host_step = 0
         self._penalty_checked = False
         self.generation_eval = (GenerationEval(rt, self.tokenizer, self.eval_set, kl_role=self.reference_role,
@@ -548,10 +544,18 @@ class RLAlgorithm(Algorithm):
         out["num_tokens"] = jnp.sum(stacked["num_tokens"]) / self.a.ppo_epochs
         return state, out
 
-    def _trained_actor_loss(self, params, mb, norms, roles):
-        """``actor_loss`` on the actor's forward params (under LoRA: the frozen base with the trained adapters;
-        ``norms["rng"]`` turns on LoRA dropout)."""
-        return self.actor_loss(self.trainable.forward_params(params, roles, norms.get("rng")), mb, norms, roles)
+    def build_update(self, actor_loss) -> None:
+        """(Re)build the jitted minibatch update around ``actor_loss(params, mb, norms, roles)``, which is
+        given the actor's forward params (under LoRA: the frozen base with the trained adapters, LoRA
+        dropout keyed by ``norms["rng"]``)."""
+        def trained_loss(params, mb, norms, roles):
+            return actor_loss(self.trainable.forward_params(params, roles, norms.get("rng")), mb, norms, roles)
+
+        dropout = self.trainable.is_lora and self.cfg.model.lora.dropout > 0
+        self._actor_step = make_train_step(trained_loss, self.normalizers, self.actor, with_rng=dropout)
+        shardings = self._state_shardings()
+        self._update = jax.jit(self._update_impl, in_shardings=(shardings, None, self.replicated, None),
+                               out_shardings=(shardings, self.replicated), donate_argnums=(0,))
 
     def actor_loss(self, params, mb, norms, roles):
         """``algorithm.policy_loss`` on the (mismatch-weighted) advantages, + kl_coef * k3 with ``kl_in: loss``,
