@@ -19,7 +19,7 @@ from jalign.algorithms.base import Runtime
 from jalign.algorithms.registry import resolve
 from jalign.checkpoint import Checkpointer
 from jalign.config import Config, dump_config, to_dict, validate_for_devices
-from jalign.evaluation import reduce_eval
+from jalign.evaluation import host_state, load_host_state, reduce_eval
 from jalign.metrics import MetricsWriter
 from jalign.models.architecture import resolve_architecture
 from jalign.resume import check_resume_config
@@ -84,10 +84,11 @@ def _stop_everywhere(flag: bool) -> bool:
     return bool(multihost_utils.process_allgather(jax.numpy.asarray(int(flag))).max())
 
 
-def evaluate(algo, state, roles, step: int) -> dict:
-    """The algorithm's eval metrics (reduced from (sum, count) pairs) and the shared generation-based eval.
+def evaluate(algo, state, roles, step: int, train_metrics=None) -> dict:
+    """The algorithm's eval metrics (reduced from (sum, count) pairs), the shared generation-based eval and its
+    monitors (fed this evaluation and the latest training metrics).
     With several named eval sets (``data.eval: {name: source}``) each set's metrics are ``NAME/metric`` and the
-    generation-based eval (on the first set's prompts) is under the first name."""
+    generation-based eval and its monitors (on the first set's prompts) are under the first name."""
     names = getattr(getattr(algo, "data", None), "eval_set_names", None) or [None]
     out = {}
     for name in names:
@@ -96,7 +97,9 @@ def evaluate(algo, state, roles, step: int) -> dict:
         out.update({_named(name, k): v for k, v in reduce_eval(algo, state, roles, algo.cfg.train.eval_batches).items()})
     if algo.generation_eval is not None:
         params, mcfg = algo.policy(state, roles)
-        out.update({_named(names[0], k): v for k, v in algo.generation_eval(params, mcfg, roles, step).items()})
+        gen = algo.generation_eval(params, mcfg, roles, step)
+        gen.update(algo.generation_eval.observe(step, gen, train_metrics))
+        out.update({_named(names[0], k): v for k, v in gen.items()})
     return out
 
 
@@ -128,7 +131,8 @@ def _train(cfg: Config, callbacks=()) -> dict:
             roles = build_roles(cfg, algo.role_specs(), rt.mesh, rt.rules, log=rt.log)
             restored = ckpt.restore_latest(algo.abstract_state(), train_iter, log=rt.log) if t.resume else None
             if restored is not None:
-                latest, state, _ = restored
+                latest, state, meta = restored
+                load_host_state(algo, meta)  # the evaluation monitors' series
                 rt.log(f"resumed from {ckpt.directory}/{latest}")
             else:
                 state = algo.init_state(roles)
@@ -174,7 +178,7 @@ def _train(cfg: Config, callbacks=()) -> dict:
                         f"{progress.bad_in_a_row} non-finite steps in a row (train.max_nonfinite={t.max_nonfinite}); "
                         f"stopping at step {step}; the last good checkpoint is kept in {ckpt.directory}")
                 if eval_due:
-                    _log_eval(writer, step, evaluate(algo, state, roles, step), last)
+                    _log_eval(writer, step, evaluate(algo, state, roles, step, last), last)
                 # on several processes agreeing on a stop is a collective: only where the loop syncs anyway
                 signalled = (must_read or jax.process_count() == 1) and _stop_everywhere(stop.requested)
                 stopping = signalled or run.stop_requested or (t.stop_after_steps is not None
@@ -183,7 +187,8 @@ def _train(cfg: Config, callbacks=()) -> dict:
                     progress.read(*pending)
                     pending = None
                 if (ckpt_due and not progress.bad_in_a_row) or stopping:  # keep the last good one in a bad streak
-                    ckpt.save(step, state, train_iter, meta={"step": step, "config": saved_config}, force=True)
+                    ckpt.save(step, state, train_iter, meta={"step": step, "config": saved_config, **host_state(algo)},
+                              force=True)
                 if stopping:
                     writer.message(f"stopping early: checkpoint at step {step} written, exiting")
                     break

@@ -211,6 +211,11 @@ if "first_is_digit" not in REWARDS:
     def first_is_digit(prompt, response, reference):
         return float(response[:1].isdigit())
 
+if "odd_text_length" not in REWARDS:
+    @register_reward("odd_text_length")
+    def odd_text_length(prompt, response, reference):
+        return float(len(response) % 2)
+
 
 @pytest.mark.parametrize("name", ["grpo", "rloo"])
 def test_critic_free_advantages_raise_a_trivial_reward(name):
@@ -228,3 +233,49 @@ def test_critic_free_advantages_raise_a_trivial_reward(name):
             state, m = algo.step(state, roles, next(it))
             rewards.append(float(m["reward_mean"]))
     assert np.mean(rewards[:3]) < 0.3 and np.mean(rewards[-3:]) > 0.7, rewards
+
+
+def test_ppo_objective_and_estimator_by_config(reference, rm_dir):
+    """PPO's clip-higher bounds reach its loss; a critic-free estimator drops the critic; a rule next to the
+    reward model is one more weighted term of the sequence reward."""
+    out = reference["out"]
+    rt = runtime(ppo_overrides(rm_dir) + ["algorithm.advantage=group", "algorithm.kl_in=loss",
+                                          "algorithm.clip_eps_low=0.1", "algorithm.clip_eps_high=0.3"], single())
+    with use_rules(rt.mesh, rt.rules):
+        algo = PPO(rt)
+        roles = roles_for(algo)
+        state = algo.init_state(roles)
+        assert not algo.has_critic and "critic" not in state.extra
+        prep, pm, _ = algo._score(state.params, None, algo.scoring_roles(roles), on_mesh(out, rt.mesh, rt.rules),
+                                  None, state.extra["kl_coef"])
+        state, m = algo.update(state, prep, 0)
+    assert np.isfinite(float(m["actor_loss"])) and "value_loss" not in m and "clip_fraction_high" in m
+    prep = jax.device_get(prep)
+    s = prep["score"].reshape(8, 2)
+    np.testing.assert_allclose(prep["advantages"].reshape(8, 2), (s - s.mean(-1, keepdims=True))
+                               / (s.std(-1, ddof=1, keepdims=True) + 1e-6), rtol=1e-4, atol=1e-5)
+    # the reward model and a rule, weighted; each term logged
+    both = runtime(ppo_overrides(rm_dir) + ["algorithm.truncated_response=keep", "algorithm.rewards=[{model: reward, "
+                                            "weight: 1.0}, {fn: odd_text_length, weight: 0.5}]"], single())
+    keep = runtime(ppo_overrides(rm_dir) + ["algorithm.truncated_response=keep"], single())
+    scores = {}
+    for name, rt in (("both", both), ("rm", keep)):
+        with use_rules(rt.mesh, rt.rules):
+            algo = PPO(rt)
+            roles = roles_for(algo)
+            state = algo.init_state(roles)
+            placed = on_mesh(out, rt.mesh, rt.rules)
+            given = {}
+            if name == "both":
+                from jalign.algorithms.rl_rewards import rule_components
+
+                given = rule_components(algo.terms, algo.tokenizer, placed, np.repeat(np.arange(8), 2),
+                                        algo.train_prompts)
+            prep, pm, _ = algo._score(state.params, state.extra["critic"]["params"], algo.scoring_roles(roles), placed,
+                                      given, state.extra["kl_coef"])
+            scores[name] = (jax.device_get(prep)["score"], jax.device_get(pm), jax.device_get(given))
+    rule = np.asarray(scores["both"][2]["odd_text_length"])
+    assert np.ptp(rule) > 0
+    np.testing.assert_allclose(scores["both"][0], scores["rm"][0] + 0.5 * rule, rtol=1e-6, atol=1e-6)
+    assert scores["both"][1]["reward/rm"] == pytest.approx(float(np.mean(scores["rm"][0])), rel=1e-5)
+    assert scores["both"][1]["reward/odd_text_length"] == pytest.approx(float(rule.mean()))

@@ -3,25 +3,33 @@
 One ``step(state, roles, {"prompt_index"})`` is:
 
 1. rollout  K samples of each of the P prompts at temperature T with the actor (``rollout.experience``):
-            the result stays on the devices in the sampler's layout; a rule reward pulls only the tokens and
-            lengths of each process's own rows to the host;
+            the result stays on the devices in the sampler's layout; rule rewards pull only the tokens and
+            lengths of each process's own rows to the host (``rl_sampling``; with DAPO's dynamic sampling,
+            groups whose rewards all agree are replaced by new ones); under LoRA with the adapters applied;
 2. score    one jitted program: the training rows, old log-probs of the actor at logits/T (skipped when the
-            rollout is used for one update and the estimator does not need them), reference log-probs, critic
-            values, the reward (reward-model role or the rule's), standardisation, the truncation rule, then
-            an advantage estimator from ``ADVANTAGES`` (GAE, group-normalised, leave-one-out, ...);
+            rollout is used for one update and nothing needs them), reference log-probs, critic values, the
+            reward terms (reward models and rules, ``rl_rewards``), their weighted sum and shaping (overlong
+            and truncation penalties), then the advantage estimator ``algorithm.advantage`` and the
+            rollout-mismatch weights ``algorithm.mismatch_correction`` (``rl_objectives``);
 3. train    ``ppo_epochs`` passes over the N = P*K rows in minibatches, each one jitted program running the
-            actor's (and a critic's) train step with accumulation and the global count of that minibatch.
+            actor's (and a critic's) train step with accumulation and the global count of that minibatch; the
+            actor's loss is ``algorithm.policy_loss`` (+ the k3 KL term when ``kl_in: loss``, + entropy bonus).
 
 Train state: ``TrainState(step, params=actor, opt_state, rng, extra={"kl_coef", "critic": {...}})``. The
-reference and reward model are roles (``roles.reference``, ``roles.reward``): frozen, never in an optimizer,
-never donated, never checkpointed.
+reference and reward models are roles (``roles.reference``, ``roles.reward``, one ``reward_NAME`` per other
+reward-model term): frozen, never in an optimizer, never donated, never checkpointed.
+
+LoRA (``model.lora``, :class:`jalign.algorithms.trainable.Trainable`): the actor's trained params are the
+adapters over the frozen ``base`` role; the reference defaults to that base with the adapters off (no second
+copy; ``roles.reference`` still picks a separate one); rollouts and scoring run the base with the adapters
+applied; a critic (PPO) stays a full model. Export writes the merged model and ``OUT_DIR/adapter`` (PEFT).
 """
 from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
-from typing import ClassVar, Literal, Optional
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Optional
 
 import jax
 import jax.numpy as jnp
@@ -30,33 +38,42 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jalign.algorithms.base import (Algorithm, field_sharding, initial_policy_params, make_train_step,
                                     require_mesh_context, state_rng)
+from jalign.algorithms.rl_objectives import AdvantageInputs, check_objectives, kl_loss_term, with_is_weight
+from jalign.algorithms.rl_rewards import (REWARD_ROLE, check_reward_keys, model_components, model_terms,
+                                          reward_terms, shape_rewards)
+from jalign.algorithms.rl_sampling import Sampler
+from jalign.algorithms.trainable import BASE, Trainable
 from jalign.config import ConfigError
-from jalign.evaluation import GenerationEval
-from jalign.losses import entropy_bonus, kl_k1, masked_mean
+from jalign.evaluation import GenerationEval, MonitorConfig
+from jalign.losses import entropy_bonus, kl_k1, rollout_mismatch_metrics
 from jalign.models import params as params_lib
 from jalign.models import transformer as tfm
-from jalign.models.heads import sequence_scores, token_logps, token_values
+from jalign.models.heads import token_logps, token_values
 from jalign.roles import RoleSpec
 from jalign.rollout import experience as xp
 from jalign.state import TrainedModel
 
 ROW_KEYS = ("tokens", "targets", "positions", "segment_ids")
+KlIn = Literal["reward", "loss", "none"]  # where the KL to the reference goes (jalign.algorithms.rl_objectives)
 
 
 @dataclass
 class RLConfig:
-    """What PPO, GRPO and RLOO share: rollout, reward, KL to the reference, minibatching.
+    """What the RL algorithms share: rollout, reward, objective, KL to the reference, minibatching.
 
     One step = ``train.global_batch`` prompts x ``num_rollouts_per_prompt`` samples (the rollout batch), then
     ``ppo_epochs`` passes over it in minibatches of ``minibatch_size`` rows (None = the whole rollout), each
     split into accumulation steps of ``micro_batch_size`` rows (None = minibatch). The reward is a reward
-    model (``roles.reward: run:DIR``) or a rule (``reward_fn``): exactly one.
+    model (``roles.reward: run:DIR``), a rule (``reward_fn``), or a weighted list of both (``rewards``).
+    Each preset (ppo, grpo, rloo, dapo, gspo, reinforce_pp) sets its own defaults of the objective keys.
     """
 
     global_batch_counts: ClassVar[str] = "prompts"  # train.global_batch is prompts per step (rows: x K samples)
 
     name: str = ""
     reward_fn: Optional[str] = None  # a rule-based reward from jalign.rewards (e.g. exact_match)
+    # several weighted terms: [{fn: math_verify, weight: 1.0}, {fn: format, weight: 0.2}, {model: reward, weight: 0.5}]
+    rewards: Optional[list[dict[str, Any]]] = None
     reward_attribute: int = 0  # which reward-model output is the reward
     num_rollouts_per_prompt: int = 1
     max_new_tokens: int = 8
@@ -66,16 +83,38 @@ class RLConfig:
     ppo_epochs: int = 1
     minibatch_size: Optional[int] = None
     micro_batch_size: Optional[int] = None
+    # the objective (jalign.algorithms.rl_objectives): ppo_clip | dual_clip | gspo | cispo | reinforce
+    policy_loss: str = "ppo_clip"
+    # gae (PPO, critic) | group (GRPO) | leave_one_out (RLOO) | reinforce_pp | reinforce_pp_baseline
+    advantage: str = "group"
     clip_eps: float = 0.2
+    clip_eps_low: Optional[float] = None  # DAPO clip-higher: the ratio's bounds 1 - low, 1 + high (default clip_eps)
+    clip_eps_high: Optional[float] = None
+    dual_clip: float = 3.0  # policy_loss: dual_clip: the loss of a negative advantage is at most dual_clip * |A|
+    scale_advantages: bool = True  # group advantages divided by the group std (False: Dr. GRPO)
+    loss_aggregation: Literal["token", "sequence"] = "token"  # global token mean, or per-sequence mean
+    gamma: float = 1.0  # discount of token-level returns (gae, reinforce_pp)
     entropy_coef: float = 0.0
     kl_coef: float = 0.05
+    kl_in: KlIn = "reward"  # reward: shapes the reward; loss: + kl_coef * k3 in the loss; none
+    kl_estimator: Literal["k1", "abs", "k3"] = "k1"  # per-token KL in token rewards (gae, reinforce_pp)
+    # training/rollout mismatch: none | token_tis | sequence_tis | sequence_mis, weights capped at mismatch_cap
+    mismatch_correction: str = "none"
+    mismatch_cap: float = 2.0
     truncated_response: Literal["keep", "mask", "penalize"] = "penalize"  # no EOS within max_new_tokens
     truncation_penalty: float = -1.0  # the reward of a truncated response under "penalize"
-    # Reward standardisation (NeMo-Aligner's reward_standardization): r <- clip((r - offset) / scale, +-clip),
-    # applied to the raw reward before the truncation penalty and the KL term.
+    # DAPO dynamic sampling: drop groups whose rewards all agree, refill from new prompts (<= rounds extra rollouts)
+    dynamic_sampling: bool = False
+    max_resample_rounds: int = 3
+    # DAPO soft overlong punishment: a linear penalty down to -factor over the last overlong_buffer tokens
+    overlong_buffer: Optional[int] = None  # tokens; None or 0 = off
+    overlong_penalty_factor: float = 1.0
+    # Reward standardisation of reward-model terms (NeMo-Aligner's reward_standardization):
+    # r <- clip((r - offset) / scale, +-clip), before the weighted sum and the penalties.
     reward_offset: float = 0.0
     reward_scale: float = 1.0
     reward_clip: Optional[float] = None
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)  # reward-hacking monitor at each evaluation
 
 
 # ---- sizes --------------------------------------------------------------------------------------
@@ -123,10 +162,8 @@ def check_sizes(cfg, mesh, min_per_prompt: int = 1) -> Sizes:
         raise ConfigError(f"{src}: algorithm.ppo_epochs must be >= 1, got {a.ppo_epochs}")
     if a.max_new_tokens < 1:
         raise ConfigError(f"{src}: algorithm.max_new_tokens must be >= 1, got {a.max_new_tokens}")
-    has_rm = "reward" in cfg.roles
-    if has_rm == (a.reward_fn is not None):
-        raise ConfigError(f"{src}: set exactly one of roles.reward (a reward-model run: roles.reward=run:DIR) and "
-                          f"algorithm.reward_fn (a rule-based reward, e.g. exact_match)")
+    if a.max_resample_rounds < 0:
+        raise ConfigError(f"{src}: algorithm.max_resample_rounds must be >= 0, got {a.max_resample_rounds}")
     if a.temperature <= 0:
         raise ConfigError(f"{src}: algorithm.temperature must be > 0 for RL sampling, got {a.temperature}")
     if a.reward_scale <= 0 or (a.reward_clip is not None and a.reward_clip <= 0):
@@ -135,38 +172,28 @@ def check_sizes(cfg, mesh, min_per_prompt: int = 1) -> Sizes:
     return Sizes(P, K, N, M, mu, dp)
 
 
-def standardize_reward(score, offset: float, scale: float, clip: Optional[float]):
-    """``clip((score - offset) / scale, -clip, clip)`` (no clipping when ``clip`` is None)."""
-    score = (score - offset) / scale
-    return score if clip is None else jnp.clip(score, -clip, clip)
-
-
 # ---- the algorithm ------------------------------------------------------------------------------
 class RLAlgorithm(Algorithm):
     """Rollout, scoring, minibatch updates shared by the RL algorithms (see the module docstring).
 
-    A variant sets ``has_critic`` / ``min_per_prompt`` / ``needs_old_logps`` and implements ``advantages``
-    (inside the jitted scoring program) and ``actor_loss``.
+    A preset is its config class (the defaults of ``policy_loss``, ``advantage``, ``kl_in``, ...) and, when it
+    needs one (PPO's critic), a ``critic_loss``. The objective, estimator and mismatch correction come from the
+    registries of :mod:`jalign.algorithms.rl_objectives`.
     """
 
-    has_critic = False
     min_per_prompt = 1
-    needs_old_logps = True  # the advantage estimator reads the behaviour log-probs (e.g. a KL-penalised reward)
     role_names = ("reference", "reward")
 
     def __init__(self, rt):
         super().__init__(rt)
         cfg, a = self.cfg, self.a
-        self.sizes = check_sizes(cfg, rt.mesh, self.min_per_prompt)
-        self.rule = None
-        if a.reward_fn:
-            from jalign.rewards import get_reward
-
-            try:
-                self.rule = get_reward(a.reward_fn)
-            except ValueError as e:
-                raise ConfigError(f"{cfg.source or '<config>'}: {e}") from None
-        self.decls = tfm.declare_params(cfg.model)
+        src = cfg.source or "<config>"
+        self.terms = reward_terms(cfg)
+        check_reward_keys(a, src)
+        self.objective, self.estimator, self.mismatch = check_objectives(a, src, has_critic_keys=hasattr(a, "lam"))
+        self.sizes = check_sizes(cfg, rt.mesh, max(self.min_per_prompt, self.estimator.min_per_prompt))
+        self.trainable = Trainable(cfg.model, tfm.declare_params(cfg.model))
+        self.decls = self.trainable.decls  # every parameter, or (LoRA) the adapters
         self.gen_cfg = dataclasses.replace(cfg.model, init_from=None, hf_path=None)
         self.updates = cfg.train.steps * a.ppo_epochs * self.sizes.minibatches
         self.actor = TrainedModel(self.decls, cfg.optim, self.updates, rt.mesh, rt.rules,
@@ -174,53 +201,67 @@ class RLAlgorithm(Algorithm):
         self.replicated = NamedSharding(rt.mesh, PartitionSpec())
         self.single_use = a.ppo_epochs == 1 and self.sizes.minibatches == 1
         self.old_from_update = self.single_use and not self.needs_old_logps
-        self.rm_cfg = self._reward_model_config()
+        self.rm_cfgs = {t.role: self._reward_model_config(t) for t in model_terms(self.terms)}
         if self.has_critic:
             self._init_critic()
         self._load_data()
-        self._actor_step = make_train_step(self.actor_loss, self.normalizers, self.actor)
+        self.sampler = Sampler(self)
         self._score = jax.jit(self._score_impl)
-        shardings = self._state_shardings()
-        self._update = jax.jit(self._update_impl, in_shardings=(shardings, None, self.replicated),
-                               out_shardings=(shardings, self.replicated), donate_argnums=(0,))
+        self.build_update(self.actor_loss)
         self._host_step = 0
         self._penalty_checked = False
-        reward_role = "reward" if "reward" in cfg.roles else None
-        self.generation_eval = (GenerationEval(rt, self.tokenizer, self.eval_set, kl_role="reference",
-                                               reward_role=reward_role, reward_attribute=a.reward_attribute,
-                                               reward_fn=self._rule_fn() if self.rule else None)
+        self.generation_eval = (GenerationEval(rt, self.tokenizer, self.eval_set, kl_role=self.reference_role,
+                                               rewards=self.terms, monitor=a.monitor,
+                                               standardize=(a.reward_offset, a.reward_scale, a.reward_clip))
                                 if self.eval_set is not None and cfg.eval.prompts > 0 else None)
 
-    def _reward_model_config(self):
-        """The reward role's architecture (from its own run), known before any weights are loaded."""
-        if "reward" not in self.cfg.roles:
-            return None
+    @property
+    def reference_role(self) -> str:
+        """The role the reference policy is: ``reference``, or under LoRA by default the frozen base."""
+        return BASE if self.trainable.is_lora and "reference" not in self.cfg.roles else "reference"
+
+    @property
+    def has_critic(self) -> bool:
+        return self.estimator.needs_critic
+
+    @property
+    def needs_old_logps(self) -> bool:
+        """The behaviour log-probs are needed before the update: a KL-shaped reward or the mismatch weights."""
+        return self.a.kl_in == "reward" or self.mismatch is not None
+
+    def _reward_model_config(self, term):
+        """A reward role's architecture (from its own run), known before any weights are loaded."""
         from jalign.models import load
         from jalign.roles import role_architecture
 
-        source = load.parse_source(self.cfg.roles["reward"].source, where="roles.reward")
-        rm = role_architecture(self.cfg, source, "roles.reward")
+        key = f"roles.{term.role}" if term.role in self.cfg.roles else f"algorithm.rewards ({term.name})"
+        spec = self.cfg.roles[term.role].source if term.role in self.cfg.roles else term.source
+        source = load.parse_source(spec, where=key)
+        rm = role_architecture(self.cfg, source, key)
         if rm.vocab_size != self.cfg.model.vocab_size:
-            raise ConfigError(f"roles.reward={source}: vocab_size {rm.vocab_size} differs from the policy's "
+            raise ConfigError(f"{key}={source}: vocab_size {rm.vocab_size} differs from the policy's "
                               f"{self.cfg.model.vocab_size}: the reward model must share the tokenizer")
         return rm
 
-    def _rule_fn(self):
-        """(prompt text, response, reference, example) -> reward; the example's other fields reach the rule."""
-        return lambda p, r, ref, ex: self.rule(p, r, ref, fields=getattr(ex, "fields", None))
-
     # ---- construction ---------------------------------------------------------------------------
     def role_specs(self):
-        return {"reference": RoleSpec(what="reference model"),
-                "reward": RoleSpec(source=None, lm_head=False, score_outputs=-1, what="reward model")}
+        specs = dict(self.trainable.role_specs())  # under LoRA: the frozen base
+        if self.reference_role == "reference":
+            specs["reference"] = RoleSpec(what="reference model")
+        specs[REWARD_ROLE] = RoleSpec(source=None, lm_head=False, score_outputs=-1, what="reward model")
+        for t in model_terms(self.terms):
+            if t.role != REWARD_ROLE:
+                specs[t.role] = RoleSpec(source=t.source, lm_head=False, score_outputs=-1,
+                                         what=f"reward model {t.name!r}")
+        return specs
 
     def critic_source(self) -> Optional[str]:
         """The critic's starting weights: ``algorithm.critic_init``, else the reward model's, else the policy's."""
         a = self.a
         if getattr(a, "critic_init", None):
             return a.critic_init
-        if "reward" in self.cfg.roles:
-            return self.cfg.roles["reward"].source
+        if REWARD_ROLE in self.cfg.roles:
+            return self.cfg.roles[REWARD_ROLE].source
         return None
 
     def _init_critic(self):
@@ -268,7 +309,7 @@ class RLAlgorithm(Algorithm):
 
     # ---- protocol -------------------------------------------------------------------------------
     def init_state(self, roles):
-        params = initial_policy_params(self.rt, self.decls)
+        params = self.trainable.init_params(self.rt, lambda decls: initial_policy_params(self.rt, decls))
         extra = {"kl_coef": jax.device_put(jnp.float32(self.a.kl_coef), self.replicated)}
         if self.has_critic:
             extra["critic"] = self._initial_critic()
@@ -308,6 +349,26 @@ class RLAlgorithm(Algorithm):
     def train_batches(self):
         return self.train_iter
 
+    # ---- the trained policy -----------------------------------------------------------------------
+    def actor_roles(self, roles) -> Optional[dict]:
+        """The frozen params the actor's forward pass needs: the base under LoRA, else none."""
+        return roles.on_device([BASE]) if self.trainable.is_lora else None
+
+    def policy(self, state, roles):
+        """(params, config) generation uses: the actor, under LoRA the base with the adapters applied."""
+        return self.trainable.forward_params(state.params, self.actor_roles(roles)), self.cfg.model
+
+    def export(self, state, roles, out_dir):
+        """The actor as a Hugging Face directory (under LoRA: merged, and the PEFT adapter in ``OUT_DIR/adapter``)."""
+        from pathlib import Path
+
+        from jalign.models.hf_io import save_hf
+
+        save_hf(self.trainable.merged(state.params, self.actor_roles(roles)), self.cfg.model, out_dir,
+                tokenizer_dir=self.tokenizer_dir())
+        if self.trainable.is_lora:
+            self.trainable.export_adapter(state.params, str(Path(out_dir) / "adapter"), self.cfg.model.hf_path)
+
     def start(self, state, roles):
         self._host_step = int(jax.device_get(state.step))
 
@@ -327,93 +388,104 @@ class RLAlgorithm(Algorithm):
         timing = self.cfg.train.timing
         step = self._host_step
         t0 = time.perf_counter()
-        idx = np.repeat(np.asarray(batch["prompt_index"]), self.sizes.per_prompt)
-        out = self.sample(state.params, [self.train_prompts.ids[i] for i in idx], self._rollout_key(step))
-        score = None
-        if self.rule is not None:
-            score, _, _ = xp.rule_scores(self._rule_fn(), self.tokenizer, out, list(idx), self.train_prompts)
+        roll = self.sampler(self.policy(state, roles)[0], roles, np.asarray(batch["prompt_index"]), step)
         if timing:
-            jax.block_until_ready(out)
+            jax.block_until_ready(roll.out)
         t1 = time.perf_counter()
         critic = state.extra["critic"]["params"] if self.has_critic else None
-        prep, metrics, new_kl = self._score(state.params, critic, self.scoring_roles(roles), out, score,
-                                            state.extra["kl_coef"])
+        prep, metrics, new_kl = self._score(state.params, critic, self.scoring_roles(roles), roll.out, roll.given,
+                                            state.extra["kl_coef"], roll.row_valid)
         if not self._penalty_checked:
             self._check_truncation_penalty(metrics)
         metrics = {k: v for k, v in metrics.items() if k != "reward_ended_min"}
         if timing:
             jax.block_until_ready(prep)
         t2 = time.perf_counter()
-        state, train_metrics = self.update(state, prep, step)
+        state, train_metrics = self.update(state, prep, step, self.actor_roles(roles))
         state = state.replace(step=state.step + 1, extra=dict(state.extra, kl_coef=new_kl))
         if timing:
             jax.block_until_ready(state.params)
         t3 = time.perf_counter()
         self._host_step = step + 1
-        metrics = dict(metrics, **train_metrics, kl_coef=jnp.copy(new_kl))  # the state's own buffer is donated next
+        metrics = dict(metrics, **train_metrics, **roll.metrics, kl_coef=jnp.copy(new_kl))  # state's buffer is donated next
         if timing:
             metrics.update(time_rollout=t1 - t0, time_score=t2 - t1, time_train=t3 - t2)
         return state, metrics
 
+    def reward_roles(self, roles) -> dict:
+        return roles.on_device(sorted(self.rm_cfgs))
+
     def scoring_roles(self, roles) -> dict:
-        names = ["reference"] + (["reward"] if "reward" in roles else [])
-        return roles.on_device(names)
+        return roles.on_device([*dict.fromkeys((self.reference_role, *self.trainable.role_specs())),
+                                *sorted(self.rm_cfgs)])
 
     # ---- rollout --------------------------------------------------------------------------------
     def _rollout_key(self, step: int):
-        return jax.random.fold_in(jax.random.key(self.cfg.train.seed), step)
+        return self.sampler._key(step, 0)
 
     def sample(self, params, prompt_ids, key, greedy: bool = False) -> dict:
         a = self.a
         return xp.sample(params, self.gen_cfg, prompt_ids, max_new_tokens=a.max_new_tokens, new_len=self.N,
                          prompt_len=self.P, key=key, eos_ids=sorted(self.tokenizer.eos_ids),
                          pad_id=self.tokenizer.pad_id, mesh=self.rt.mesh, rules=self.rt.rules,
-                         temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, greedy=greedy)
+                         temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, greedy=greedy,
+                         rollout=self.cfg.rollout)
 
     # ---- scoring (one jitted program) -----------------------------------------------------------
-    def _score_impl(self, params, critic, roles, out, rule_score, kl_coef):
+    def _score_impl(self, params, critic, roles, out, given, kl_coef, row_valid=None):
+        """Rows, log-probs, values, the shaped reward, advantages and mismatch weights of one rollout.
+
+        ``given``: reward components already scored (rules, and with dynamic sampling the reward models);
+        ``row_valid`` [N]: 0 for rows that must not train (dynamic sampling's unfilled slots)."""
         require_mesh_context("the RL scoring program")
         a, T = self.a, self.a.temperature
         rows = xp.rollout_rows(out, self.tokenizer.pad_id)
-        mask0 = rows["mask"]
+        mask0 = rows["mask"] if row_valid is None else rows["mask"] * row_valid[:, None]
         ended = rows["ended"] > 0
-        ref = token_logps(roles["reference"], rows, self.cfg.model, T)
-        old = None if self.old_from_update else token_logps(params, rows, self.cfg.model, T)
-        if "reward" in roles:
-            score = sequence_scores(roles["reward"], rows["tokens"], rows["positions"], rows["segment_ids"],
-                                    self.rm_cfg)[:, a.reward_attribute].astype(jnp.float32)
-        else:
-            score = rule_score
-        raw_mean = jnp.mean(score)
-        score = standardize_reward(score, a.reward_offset, a.reward_scale, a.reward_clip)
-        ended_min = jnp.min(jnp.where(ended, score, jnp.inf))
+        ref = token_logps(roles[self.reference_role], rows, self.cfg.model, T)
+        policy = self.trainable.forward_params(params, roles)
+        old = None if self.old_from_update else token_logps(policy, rows, self.cfg.model, T)
+        raw = dict(given or {})
+        raw.update(model_components(self.terms, roles, self.rm_cfgs, rows, raw))
+        _, score, reward_metrics = shape_rewards(self.terms, a, raw, rows["lengths"], ended)
         mask = mask0
-        if a.truncated_response == "penalize":
-            score = jnp.where(ended, score, a.truncation_penalty)
-        elif a.truncated_response == "mask":
+        if a.truncated_response == "mask":
             mask = mask0 * ended[:, None].astype(mask0.dtype)
         values = token_values(critic, rows, self.critic_cfg) if self.has_critic else None
         seq_kl = jnp.sum(kl_k1(old, ref, mask0), axis=-1) if old is not None else None
-        extra, metrics, new_kl = self.advantages(old, ref, values, score, mask, seq_kl, kl_coef)
+        extra, metrics, new_kl = self.estimator.fn(a, self.sizes, AdvantageInputs(old, ref, values, score, mask,
+                                                                                  seq_kl, kl_coef))
+        weight = mask
+        if a.loss_aggregation == "sequence":  # per-sequence token mean, then the mean over sequences
+            weight = mask / jnp.maximum(jnp.sum(mask, -1, keepdims=True), 1.0)
         prep = {k: rows[k] for k in ROW_KEYS}
-        prep.update(extra, score=score)
+        prep.update(extra, score=score, weight=weight)
+        if a.kl_in == "loss":
+            prep["ref_logps"] = ref
         if old is not None:
             prep["old_logps"] = old
-        metrics = dict(metrics, reward_mean=jnp.mean(score), reward_std=jnp.std(score), reward_raw_mean=raw_mean,
+        metrics = dict(metrics, **reward_metrics, **_mean_std(score, row_valid),
                        response_length=jnp.mean(rows["lengths"].astype(jnp.float32)),
                        ended_with_eos=jnp.mean(rows["ended"]),
-                       truncated_fraction=1.0 - jnp.mean(rows["ended"]), reward_ended_min=ended_min,
+                       truncated_fraction=1.0 - jnp.mean(rows["ended"]),
                        trained_fraction=jnp.mean((jnp.sum(mask, -1) > 0).astype(jnp.float32)))
         if seq_kl is not None:
             metrics["kl"] = jnp.mean(seq_kl)
             metrics["logprob_max_diff"] = jnp.max(jnp.where(mask0 > 0, jnp.abs(old - rows["sampler_logps"]), 0.0))
+            mm = rollout_mismatch_metrics(old, rows["sampler_logps"], mask0)
+            metrics.update({k: v for k, v in mm.items() if not k.startswith("num_")})
+        if self.mismatch is not None:
+            w, mm = self.mismatch.fn(old, rows["sampler_logps"], mask0, a.mismatch_cap)
+            prep["is_weight"] = w
+            metrics.update({k: v for k, v in mm.items() if k.startswith("is_")})
         return prep, metrics, new_kl
 
     # ---- training -------------------------------------------------------------------------------
     @staticmethod
     def normalizers(batch):
-        """The global count of the whole minibatch: valid tokens (or sequences, with per-sequence weights)."""
-        return {"n": jnp.sum(batch["weight"])}
+        """The global counts of the whole minibatch: ``n`` valid tokens (or sequences, with per-sequence
+        weights) and ``seqs`` sequences with a trained token (sequence-level objectives)."""
+        return {"n": jnp.sum(batch["weight"]), "seqs": jnp.sum(jnp.sum(batch["weight"], -1) > 0).astype(jnp.float32)}
 
     def policy_terms(self, params, mb, norms):
         """(token log-probs at T, entropy-bonus loss, entropy metric or None): entropy only when it is trained."""
@@ -428,7 +500,7 @@ class RLAlgorithm(Algorithm):
         """The behaviour log-probs: scored before the update, or (one update per rollout) this very forward."""
         return mb["old_logps"] if "old_logps" in mb else jax.lax.stop_gradient(logps)
 
-    def _update_impl(self, state, prep, idx):
+    def _update_impl(self, state, prep, idx, actor_roles):
         s = self.sizes
         mb = {}
         for k, x in prep.items():
@@ -436,7 +508,7 @@ class RLAlgorithm(Algorithm):
             mb[k] = jax.lax.with_sharding_constraint(
                 x[idx].reshape((s.accum, s.micro) + x.shape[1:]), field_sharding(self.rt.mesh, self.rt.rules, axes))
         sub = state.replace(extra={})
-        new, m = self._actor_step(sub, None, mb)
+        new, m = self._actor_step(sub, actor_roles, mb)
         out = state.replace(params=new.params, opt_state=new.opt_state)
         metrics = {("policy_" + k if k in ("grad_norm", "skipped") else k): v for k, v in m.items()}
         metrics["actor_loss"] = metrics.pop("loss")
@@ -451,7 +523,7 @@ class RLAlgorithm(Algorithm):
         metrics["skipped"] = metrics["policy_skipped"] + metrics.get("critic_skipped", 0)
         return out, metrics
 
-    def update(self, state, prep, step: int):
+    def update(self, state, prep, step: int, actor_roles=None):
         """``ppo_epochs`` shuffled passes of minibatch updates; metrics averaged over the updates (on device)."""
         s = self.sizes
         rows = prep["tokens"].shape[0]
@@ -464,7 +536,7 @@ class RLAlgorithm(Algorithm):
             for i in range(s.minibatches):
                 idx = jax.device_put(jnp.asarray(perm[i * s.minibatch:(i + 1) * s.minibatch], jnp.int32),
                                      self.replicated)
-                state, m = self._update(state, prep, idx)
+                state, m = self._update(state, prep, idx, actor_roles)
                 collected.append(m)
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *collected)
         out = {k: jnp.mean(v.astype(jnp.float32)) for k, v in stacked.items()}
@@ -472,9 +544,42 @@ class RLAlgorithm(Algorithm):
         out["num_tokens"] = jnp.sum(stacked["num_tokens"]) / self.a.ppo_epochs
         return state, out
 
-    # ---- to implement ---------------------------------------------------------------------------
-    def advantages(self, old, ref, values, score, mask, seq_kl, kl_coef):
-        raise NotImplementedError
+    def build_update(self, actor_loss) -> None:
+        """(Re)build the jitted minibatch update around ``actor_loss(params, mb, norms, roles)``, which is
+        given the actor's forward params (under LoRA: the frozen base with the trained adapters, LoRA
+        dropout keyed by ``norms["rng"]``)."""
+        def trained_loss(params, mb, norms, roles):
+            return actor_loss(self.trainable.forward_params(params, roles, norms.get("rng")), mb, norms, roles)
+
+        dropout = self.trainable.is_lora and self.cfg.model.lora.dropout > 0
+        self._actor_step = make_train_step(trained_loss, self.normalizers, self.actor, with_rng=dropout)
+        shardings = self._state_shardings()
+        self._update = jax.jit(self._update_impl, in_shardings=(shardings, None, self.replicated, None),
+                               out_shardings=(shardings, self.replicated), donate_argnums=(0,))
 
     def actor_loss(self, params, mb, norms, roles):
-        raise NotImplementedError
+        """``algorithm.policy_loss`` on the (mismatch-weighted) advantages, + kl_coef * k3 with ``kl_in: loss``,
+        + the entropy bonus."""
+        a = self.a
+        logps, e_loss, ent = self.policy_terms(params, mb, norms)
+        adv = mb["advantages"] if "is_weight" not in mb else with_is_weight(mb["advantages"], mb["is_weight"])
+        pl, m = self.objective.fn(a, logps, self.old_logps(mb, logps), adv, mb["weight"], norms)
+        loss = pl + e_loss
+        out = dict(m, policy_loss=pl)
+        if a.kl_in == "loss":
+            kl = kl_loss_term(logps, mb["ref_logps"], mb["weight"], norms["n"])
+            loss = loss + a.kl_coef * kl
+            out["kl_loss"] = kl
+        if ent is not None:
+            out["entropy"] = ent
+        out["loss"] = loss
+        return loss, out
+
+
+def _mean_std(score, row_valid) -> dict:
+    """reward_mean / reward_std of the rows that train (all rows, or those with ``row_valid`` = 1)."""
+    if row_valid is None:
+        return {"reward_mean": jnp.mean(score), "reward_std": jnp.std(score)}
+    n = jnp.maximum(jnp.sum(row_valid), 1.0)
+    mean = jnp.sum(score * row_valid) / n
+    return {"reward_mean": mean, "reward_std": jnp.sqrt(jnp.sum(jnp.square(score - mean) * row_valid) / n)}

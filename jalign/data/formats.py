@@ -130,6 +130,7 @@ class PromptExample:
     prompt: Text
     answer: Optional[str] = None
     source: str = ""
+    fields: dict = field(default_factory=dict)  # the line's other keys, passed to rule rewards (``fields=``)
 
 
 # ---- field validators ---------------------------------------------------------------------------
@@ -296,7 +297,8 @@ def parse_prompt(obj: dict) -> PromptExample:
     answer = obj.get("answer")
     if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int))):
         raise _Bad(f'field "answer" must be a string, got {_type_name(answer)}')
-    return PromptExample(_text(obj, "prompt"), None if answer is None else str(answer))
+    return PromptExample(_text(obj, "prompt"), None if answer is None else str(answer),
+                         fields={k: v for k, v in obj.items() if k not in ("prompt", "answer")})
 
 
 def parse_unpaired(obj: dict) -> UnpairedExample:
