@@ -42,7 +42,11 @@ def run_one(out: Path, seed: int, devices: int, xla_flags: str, fast: bool, log=
         return json.loads(done.read_text())
     d.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {xla_flags}".strip()
+    # simulated devices are threads: on a loaded machine one may reach a collective > 40 s late, and XLA
+    # would abort the run, so it waits longer
+    patient = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=300"
+               " --xla_cpu_collective_call_terminate_timeout_seconds=1800")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {patient} {xla_flags}".strip()
     env.setdefault("JAX_PLATFORMS", "cpu")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     cmd = [sys.executable, "-m", "jalign", "pipeline", "--seed", str(seed), "--out", str(d), *(["--fast"] if fast else [])]

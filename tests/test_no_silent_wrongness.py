@@ -17,6 +17,7 @@ from jalign.checkpoint import Checkpointer, load_params
 from jalign.config import ConfigError, load_config
 from jalign.metrics import read_metrics
 from jalign.trainer import TrainingDiverged, train
+from conftest import PATIENT_COLLECTIVES
 
 ROOT = Path(__file__).parent.parent
 QUIET = ["train.progress=false", "train.tensorboard=false", "train.async_checkpointing=false", "train.log_every=1",
@@ -104,8 +105,8 @@ def test_full_disk_under_jalign_train_is_one_message_and_the_last_checkpoint_loa
         args = [sys.executable, "-m", "jalign", "train", str(ROOT / "configs/sft_tiny.yaml"), *QUIET, *WIDE,
                 f"train.out_dir={run}", "train.steps=40", "train.checkpoint_every=1", "train.keep_checkpoints=100",
                 "train.global_batch=8", "data.seq_len=32", "train.async_checkpointing=true"]
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-                   JALIGN_COMPILATION_CACHE="off", PYTHONPATH=str(ROOT))
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 " + PATIENT_COLLECTIVES,
+                   JAX_PLATFORMS="cpu", JALIGN_COMPILATION_CACHE="off", PYTHONPATH=str(ROOT))
         p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
         assert p.returncode == 1, p.stderr[-2000:]
         errors = [line for line in p.stderr.splitlines() if "error:" in line]

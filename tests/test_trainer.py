@@ -13,6 +13,7 @@ import pytest
 from jalign.config import load_config
 from jalign.metrics import read_metrics
 from jalign.trainer import TrainingDiverged, train
+from conftest import PATIENT_COLLECTIVES
 
 ROOT = Path(__file__).parent.parent
 TINY = [
@@ -83,7 +84,8 @@ def test_sigterm_checkpoints_and_resumes(tmp_path):
     run = tmp_path / "term"
     args = [sys.executable, "-m", "jalign", "train", str(ROOT / "configs/sft_tiny.yaml"), *TINY,
             f"train.out_dir={run}", "train.steps=100000", "train.checkpoint_every=1000000"]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 " + PATIENT_COLLECTIVES,
+               JAX_PLATFORMS="cpu")
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
     while time.time() < deadline:
