@@ -46,6 +46,10 @@ class Runtime:
     run_dir: Path
     tokenizer: Any = None
     log: Callable[[str], None] = print
+    # Abstract mode (``jalign plan``, ``jalign train --dry-run``): build every program from shapes only; no
+    # data is read, no weight is loaded (see jalign.abstract and Algorithm.programs).
+    abstract: bool = False
+    abstract_prompt_len: Optional[int] = None  # abstract mode: the longest prompt (default: what a row allows)
 
     @property
     def data_parallel(self) -> int:
@@ -132,7 +136,8 @@ def make_train_step(loss_fn: LossFn, normalizers_fn: Callable[[dict], dict], tra
                  jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
         (grads, metrics), _ = jax.lax.scan(micro, zeros, batch)
         grad_norm = optax.tree.norm(grads)
-        updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+        opt_state = trained.opt_to_device(state.opt_state)  # offloaded moments come in only now
+        updates, new_opt = optimizer.update(grads, opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         # An update that overflows the params (an absurd step on finite gradients) is skipped too, so a
         # non-finite streak never starts from parameters that were already ruined.
@@ -140,7 +145,7 @@ def make_train_step(loss_fn: LossFn, normalizers_fn: Callable[[dict], dict], tra
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         count = adam_count(state.opt_state)
         new_state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
-                                  opt_state=keep(new_opt, state.opt_state))
+                                  opt_state=keep(new_opt, opt_state))
         metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(count), skipped=1 - finite.astype(jnp.int32))
         return new_state, metrics
 
@@ -175,6 +180,10 @@ class Algorithm:
         from jalign.data.tokenizer import check_vocab, load_tokenizer
 
         self.rt, self.cfg, self.a = rt, rt.cfg, rt.cfg.algorithm
+        if rt.abstract and rt.tokenizer is None:
+            from jalign.abstract import abstract_tokenizer
+
+            rt.tokenizer = abstract_tokenizer(self.cfg.model)
         self.tokenizer = rt.tokenizer or load_tokenizer(self.cfg.model.tokenizer)
         check_vocab(self.cfg.model.vocab_size, self.tokenizer, f"{self.cfg.source or '<config>'}: model.vocab_size")
 
@@ -228,6 +237,19 @@ class Algorithm:
         params, cfg = self.policy(state, roles)
         save_hf(params, cfg, out_dir, tokenizer_dir=self.tokenizer_dir())
 
+    # the run's programs, for jalign plan
+    def programs(self) -> dict:
+        """``{name: jalign.abstract.Program(jitted fn, abstract args, ...)}``: every jitted program the run
+        executes, in run order, with arguments made of shapes and shardings only (built in abstract mode:
+        ``Runtime(abstract=True)``). ``jalign plan`` compiles each and reports its memory."""
+        raise NotImplementedError(f"algorithm {self.name!r} does not list its programs (Algorithm.programs)")
+
+    def abstract_roles(self):
+        """``(params, configs, offloaded)`` of the roles this algorithm declares, as abstract arrays."""
+        from jalign.abstract import abstract_roles
+
+        return abstract_roles(self.cfg, self.role_specs(), self.rt.mesh, self.rt.rules)
+
 
 def initial_policy_params(rt: Runtime, decls, *, allow_fresh=(), role: str = "policy") -> dict:
     """The trained model's starting params for ``decls`` from the policy's source, straight onto their
@@ -268,7 +290,12 @@ class SupervisedAlgorithm(Algorithm):
         self.accum = accumulation_steps(cfg)
         self.trained = TrainedModel(self.decls, cfg.optim, cfg.train.steps, rt.mesh, rt.rules,
                                     params_lib.DTYPES[cfg.model.param_dtype])
-        self.data = self.make_data()
+        if rt.abstract:
+            from jalign.abstract import AbstractData
+
+            self.data = AbstractData(cfg, rt.abstract_prompt_len)
+        else:
+            self.data = self.make_data()
         self.fields = self.batch_fields()
         self._train_step = make_train_step(self.loss, self.normalizers, self.trained)
         self._eval_step = jax.jit(self._eval_sums)
@@ -344,3 +371,37 @@ class SupervisedAlgorithm(Algorithm):
 
     def data_counts(self):
         return getattr(self.data, "counts", {})
+
+    # -- the run's programs (jalign plan) --
+    def abstract_batch(self, accum: int, rows: int, fields: Optional[dict] = None) -> dict:
+        """Abstract ``[accum, rows, ...]`` batch of this algorithm's fields (``rows`` per accumulation step)."""
+        from jalign.abstract import abstract_batch
+
+        return abstract_batch(self.fields if fields is None else fields, self.rt.mesh, self.rt.rules, accum, rows,
+                              self.cfg.data.seq_len, self.batch_trailing_dims())
+
+    def batch_trailing_dims(self) -> dict:
+        """Sizes of the batch fields' axes that are neither batch nor seq (``{name: (size, ...)}``)."""
+        return {}
+
+    def programs(self):
+        from jalign.abstract import Program, generation_eval_programs, state_uses
+
+        t = self.cfg.train
+        roles, configs, _ = self.abstract_roles()
+        state = self.abstract_state()
+        step_roles = {n: roles[n] for n in self.step_roles}
+        role_uses = tuple(f"role:{n}" for n in self.step_roles)
+        micro = t.micro_batch or t.global_batch
+        progs = {"train_step": Program(self._train_step, (state, step_roles, self.abstract_batch(self.accum, micro)),
+                                       uses=state_uses(state) + role_uses,
+                                       note=f"{self.accum} x {micro} rows x {self.cfg.data.seq_len}")}
+        progs.update(self.trained.update_phase_programs("train_step/update"))
+        if self.data.has_eval:
+            progs["eval_step"] = Program(self._eval_step, (state.params, step_roles, self.abstract_batch(1, t.global_batch)),
+                                         uses=("params",) + role_uses,
+                                         note=f"{t.global_batch} rows x {self.cfg.data.seq_len}")
+        if self.generation_eval is not None:
+            params, mcfg = self.policy(state, None)
+            progs.update(generation_eval_programs(self.generation_eval, params, mcfg, roles, configs))
+        return progs

@@ -83,11 +83,11 @@ class DPO(SupervisedAlgorithm):
         self.step_roles = () if self.precomputed else ("reference",)
         super().__init__(rt)
         self.columns = PrecomputedColumns(rt.run_dir / STORE_DIR, {"ref_logps": ((2,), "float32")},
-                                          self._fingerprint()) if self.precomputed else None
+                                          self._fingerprint()) if self.precomputed and not rt.abstract else None
         self._ref_step = jax.jit(self._reference_sums, out_shardings=NamedSharding(rt.mesh, PartitionSpec()))
 
     def role_specs(self):
-        if self.precomputed and self.columns.ready():
+        if self.precomputed and self.columns is not None and self.columns.ready():
             return {}  # the stored log-probs stand in for the reference: it is not even loaded
         return {"reference": RoleSpec(what="reference model")}
 
@@ -175,9 +175,29 @@ class DPO(SupervisedAlgorithm):
     def prepare_batch(self, host_batch, split):
         return self.columns.join(host_batch, split) if self.precomputed else host_batch
 
+    # -- the run's programs (jalign plan) --
+    def batch_trailing_dims(self):
+        return {"ref_logps": (2,)}
+
+    def programs(self):
+        """The supervised programs, preceded by the reference pass when the reference is precomputed (the
+        reference role is released after it)."""
+        from jalign.abstract import Program
+
+        progs = super().programs()
+        if not self.precomputed:
+            return progs
+        roles, _, _ = self.abstract_roles()
+        rows = self.cfg.train.global_batch
+        batch = self.abstract_batch(1, rows, fields.pair_fields("lm"))
+        first = Program(self._ref_step, (roles["reference"], batch), uses=("role:reference",),
+                        releases=("role:reference",), note=f"{rows} pairs x {self.cfg.data.seq_len}, once per run")
+        return {"reference_logps": first, **progs}
+
 
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+

@@ -74,6 +74,10 @@ class RLConfig:
     reward_offset: float = 0.0
     reward_scale: float = 1.0
     reward_clip: Optional[float] = None
+    # "tensor": sample from a copy of the actor resharded once per rollout to tensor-parallel only (replicated
+    # over data/fsdp, compute dtype) instead of all-gathering fsdp-sharded weights at every decode step
+    # (jalign.rollout.layout; `jalign plan` shows both).
+    rollout_layout: Literal["train", "tensor"] = "train"
 
 
 # ---- sizes --------------------------------------------------------------------------------------
@@ -176,6 +180,9 @@ class RLAlgorithm(Algorithm):
         if self.has_critic:
             self._init_critic()
         self._load_data()
+        from jalign.rollout.layout import RolloutLayout
+
+        self.rollout = RolloutLayout(a.rollout_layout, self.decls, cfg.model, rt.mesh, rt.rules)
         self._actor_step = make_train_step(self.actor_loss, self.normalizers, self.actor)
         self._score = jax.jit(self._score_impl)
         shardings = self._state_shardings()
@@ -253,9 +260,16 @@ class RLAlgorithm(Algorithm):
                 self.rt.log(f"data: {spec}: skipped {len(skipped)} bad lines")
             return xp.PromptSet(examples, self.tokenizer, d.chat_template, max_prompt, self.rt.log, spec)
 
-        self.train_prompts = prompts(d.train, d.max_examples)
         e = self.cfg.eval
-        self.eval_set = prompts(d.eval, e.prompts) if d.eval and e.prompts > 0 else None
+        if self.rt.abstract:  # jalign plan: prompts of the longest length a row allows; nothing is read
+            from jalign.abstract import dummy_prompts, prompt_bound
+
+            longest = prompt_bound(d.seq_len, a.max_new_tokens, self.rt.abstract_prompt_len)
+            self.train_prompts = dummy_prompts(1, longest)
+            self.eval_set = dummy_prompts(e.prompts, longest) if d.eval and e.prompts > 0 else None
+        else:
+            self.train_prompts = prompts(d.train, d.max_examples)
+            self.eval_set = prompts(d.eval, e.prompts) if d.eval and e.prompts > 0 else None
         sp = self.rt.mesh.shape["sequence"]
         self.P, self.N = xp.rollout_shape(self.train_prompts.longest, a.max_new_tokens, sp)
         if self.P + self.N > self.cfg.model.max_seq_len:
@@ -362,9 +376,9 @@ class RLAlgorithm(Algorithm):
 
     def sample(self, params, prompt_ids, key, greedy: bool = False) -> dict:
         a = self.a
-        return xp.sample(params, self.gen_cfg, prompt_ids, max_new_tokens=a.max_new_tokens, new_len=self.N,
-                         prompt_len=self.P, key=key, eos_ids=sorted(self.tokenizer.eos_ids),
-                         pad_id=self.tokenizer.pad_id, mesh=self.rt.mesh, rules=self.rt.rules,
+        return xp.sample(self.rollout.reshard(params), self.gen_cfg, prompt_ids, max_new_tokens=a.max_new_tokens,
+                         new_len=self.N, prompt_len=self.P, key=key, eos_ids=sorted(self.tokenizer.eos_ids),
+                         pad_id=self.tokenizer.pad_id, mesh=self.rt.mesh, rules=self.rollout.rules,
                          temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, greedy=greedy)
 
     # ---- scoring (one jitted program) -----------------------------------------------------------
@@ -475,3 +489,42 @@ class RLAlgorithm(Algorithm):
 
     def actor_loss(self, params, mb, norms, roles):
         raise NotImplementedError
+
+    # ---- the run's programs (jalign plan) -------------------------------------------------------
+    def programs(self):
+        """Rollout (the sampler with its KV cache), scoring, the minibatch update, the evaluation's programs."""
+        from jalign.abstract import Program, generate_program, generation_eval_programs, sampler_output, state_uses
+
+        s, a, rt = self.sizes, self.a, self.rt
+        roles, configs, _ = self.abstract_roles()
+        state = self.abstract_state()
+        progs = {}
+        gen_params = state.params
+        if self.rollout.active:
+            progs["rollout_reshard"] = self.rollout.reshard_program(state.params)
+            gen_params = self.rollout.abstract(state.params)
+        progs["rollout"] = generate_program(
+            gen_params, self.gen_cfg, rt.mesh, self.rollout.rules, batch=s.rollout, prompt_len=self.P, new_len=self.N,
+            top_k=a.top_k, top_p=a.top_p, num_end_ids=len(self.tokenizer.eos_ids) or 1, uses=("params",),
+            note=f"{s.prompts} prompts x {s.per_prompt} samples, {self.P} + {self.N} slots")
+        critic = state.extra["critic"]["params"] if self.has_critic else None
+        score_roles = {n: roles[n] for n in ("reference", "reward") if n in roles}
+
+        def score_args(outs):
+            out = sampler_output(outs, "rollout", progs["rollout"])
+            rule = (jax.ShapeDtypeStruct((s.rollout,), jnp.float32, sharding=out["lengths"].sharding)
+                    if self.rule is not None else None)
+            return state.params, critic, score_roles, out, rule, state.extra["kl_coef"]
+
+        progs["score"] = Program(self._score, score_args, uses=("params",) + (("critic",) if self.has_critic else ())
+                                 + tuple(f"role:{n}" for n in score_roles), note=f"{s.rollout} rows")
+        idx = jax.ShapeDtypeStruct((s.minibatch,), jnp.int32, sharding=self.replicated)
+        progs["update"] = Program(self._update, lambda outs: (state, outs["score"][0], idx), uses=state_uses(state),
+                                  note=f"{s.accum} x {s.micro} rows, {s.minibatches * a.ppo_epochs} per step")
+        progs.update(self.actor.update_phase_programs("update/actor"))
+        if self.has_critic:
+            progs.update(self.critic.update_phase_programs("update/critic"))
+        if self.generation_eval is not None:
+            params, mcfg = self.policy(state, None)
+            progs.update(generation_eval_programs(self.generation_eval, params, mcfg, roles, configs))
+        return progs
