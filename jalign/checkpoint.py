@@ -144,12 +144,22 @@ def _leaf_sums(x) -> jax.Array:
 _sums = jax.jit(lambda leaves: [_leaf_sums(x) for x in leaves])
 
 
+def _memory_kind(x):
+    return getattr(getattr(x, "sharding", None), "memory_kind", None)
+
+
 def checksums(tree) -> dict[str, list]:
     """``{"params/embed": [dtype, s1, s2], ...}`` for every array leaf (see :func:`_leaf_sums`)."""
     flat = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0] if isinstance(x, (jax.Array, np.ndarray))]
     if not flat:
         return {}
-    out = _sums([x for _, x in flat])
+    leaves = [x for _, x in flat]
+    hosted = [i for i, x in enumerate(leaves) if _memory_kind(x) not in (None, "device")]
+    on_device = [x for i, x in enumerate(leaves) if i not in set(hosted)]
+    out = _sums(on_device) if on_device else []
+    for i in hosted:  # host-memory leaves (an offloaded optimizer state): one device copy at a time
+        x = leaves[i]
+        out.insert(i, _sums([jax.device_put(x, x.sharding.with_memory_kind("device"))])[0])
     host = [np.asarray(o.addressable_shards[0].data) if isinstance(o, jax.Array) else np.asarray(o) for o in out]
     return {_path_str(p): [str(x.dtype), int(h[0]), int(h[1])] for (p, x), h in zip(flat, host)}
 
