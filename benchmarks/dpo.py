@@ -50,19 +50,16 @@ def step_flops(cfg, rows: int, T: int) -> float:
 
 
 def synthetic_batch(pairs: int, prompt: int, response: int, vocab: int, seed: int = 0) -> dict:
+    """A pairwise batch in jalign's layout: every sequence field [pairs, 2, T] (side 0 chosen, 1 rejected)."""
     T = prompt + response
     rng = np.random.default_rng(seed)
-    out = {}
-    for side in ("chosen", "rejected"):
-        ids = rng.integers(3, vocab, (pairs, T + 1)).astype(np.int32)
-        mask = np.zeros((pairs, T), np.float32)
-        mask[:, prompt - 1:] = 1.0  # targets from the first response token on
-        out.update({f"{side}_tokens": ids[:, :-1], f"{side}_targets": ids[:, 1:], f"{side}_loss_mask": mask,
-                    f"{side}_positions": np.broadcast_to(np.arange(T, dtype=np.int32), (pairs, T)).copy(),
-                    f"{side}_segment_ids": np.ones((pairs, T), np.int32)})
-    out.update(index=np.arange(pairs, dtype=np.int32), valid=np.ones(pairs, np.float32),
-               chosen_reward=np.ones(pairs, np.float32), rejected_reward=np.zeros(pairs, np.float32))
-    return out
+    ids = rng.integers(3, vocab, (pairs, 2, T + 1)).astype(np.int32)
+    mask = np.zeros((pairs, 2, T), np.float32)
+    mask[..., prompt - 1:] = 1.0  # targets from the first response token on
+    return {"tokens": ids[..., :-1], "targets": ids[..., 1:], "loss_mask": mask,
+            "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (pairs, 2, T)).copy(),
+            "segment_ids": np.ones((pairs, 2, T), np.int32), "index": np.arange(pairs, dtype=np.int32),
+            "valid": np.ones(pairs, np.float32), "rewards": np.tile(np.asarray([[1.0, 0.0]], np.float32), (pairs, 1))}
 
 
 def main(argv=None):

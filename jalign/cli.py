@@ -30,6 +30,7 @@ USAGE = """usage:
   jalign generate --model DIR --prompt TEXT    sample from a checkpoint / Hugging Face directory
   jalign convert --hf DIR --out CKPT           Hugging Face <-> jalign checkpoints
                  --from-checkpoint RUN[/checkpoints/N] --to-hf DIR
+  jalign annotate --model RM --input IN --output OUT   SteerLM attributes from a regression reward model
   jalign pipeline [--out DIR] [--fast]         the tiny SFT -> RM -> PPO / DPO pipeline end to end
   jalign plot RUN_DIR                          plot metrics.jsonl curves to RUN_DIR/curves.png
 options for every command:
@@ -234,6 +235,12 @@ def _convert(argv):
     return convert_main(argv)
 
 
+def _annotate(argv):
+    from jalign.annotate import annotate_main
+
+    return annotate_main(argv)
+
+
 def _pipeline(argv):
     from jalign.pipeline import pipeline_main
 
@@ -246,7 +253,8 @@ def _plot(argv):
     return plot_main(argv)
 
 
-COMMANDS = {"train": _train, "plan": _plan, "generate": _generate, "convert": _convert, "pipeline": _pipeline, "plot": _plot}
+COMMANDS = {"train": _train, "plan": _plan, "generate": _generate, "convert": _convert, "annotate": _annotate,
+            "pipeline": _pipeline, "plot": _plot}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,11 +29,11 @@ from jalign.errors import ConfigError  # noqa: F401  (re-exported: jalign.config
 class RopeScalingConfig:
     """Llama-3 style frequency-dependent RoPE scaling (HF ``rope_scaling`` with rope_type=llama3)."""
 
-    type: Literal["llama3", "linear"] = "llama3"
-    factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+    type: Literal["llama3", "linear"] = "llama3"  # llama3: frequency-dependent (Llama 3.1+); linear: positions / factor
+    factor: float = 8.0  # how much longer the context is than the one the model was trained on
+    low_freq_factor: float = 1.0  # llama3: wavelengths above original / low_freq_factor are scaled by 1 / factor
+    high_freq_factor: float = 4.0  # llama3: wavelengths below original / high_freq_factor are left as they are
+    original_max_position_embeddings: int = 8192  # the context length before scaling
 
 
 @dataclass
@@ -43,48 +44,54 @@ class LoRAConfig:
     (B = 0 at init, so training starts from the base). ``targets``: projection names or "all-linear".
     """
 
-    rank: int = 8
-    alpha: float = 16.0
+    rank: int = 8  # inner dimension of A [in, rank] and B [rank, out]
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
     dropout: float = 0.0  # on the adapter input (training only)
+    # which projections get adapters: "all-linear" or a list of q, k, v, o, gate, up, down
     targets: Union[Literal["all-linear"], list[Literal["q", "k", "v", "o", "gate", "up", "down"]]] = "all-linear"
 
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 384
-    hidden: int = 128
-    mlp: int = 384
-    layers: int = 2
-    heads: int = 4
-    kv_heads: int = 2
+    """The policy's architecture, dtypes and weight source. With ``hf_path`` / ``init_from`` the architecture
+    keys come from the source and may be left out (a key given explicitly must agree with it)."""
+
+    vocab_size: int = 384  # embedding rows (>= the tokenizer's id range; may be padded beyond it)
+    hidden: int = 128  # model width d_model
+    mlp: int = 384  # feed-forward inner width (SwiGLU)
+    layers: int = 2  # transformer blocks
+    heads: int = 4  # query heads
+    kv_heads: int = 2  # key/value heads (grouped-query attention; heads % kv_heads == 0)
     head_dim: Optional[int] = None  # default hidden // heads
-    rope_theta: float = 10000.0
-    rope_scaling: Optional[RopeScalingConfig] = None
-    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0  # RoPE base frequency
+    rope_scaling: Optional[RopeScalingConfig] = None  # long-context RoPE scaling (HF rope_scaling); null = none
+    norm_eps: float = 1e-6  # RMSNorm epsilon
     qkv_bias: bool = False  # Qwen2
     qk_norm: bool = False  # Qwen3
-    tie_embeddings: bool = False
+    tie_embeddings: bool = False  # the LM head is the transposed embedding
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # master params
+    # activation rematerialisation per layer (jax.checkpoint policy): less memory for more compute
     remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"
     attention: Literal["xla", "cudnn", "ring"] = "xla"  # "ring" is used whenever mesh.sequence > 1
-    init_std: float = 0.02
+    init_std: float = 0.02  # std of the normal init of weights under random init
     # LoRA: train adapters on a frozen base (None: train every parameter). quantize_base stores the
     # frozen base weights quantised (QLoRA): per-channel int8, NF4 blocks of 64, or NF4 with its
     # block scales quantised again ("double quantisation").
     lora: Optional[LoRAConfig] = None
-    quantize_base: Optional[Literal["int8", "nf4", "nf4_dq"]] = None
-    max_seq_len: int = 4096
+    quantize_base: Optional[Literal["int8", "nf4", "nf4_dq"]] = None  # QLoRA: store the frozen base quantised
+    max_seq_len: int = 4096  # longest sequence the model is run on (RoPE tables, checks of data.seq_len)
     # Sliding-window attention (Mistral, Qwen2/3 use_sliding_window): query t sees key s only if
     # t - s < sliding_window, in layers [sliding_window_start_layer, layers); earlier layers attend
     # fully (Qwen2's max_window_layers). None = full causal attention everywhere.
     sliding_window: Optional[int] = None
-    sliding_window_start_layer: int = 0
-    # Where the weights come from. None: random init. A Hugging Face directory (config.json +
-    # safetensors) via hf_path; a jalign run directory / checkpoint via init_from.
+    sliding_window_start_layer: int = 0  # first layer with the sliding window (Qwen2's max_window_layers)
+    # Where the weights come from (both null: random init). hf_path: a Hugging Face directory (config.json +
+    # safetensors) or a Hub name org/name[@revision] (resolved through huggingface_hub's cache).
     hf_path: Optional[str] = None
-    init_from: Optional[str] = None
-    tokenizer: str = "byte"  # "byte" (built-in) or a path to tokenizer.json / an HF directory
+    init_from: Optional[str] = None  # a jalign run (run:DIR[@STEP]) or a `jalign convert --out` directory
+    # "byte" (built-in), a tokenizer.json, a directory holding one, or a Hub name org/name[@revision]
+    tokenizer: str = "byte"
 
     @property
     def resolved_head_dim(self) -> int:
@@ -95,41 +102,59 @@ class ModelConfig:
 class MeshConfig:
     """Device mesh sizes; -1 means "all remaining devices" (at most one axis)."""
 
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
-    sequence: int = 1
+    data: int = -1  # data-parallel replicas
+    fsdp: int = 1  # parameters and optimizer state sharded over this axis (ZeRO-3 style), batch too
+    tensor: int = 1  # tensor (Megatron) parallelism: heads, mlp and vocab split
+    sequence: int = 1  # sequence parallelism: ring attention over this axis when > 1
     # logical axis -> mesh axis / list of mesh axes / null; overrides sharding.rules.DEFAULT_RULES
     rules: dict[str, Optional[Union[str, list[str]]]] = field(default_factory=dict)
 
 
 @dataclass
+class DataSourceConfig:
+    """One source of a mixture (``data.train: [{source, weight}, ...]``) or one named eval set."""
+
+    source: str = ""  # a data spec, as data.train takes it (JSONL, Parquet, Arrow, JSON, Hub dataset, builtin:)
+    weight: float = 1.0  # mixture weight (normalised over the sources); unused for eval sets
+    fields: dict[str, str] = field(default_factory=dict)  # column mapping for this source (overrides data.fields)
+
+
+@dataclass
 class DataConfig:
-    # A JSONL path, or "builtin:NAME[:split]" for the generated tiny tasks (see jalign.data.tiny).
-    train: str = "builtin:addition:train"
-    eval: Optional[str] = "builtin:addition:eval"
-    seq_len: int = 64
-    packing: bool = True
-    overlong: Literal["truncate", "drop"] = "truncate"
+    # a source: a JSONL file; a Parquet / Arrow / JSON file or a saved dataset directory (needs `datasets`);
+    # a Hub dataset org/name[@revision][:split]; "builtin:NAME[:split]" (the tiny tasks, jalign.data.tiny).
+    # Or a weighted mixture: a list of {source, weight, fields}
+    train: Union[str, list[Union[str, DataSourceConfig]]] = "builtin:addition:train"
+    # held-out data as a source, or several named sets {name: source or {source, fields}}, each logged as
+    # eval/NAME/...; null: no evaluation data
+    eval: Optional[Union[str, dict[str, Union[str, DataSourceConfig]]]] = "builtin:addition:eval"
+    # column mapping {jalign field: column}, e.g. {prompt: question, response: answer}
+    fields: dict[str, str] = field(default_factory=dict)
+    seq_len: int = 64  # tokens per row (packed or padded)
+    packing: bool = True  # several SFT examples per row (segment ids keep them apart)
+    overlong: Literal["truncate", "drop"] = "truncate"  # what happens to an example longer than seq_len
     # "auto" (the tokenizer's own template if it has one, "tiny" for the byte tokenizer, else "none"),
     # "tiny", "none", "hf" (from the tokenizer's config) or a jinja file; see jalign.data.chat
     chat_template: str = "auto"
-    shuffle: bool = True
-    seed: int = 0
-    skip_bad_lines: bool = False
-    max_examples: Optional[int] = None
+    shuffle: bool = True  # shuffle the training data (a new order every epoch)
+    seed: int = 0  # shuffling and builtin-task generation seed
+    skip_bad_lines: bool = False  # skip (and count) bad or degenerate lines instead of failing on the first
+    max_examples: Optional[int] = None  # read at most this many training examples (per source)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.01
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
+    """AdamW with a warmup + decay learning-rate schedule and global-norm gradient clipping."""
+
+    lr: float = 1e-3  # peak learning rate
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup
+    warmup_steps: int = 20  # linear warmup from 0 to lr
+    min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.01  # decoupled (AdamW) weight decay
+    b1: float = 0.9  # Adam beta1
+    b2: float = 0.95  # Adam beta2
+    eps: float = 1e-8  # Adam epsilon
+    # clip the global gradient norm to this (null: no clipping)
     grad_clip: Optional[float] = 1.0
     # Keep the optimizer state (Adam's moments) in host memory between steps (memory_kind="pinned_host"),
     # copied to the devices for the update only: frees 2x the f32 params per device for the forward/backward.
@@ -137,22 +162,37 @@ class OptimConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases logging (needs the ``wandb`` package; never required otherwise)."""
+
+    project: Optional[str] = None  # W&B project (default: wandb's own, from WANDB_PROJECT)
+    name: Optional[str] = None  # run name (default: the run directory's name)
+    mode: Literal["online", "offline", "disabled"] = "online"  # offline: written under RUN_DIR/wandb, `wandb sync` later
+    entity: Optional[str] = None  # W&B team or user (default: wandb's own)
+    tags: list[str] = field(default_factory=list)  # run tags
+
+
+@dataclass
 class TrainConfig:
-    steps: int = 300
+    steps: int = 300  # optimizer steps in total
     global_batch: int = 64  # sequences (rows) per optimizer step, across all processes
     micro_batch: Optional[int] = None  # rows per accumulation step (global); None = global_batch
-    eval_every: int = 100
-    eval_batches: int = 4
-    log_every: int = 10
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    async_checkpointing: bool = True
+    eval_every: int = 100  # evaluate every N steps (and at the end)
+    eval_batches: int = 4  # eval batches per evaluation (0 = the whole eval set)
+    log_every: int = 10  # write metrics every N steps
+    checkpoint_every: int = 100  # checkpoint every N steps (and at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    async_checkpointing: bool = True  # write checkpoints in the background while training continues
     max_nonfinite: int = 5  # stop after this many non-finite steps in a row
-    out_dir: str = "runs/default"
-    resume: bool = True
-    seed: int = 0
-    progress: bool = True
-    tensorboard: bool = True
+    out_dir: str = "runs/default"  # the run directory: checkpoints, metrics.jsonl, config.yaml, samples
+    resume: bool = True  # continue from the newest checkpoint in out_dir
+    seed: int = 0  # parameter init and per-step randomness (dropout, sampling)
+    progress: bool = True  # a progress bar on a terminal
+    tensorboard: bool = True  # TensorBoard events in RUN_DIR/tensorboard
+    wandb: Optional[WandbConfig] = None  # Weights & Biases logging, e.g. {project: my-project, mode: offline}
+    # per-device peak FLOP/s in TFLOP/s for the MFU figure (e.g. 989 for an H100 in bf16); null: measured at
+    # the start with a matmul in the compute dtype
+    peak_tflops: Optional[float] = None
     export_hf: Optional[str] = None  # write a Hugging Face directory here at the end
     # Run at most this many steps in this invocation, then checkpoint and exit 0 (time-sliced or
     # preemptible queues: resubmit the same command to continue). None = run to train.steps.
@@ -170,8 +210,8 @@ class DistributedConfig:
     """
 
     coordinator_address: Optional[str] = None  # "host:port" of process 0
-    num_processes: Optional[int] = None
-    process_id: Optional[int] = None
+    num_processes: Optional[int] = None  # processes in the job
+    process_id: Optional[int] = None  # this process's index in [0, num_processes)
     local_device_ids: Optional[list[int]] = None  # default: all local devices (env JAX_LOCAL_DEVICE_IDS)
     cluster_detection: str = "auto"  # "auto", "off", or a jax method: slurm, ompi, mpi4py, gketpu, gcetpu
     initialization_timeout: int = 300  # seconds to reach the coordinator and all peers at start
@@ -188,8 +228,20 @@ class RoleConfig:
     ``jalign convert`` directory), ``hf:DIR`` (a Hugging Face directory), or a bare directory (detected).
     """
 
-    source: str = "policy-init"
+    source: str = "policy-init"  # policy-init, run:DIR[@STEP], hf:DIR, a Hub name org/name[@revision], or a directory
     offload: bool = False  # park in pinned host memory between uses (copied to the devices for each use)
+
+
+@dataclass
+class RolloutConfig:
+    """How every sampler of the run decodes (RL rollouts, generate-then-train, generation-based evaluation)."""
+
+    engine: bool = True  # the continuous-batching engine with a paged KV cache (jalign.rollout); false: one static batch
+    slots: Optional[int] = None  # concurrent sequences (default: the rows per data-parallel shard, at most 64)
+    page_size: int = 16  # tokens per KV-cache page
+    steps_per_call: int = 32  # decode steps per device call between refills
+    prefix_sharing: bool = True  # the samples of one prompt share its prefilled pages
+    sampler: Literal["inverse_cdf", "gumbel"] = "inverse_cdf"  # gumbel: the same draws as the static sampler
 
 
 @dataclass
@@ -198,10 +250,10 @@ class EvalConfig:
     (``train.eval_every``) and before the first step; the same for every algorithm."""
 
     prompts: int = 64  # held-out prompts answered at each evaluation (0 = off)
-    max_new_tokens: int = 8
+    max_new_tokens: int = 8  # longest answer generated
     greedy: bool = True  # greedy answers: exact_match, greedy_reward, greedy_kl
     sampled: bool = False  # also samples at `temperature`: sampled_exact_match, reward, kl
-    temperature: float = 1.0
+    temperature: float = 1.0  # sampling temperature of the sampled answers
     at_start: bool = True  # evaluate the starting model (step 0) so every run records its own "before"
     log_samples: int = 4  # completions per evaluation written to RUN_DIR/samples.jsonl (0 = none)
 
@@ -215,6 +267,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     roles: dict[str, RoleConfig] = field(default_factory=dict)
     algorithm: Any = None  # the dataclass of the algorithm named by algorithm.name (jalign.algorithms.registry)
     source: Optional[str] = None  # the YAML file this came from (informational)
@@ -317,6 +370,16 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
+def _same_shape(value, tp) -> bool:
+    """Whether ``value`` has the container shape of type ``tp`` (mapping / list), for Union errors."""
+    origin = typing.get_origin(tp)
+    if isinstance(value, dict):
+        return dataclasses.is_dataclass(tp) or origin is dict
+    if isinstance(value, list):
+        return origin is list
+    return False
+
+
 def _coerce(value, tp, path: tuple, where: _Where):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -332,9 +395,12 @@ def _coerce(value, tp, path: tuple, where: _Where):
             try:
                 return _coerce(value, a, path, where)
             except ConfigError as e:
-                errors.append(e)
-        if len(errors) == 1:
-            raise errors[0]
+                errors.append((a, e))
+        # the one arm of the value's own shape (a mapping for a section, a list for a list) says what is wrong
+        # inside it, e.g. a misspelt key, rather than "expected A or B"
+        shaped = [e for a, e in errors if _same_shape(value, a)]
+        if len(errors) == 1 or len(shaped) == 1:
+            raise (shaped or [errors[0][1]])[0]
         raise ConfigError(f"{where(path)}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin is Literal:
         if value not in args:
@@ -418,6 +484,8 @@ def _roles(value, path: tuple, where: _Where) -> dict:
         raise ConfigError(f"{where(path)}: expected a mapping of role names to sources, got {value!r}")
     out = {}
     for name, spec in value.items():
+        if spec is None:  # roles.NAME=null: no such role (e.g. a rule reward instead of a config's reward model)
+            continue
         if isinstance(spec, str):
             spec = {"source": spec}
         out[name] = _coerce(spec, RoleConfig, path + (name,), where)
@@ -519,7 +587,7 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) ->
 def validate_static(cfg: Config, where: Optional[_Where] = None) -> None:
     """Checks that need no device information: value ranges of every key, then their combinations."""
     where = where or _Where(cfg.source, {}, {})
-    for section in ("model", "mesh", "data", "optim", "train", "distributed", "eval", "algorithm"):
+    for section in ("model", "mesh", "data", "optim", "train", "distributed", "eval", "rollout", "algorithm"):
         if dataclasses.is_dataclass(getattr(cfg, section)):
             validate_values(getattr(cfg, section), (section,), where)
     m = cfg.model
@@ -542,6 +610,7 @@ def validate_static(cfg: Config, where: Optional[_Where] = None) -> None:
     if sum(getattr(cfg.mesh, k) == -1 for k in MESH_AXES) > 1:
         raise ConfigError(f"{where(('mesh',))}: at most one mesh axis may be -1")
     validate_rules(cfg.mesh.rules, where)
+    _validate_data(cfg.data, where)
     t = cfg.train
     mb = t.micro_batch or t.global_batch
     if t.global_batch % mb:
@@ -554,25 +623,53 @@ def validate_static(cfg: Config, where: Optional[_Where] = None) -> None:
                           f"[0, distributed.num_processes={d.num_processes})")
 
 
+def train_sources(d: DataConfig) -> list[DataSourceConfig]:
+    """``data.train`` as a list of sources (one source: a list of one, weight 1)."""
+    items = [d.train] if isinstance(d.train, str) else list(d.train)
+    return [DataSourceConfig(source=x) if isinstance(x, str) else x for x in items]
+
+
+def eval_sources(d: DataConfig) -> dict[Optional[str], DataSourceConfig]:
+    """``data.eval`` as {name: source}: ``{None: source}`` for one unnamed set, ``{}`` for none."""
+    if d.eval is None:
+        return {}
+    if isinstance(d.eval, str):
+        return {None: DataSourceConfig(source=d.eval)}
+    return {name: DataSourceConfig(source=x) if isinstance(x, str) else x for name, x in d.eval.items()}
+
+
+def _validate_data(d: DataConfig, where: _Where) -> None:
+    if isinstance(d.train, list):
+        if not d.train:
+            raise ConfigError(f"{where(('data', 'train'))}: an empty mixture; give at least one source")
+        for i, src in enumerate(train_sources(d)):
+            if not src.source:
+                raise ConfigError(f"{where(('data', 'train', i))}: a mixture entry needs a source "
+                                  "({source: FILE, weight: W})")
+            if not (math.isfinite(src.weight) and src.weight > 0):
+                raise ConfigError(f"{where(('data', 'train', i, 'weight'))}: must be a positive number, got "
+                                  f"{src.weight!r}")
+    if isinstance(d.eval, dict):
+        if not d.eval:
+            raise ConfigError(f"{where(('data', 'eval'))}: no eval sets; give {{name: source}} or null")
+        for name, src in eval_sources(d).items():
+            if not str(name) or "/" in str(name):
+                raise ConfigError(f"{where(('data', 'eval', name))}: eval set names are logged as eval/NAME/...: "
+                                  f"use a name without '/', got {name!r}")
+            if not src.source:
+                raise ConfigError(f"{where(('data', 'eval', name))}: an eval set needs a source")
+
+
 def resolve_mesh_shape(mesh: MeshConfig, num_devices: int, where: str = "mesh") -> dict[str, int]:
-    sizes = {k: getattr(mesh, k) for k in ("data", "fsdp", "tensor", "sequence")}
-    known = 1
-    for v in sizes.values():
-        if v != -1:
-            known *= v
-    if -1 in sizes.values():
-        if num_devices % known:
-            raise ConfigError(
-                f"{where}: the fixed mesh axes multiply to {known}, which does not divide the {num_devices} devices"
-            )
-        sizes = {k: (num_devices // known if v == -1 else v) for k, v in sizes.items()}
-    product = sizes["data"] * sizes["fsdp"] * sizes["tensor"] * sizes["sequence"]
-    if product != num_devices:
-        raise ConfigError(
-            f"{where}: mesh data*fsdp*tensor*sequence = {sizes['data']}*{sizes['fsdp']}*{sizes['tensor']}*"
-            f"{sizes['sequence']} = {product} but there are {num_devices} devices"
-        )
-    return sizes
+    """The mesh sizes with ``-1`` filled in (``sharding.mesh.resolve_sizes``); errors name ``where``.
+
+    Imported here, not at the top: device counts exist only once JAX runs, and this module stays JAX-free."""
+    from sharding.mesh import resolve_sizes
+
+    try:
+        return resolve_sizes({k: getattr(mesh, k) for k in MESH_AXES}, num_devices)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def validate_for_devices(cfg: Config, num_devices: int) -> dict[str, int]:
@@ -581,7 +678,9 @@ def validate_for_devices(cfg: Config, num_devices: int) -> dict[str, int]:
     sizes = resolve_mesh_shape(cfg.mesh, num_devices, where=f"{src}: mesh")
     dp = sizes["data"] * sizes["fsdp"]
     mb = cfg.train.micro_batch or cfg.train.global_batch
-    if mb % dp:
+    # an RL config's global_batch counts prompts, not rows: its algorithm checks its own row counts
+    rows = getattr(type(cfg.algorithm), "global_batch_counts", "rows") == "rows"
+    if rows and mb % dp:
         raise ConfigError(
             f"{src}: train.micro_batch={mb} (per accumulation step) is not divisible by the data-parallel size "
             f"mesh.data*mesh.fsdp = {dp}"

@@ -73,6 +73,7 @@ VALUE_RANGES: dict[str, dict[str, _Range]] = {
     "DistributedConfig": {"num_processes": _AT_LEAST_1, "process_id": _NON_NEGATIVE,
                           "local_device_ids": _NON_NEGATIVE, "initialization_timeout": _AT_LEAST_1,
                           "heartbeat_timeout": _AT_LEAST_1, "shutdown_timeout": _AT_LEAST_1},
+    "RolloutConfig": {"slots": _AT_LEAST_1, "page_size": _AT_LEAST_1, "steps_per_call": _AT_LEAST_1},
     "EvalConfig": {"prompts": _NON_NEGATIVE.with_hint("0 turns generation-based evaluation off"),
                    "max_new_tokens": _AT_LEAST_1, "temperature": _POSITIVE, "log_samples": _NON_NEGATIVE},
     "RewardConfig": {"num_attributes": _AT_LEAST_1, "margin_scale": _NON_NEGATIVE},

@@ -1,7 +1,8 @@
 """Evaluation the loop runs for every algorithm.
 
-* :func:`reduce_eval`: an algorithm's eval steps return ``{name: (sum, count)}`` per batch; summed over the
-  eval batches on device and divided once at the end (exact, whatever the batch split or device count).
+* :func:`reduce_eval`: an algorithm's eval steps return ``{name: (sum, count)}`` per batch (``count`` None: a
+  total, e.g. the number of pairs); summed over the eval batches on device and divided once at the end
+  (exact, whatever the batch split or device count).
 * :class:`GenerationEval`: held-out prompts answered greedily and/or sampled (``eval:`` section); exact match
   against the reference answers, the reward of the answers (a rule, or a reward-model role), their KL to a
   reference role and their length; a few completions are written to ``RUN_DIR/samples.jsonl``.
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jalign.data.prompts import PromptSet
 from jalign.losses import kl_k1
 from jalign.models.heads import sequence_scores, token_logps
 from jalign.rollout import experience as xp
@@ -33,7 +35,8 @@ def reduce_eval(algo, state, roles, max_batches: int) -> dict:
     if not sums:
         return {}
     host = jax.device_get(sums)
-    means = {k: float(np.asarray(s)) / max(float(np.asarray(c)), 1e-12) for k, (s, c) in host.items()}
+    means = {k: float(np.asarray(s)) if c is None else float(np.asarray(s)) / max(float(np.asarray(c)), 1e-12)
+             for k, (s, c) in host.items()}
     return algo.eval_finish(means)
 
 
@@ -44,7 +47,7 @@ class GenerationEval:
     in the run's roles, read at ``reward_attribute``); ``kl_role``: the frozen model the KL is measured against.
     """
 
-    def __init__(self, rt, tokenizer, prompts: "xp.PromptSet", *, reward_fn: Optional[Callable] = None,
+    def __init__(self, rt, tokenizer, prompts: PromptSet, *, reward_fn: Optional[Callable] = None,
                  reward_role: Optional[str] = None, reward_attribute: int = 0, kl_role: Optional[str] = None):
         e = rt.cfg.eval
         self.rt, self.tokenizer, self.e = rt, tokenizer, e
@@ -64,10 +67,13 @@ class GenerationEval:
         """For supervised algorithms: ``examples`` are ``(prompt_ids, reference)`` of held-out data."""
         if algo.cfg.eval.prompts <= 0 or not examples:
             return None
-        return cls(algo.rt, algo.tokenizer, xp.PromptSet.from_pairs(examples), **kw)
+        return cls(algo.rt, algo.tokenizer, PromptSet.from_pairs(examples), **kw)
 
     # one jitted program per model configuration: policy log-probs, reference log-probs, reward scores
     def _score_impl(self, params, ref, rm, out, *, cfg, ref_cfg, rm_cfg):
+        from jalign.algorithms.base import require_mesh_context
+
+        require_mesh_context("the generation-eval scoring program")
         rows = xp.rollout_rows(out, self.tokenizer.pad_id)
         res = {"length": jnp.sum(rows["mask"], -1), "ended": rows["ended"]}
         if ref is not None:
@@ -101,7 +107,8 @@ class GenerationEval:
                 out = xp.sample(params, cfg, ids, max_new_tokens=self.e.max_new_tokens, new_len=self.N,
                                 prompt_len=self.P, key=key, eos_ids=sorted(self.tokenizer.eos_ids),
                                 pad_id=self.tokenizer.pad_id, mesh=self.rt.mesh, rules=self.rt.rules,
-                                temperature=self.e.temperature, greedy=mode == "greedy")
+                                temperature=self.e.temperature, greedy=mode == "greedy",
+                                rollout=self.rt.cfg.rollout)
                 ref = roles.on_device([self.kl_role])[self.kl_role] if self.kl_role in roles else None
                 rm = roles.on_device([self.reward_role])[self.reward_role] if self.reward_role in roles else None
                 score = self._program(cfg, roles.config(self.kl_role) if ref is not None else None,

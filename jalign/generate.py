@@ -56,19 +56,37 @@ def _round_up(n: int, multiple: int) -> int:
 
 # ---- sampling -------------------------------------------------------------------------------------
 def filter_logits(scaled: jax.Array, *, suppress: Optional[jax.Array] = None, end_ids: Sequence[int] = (),
-                  top_k: int = 0, top_p=None) -> jax.Array:
+                  top_k=0, top_p=None, top_k_max: int = 0) -> jax.Array:
     """Tempered logits [B, V] with disallowed tokens set to -inf: end tokens where ``suppress`` [B],
     then all but the ``top_k`` largest (ties at the k-th value kept), then all outside the smallest
-    set of most-probable tokens whose probability reaches ``top_p`` (``None`` = no nucleus filter)."""
+    set of most-probable tokens whose probability reaches ``top_p`` (``None`` = no nucleus filter).
+
+    Per-row settings (the rollout engine): ``end_ids`` [B, E] (padded with -1), ``top_k`` [B] with a
+    static ``top_k_max`` >= every k (0 = no top-k for that row), ``top_p`` [B] (1 = no nucleus for that
+    row). Scalars / a shared [E] behave as before.
+    """
     x = scaled
     V = x.shape[-1]
     if suppress is not None and len(end_ids):
-        is_end = jnp.isin(jnp.arange(V), jnp.asarray(end_ids, jnp.int32))  # negative ids match nothing
-        x = jnp.where(suppress[:, None] & is_end[None, :], _NEG_INF, x)
-    if top_k and top_k < V:
-        x = jnp.where(x < jax.lax.top_k(x, top_k)[0][:, -1:], _NEG_INF, x)
+        end_ids = jnp.asarray(end_ids, jnp.int32)
+        if end_ids.ndim == 2:  # per-row end ids: a [B, V] mask by scatter (-1 padding -> dropped)
+            rows = jnp.arange(x.shape[0])[:, None]
+            is_end = jnp.zeros(x.shape, bool).at[rows, jnp.where(end_ids >= 0, end_ids, V)].set(True, mode="drop")
+        else:
+            is_end = jnp.isin(jnp.arange(V), end_ids)[None, :]  # negative ids match nothing
+        x = jnp.where(suppress[:, None] & is_end, _NEG_INF, x)
+    if isinstance(top_k, int):
+        if top_k and top_k < V:
+            x = jnp.where(x < jax.lax.top_k(x, top_k)[0][:, -1:], _NEG_INF, x)
+    elif top_k_max:
+        kth = jnp.take_along_axis(jax.lax.top_k(x, min(top_k_max, V))[0],
+                                  jnp.clip(top_k - 1, 0, min(top_k_max, V) - 1)[:, None], axis=-1)
+        x = jnp.where((top_k[:, None] > 0) & (top_k[:, None] < V) & (x < kth), _NEG_INF, x)
     if top_p is not None:
-        x = jnp.where(x < _nucleus_threshold(x, top_p), _NEG_INF, x)
+        if jnp.ndim(top_p) == 1:
+            x = jnp.where(top_p[:, None] < 1.0, jnp.where(x < _nucleus_threshold(x, top_p[:, None]), _NEG_INF, x), x)
+        else:
+            x = jnp.where(x < _nucleus_threshold(x, top_p), _NEG_INF, x)
     return x
 
 
@@ -100,6 +118,44 @@ def _gather_rows(logp: jax.Array, tok: jax.Array) -> jax.Array:
     return jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
 
 
+def sample_tokens(logits: jax.Array, keys: jax.Array, temperature, greedy, *, method: str = "gumbel", **filters):
+    """One sampling step shared by ``generate`` and the rollout engine.
+
+    logits [B, V]; keys [B] (one per row); temperature scalar or [B, 1]; greedy scalar or [B];
+    ``filters``: ``filter_logits`` keywords. Returns (token [B], log-prob under the filtered
+    distribution, log_softmax(logits / T)[token]), as the module docstring defines them.
+    ``method``: "gumbel" (``jax.random.categorical``: argmax of logits + Gumbel noise, one noise per
+    vocabulary entry; generate's stream) or "inverse_cdf" (one uniform u per row, the first token whose
+    cumulative probability exceeds u: the same distribution, another stream, and no per-entry random
+    bits or logarithms, which dominate a small model's sampling cost on CPU).
+    """
+    if method not in ("gumbel", "inverse_cdf"):
+        raise ValueError(f"sample_tokens: unknown method {method!r} (gumbel, inverse_cdf)")
+    scaled = logits.astype(jnp.float32) / temperature
+    filt = filter_logits(scaled, **filters)
+    best = jnp.argmax(filt, axis=-1).astype(jnp.int32)
+    draw = (lambda: jax.vmap(jax.random.categorical)(keys, filt).astype(jnp.int32)) if method == "gumbel" else (
+        lambda: _inverse_cdf(keys, filt))
+    # An all-greedy batch skips the draw: its noise costs more than the rest of a small model's step on CPU.
+    sampled = jax.lax.cond(jnp.all(greedy), lambda: best, draw)
+    tok = jnp.where(greedy, best, sampled).astype(jnp.int32)
+    return tok, _gather_rows(jax.nn.log_softmax(filt, axis=-1), tok), _gather_rows(
+        jax.nn.log_softmax(scaled, axis=-1), tok)
+
+
+def _inverse_cdf(keys: jax.Array, filt: jax.Array) -> jax.Array:
+    """Token j with c[j-1] <= u < c[j] for c = cumsum(softmax(filt)), u ~ U[0, c[-1]): P(j) = p[j].
+    Entries with p = 0 never satisfy it (c is flat there); if rounding puts u at the very end, the last
+    token with p > 0 is taken."""
+    p = jax.nn.softmax(filt, axis=-1)
+    c = jnp.cumsum(p, axis=-1)
+    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)[:, None] * c[:, -1:]
+    V = filt.shape[-1]
+    tok = jnp.sum(c <= u, axis=-1)
+    last = V - 1 - jnp.argmax((p > 0)[:, ::-1], axis=-1)
+    return jnp.where(tok >= V, last, tok).astype(jnp.int32)
+
+
 # ---- the jitted program ---------------------------------------------------------------------------
 def _generate_impl(params, tokens, positions, segment_ids, prompt_lens, active, rng, temperature, top_p,
                    min_new, max_new, greedy, end_ids, pad_id, *, cfg: ModelConfig, new_len: int, top_k: int,
@@ -117,15 +173,12 @@ def _generate_impl(params, tokens, positions, segment_ids, prompt_lens, active, 
 
     def body(c):
         i, logits, done = c["i"], c["logits"], c["done"]
-        scaled = logits.astype(jnp.float32) / temperature
-        filt = filter_logits(scaled, suppress=jnp.broadcast_to(i < min_new, (B,)), end_ids=end_ids, top_k=top_k,
-                             top_p=top_p if use_top_p else None)
         keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(rng, i), r))(rows)
-        sampled = jax.vmap(jax.random.categorical)(keys, filt)
-        tok = jnp.where(greedy, jnp.argmax(filt, axis=-1), sampled).astype(jnp.int32)
+        tok, lp, lpt = sample_tokens(logits, keys, temperature, greedy, suppress=jnp.broadcast_to(i < min_new, (B,)),
+                                     end_ids=end_ids, top_k=top_k, top_p=top_p if use_top_p else None)
         alive = ~done
-        lp = jnp.where(alive, _gather_rows(jax.nn.log_softmax(filt, axis=-1), tok), 0.0)
-        lpt = jnp.where(alive, _gather_rows(jax.nn.log_softmax(scaled, axis=-1), tok), 0.0)
+        lp = jnp.where(alive, lp, 0.0)
+        lpt = jnp.where(alive, lpt, 0.0)
         tok = jnp.where(alive, tok, pad_id)
         ended = alive & jnp.isin(tok, end_ids)
         seg = alive.astype(jnp.int32)[:, None]
@@ -330,6 +383,9 @@ def generate_main(argv: list[str]) -> int:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--attributes", help="SteerLM: condition every prompt on these attribute values, e.g. "
+                                         "correctness=4,verbosity=0 (rendered in the order the model was trained "
+                                         "with, from its steerlm.json)")
     ap.add_argument("--chat-template", help="auto | tiny | none | hf | FILE.jinja (default: a run's "
                                             "data.chat_template; 'auto' for a Hugging Face directory: the "
                                             "tokenizer's own template if it has one, else none)")
@@ -358,7 +414,10 @@ def generate_main(argv: list[str]) -> int:
     print(f"jalign generate: {describe_template(template, tok)}", file=sys.stderr)
     eos = sorted(tok.eos_ids)
     pad = tok.pad_id if tok.pad_id is not None else 0
-    encoded = [encode_prompt(p, template, tok) for p in prompts]  # template errors before any output
+    if a.attributes:
+        encoded = _steered(a.model, a.attributes, prompts, tok, template)
+    else:
+        encoded = [encode_prompt(p, template, tok) for p in prompts]  # template errors before any output
     longest = max(map(len, encoded))
     if longest + a.max_new_tokens > cfg.max_seq_len:
         from jalign.config import ConfigError
@@ -381,6 +440,23 @@ def generate_main(argv: list[str]) -> int:
                 out_f.write(json.dumps({"prompt": p, "response": tok.decode(ids), "num_tokens": n,
                                         "ended_with_eos": bool(res["ended_with_eos"][j])}) + "\n")
     return 0
+
+
+def _steered(model: str, attributes: str, prompts: list, tok, template) -> list[list[int]]:
+    """Prompt ids conditioned on SteerLM attribute values, in the attribute order the model was trained with
+    (``steerlm.json`` of a steerlm run or its export; without one, the order given)."""
+    from pathlib import Path
+
+    from jalign.data.steer import MAX_VALUE, parse_attribute_values, steered_prompt_ids
+
+    values = parse_attribute_values(attributes)
+    record = Path(model) / "steerlm.json"
+    info = json.loads(record.read_text()) if Path(model).is_dir() and record.is_file() else {}
+    if not info:
+        print(f"jalign generate: {model} has no steerlm.json: rendering the attributes in the order given",
+              file=sys.stderr)
+    order, top = info.get("attributes", list(values)), int(info.get("max_value", MAX_VALUE))
+    return [steered_prompt_ids(p, values, tok, template, order, max_value=top) for p in prompts]
 
 
 @contextlib.contextmanager

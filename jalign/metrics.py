@@ -33,11 +33,13 @@ def to_host(metrics: dict) -> dict:
 
 class MetricsWriter:
     def __init__(self, run_dir: str | Path, total_steps: int, tensorboard: bool = True, progress: bool = True,
-                 start_step: int = 0):
+                 start_step: int = 0, wandb=None, config: dict | None = None):
         self.is_main = jax.process_index() == 0
         self.total = total_steps
         self.start_time = time.time()
         self.start_step = start_step
+        # further writers of every row (W&B: jalign.wandb_writer), each with write(step, row), table(...), close()
+        self.extra_writers: list = []
         self.jsonl = None
         self.tb = None
         self.bar = None
@@ -47,6 +49,10 @@ class MetricsWriter:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        if wandb is not None:  # train.wandb
+            from jalign.wandb_writer import WandbWriter
+
+            self.extra_writers.append(WandbWriter(wandb, run_dir, config or {}))
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -71,6 +77,30 @@ class MetricsWriter:
             for k, v in row.items():
                 if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
+        for w in self.extra_writers:
+            w.write(step, row)
+
+    def table(self, tag: str, rows: list[dict], step: int) -> None:
+        """Rows of a table (e.g. sample completions) to TensorBoard (markdown text) and the extra writers."""
+        if not self.is_main or not rows:
+            return
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+        if self.tb is not None:
+            lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            lines += ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in row) + " |"
+                      for row in cells]
+            self.tb.add_text(tag, "\n".join(lines), step)
+        for w in self.extra_writers:
+            w.table(tag, columns, cells, step)
+
+    def show(self, metrics: dict) -> None:
+        """Figures beyond the default ones on the progress bar: tokens/s of loss tokens, MFU, epoch."""
+        if self.bar is None:
+            return
+        for key, label, fmt in SHOWN_EXTRA:
+            if isinstance(metrics.get(key), (int, float)):
+                self._shown[label] = fmt(metrics[key])
 
     def progress(self, step: int, metrics: dict) -> None:
         if self.bar is None:
@@ -92,12 +122,23 @@ class MetricsWriter:
             print(text, flush=True)
 
     def close(self) -> None:
+        for w in self.extra_writers:
+            w.close()
+        self.extra_writers = []
         if self.bar is not None:
             self.bar.close()
         if self.jsonl is not None:
             self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+
+
+SHOWN_EXTRA = (("loss_tokens_per_s", "loss_tokens/s", lambda v: f"{v:.3g}"), ("mfu", "mfu", lambda v: f"{100 * v:.1f}%"),
+               ("epoch", "epoch", lambda v: f"{v:.2f}"))
+
+
+def _cell(v):
+    return round(v, 4) if isinstance(v, float) else ("" if v is None else v)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

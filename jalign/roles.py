@@ -37,6 +37,7 @@ class RoleSpec:
     score_outputs: int = 0
     allow_fresh: tuple = ()
     what: str = ""  # for messages, e.g. "reward model"
+    quantize: Optional[str] = None  # store the frozen weights quantised (int8 / nf4 / nf4_dq: jalign.models.quant)
 
 
 @dataclasses.dataclass
@@ -64,6 +65,19 @@ class Roles:
     def drop(self, name: str) -> None:
         """Release a role that is no longer needed (e.g. a reference whose log-probs were precomputed)."""
         self.params.pop(name, None)
+
+    def set(self, name: str, params, config: ModelConfig) -> None:
+        """Put (or replace) a role built by the algorithm rather than from config: e.g. SPIN's opponent,
+        rebuilt from the policy between iterations with :func:`snapshot`. The previous buffers are released."""
+        self.params[name] = params
+        self.configs[name] = config
+        self.offloaded = self.offloaded - {name}
+
+
+def snapshot(params):
+    """A frozen copy of (trained) params: bit-identical, on the same shardings, in buffers of its own, so
+    donating the train state in the next update never invalidates it (``may_alias=False`` forces the copy)."""
+    return jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), params)
 
 
 def to_memory(tree, kind: str):
@@ -133,6 +147,11 @@ def build_roles(cfg: Config, specs: dict, mesh, rules, log=print) -> Roles:
         params[name] = load.load_params(source, decls, mesh=mesh, rules=rules,
                                         dtype=params_lib.DTYPES[mcfg.param_dtype], seed=seed,
                                         allow_fresh=spec.allow_fresh, role=what, where=key, log=log)
+        if spec.quantize:
+            from jalign.models import quant
+
+            params[name] = quant.quantize_params(params[name], decls, spec.quantize,
+                                                 shardings=quant.quantized_shardings(decls, spec.quantize, mesh, rules))
         configs[name] = mcfg
         if name in cfg.roles and cfg.roles[name].offload:
             params[name] = to_memory(params[name], "pinned_host")

@@ -1,6 +1,7 @@
 """THE loop: restore-or-init, roles, step, log, evaluate, checkpoint, export, stop. It knows no algorithm.
 
     jalign train CONFIG.yaml key=value ...   ->   train(load_config(CONFIG, overrides))
+    train(cfg, callbacks=[MyCallback()])      # hooks: jalign.callbacks (on_start, on_step, on_eval, on_end)
 
 Step N+1 is dispatched before step N's metrics are read, so the host never waits for a step it does not
 need to see; the loop waits only where it must decide something (logging, evaluation, checkpoint, the end).
@@ -8,18 +9,18 @@ need to see; the loop waits only where it must decide something (logging, evalua
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 
 import jax
 
 from jalign import distributed
+from jalign import callbacks as callbacks_lib
 from jalign.algorithms.base import Runtime
 from jalign.algorithms.registry import resolve
 from jalign.checkpoint import Checkpointer
 from jalign.config import Config, dump_config, to_dict, validate_for_devices
 from jalign.evaluation import reduce_eval
-from jalign.metrics import MetricsWriter, to_host
+from jalign.metrics import MetricsWriter
 from jalign.models.architecture import resolve_architecture
 from jalign.resume import check_resume_config
 from jalign.roles import build_roles
@@ -84,51 +85,37 @@ def _stop_everywhere(flag: bool) -> bool:
 
 
 def evaluate(algo, state, roles, step: int) -> dict:
-    """The algorithm's eval metrics (reduced from (sum, count) pairs) and the shared generation-based eval."""
-    out = reduce_eval(algo, state, roles, algo.cfg.train.eval_batches)
+    """The algorithm's eval metrics (reduced from (sum, count) pairs) and the shared generation-based eval.
+    With several named eval sets (``data.eval: {name: source}``) each set's metrics are ``NAME/metric`` and the
+    generation-based eval (on the first set's prompts) is under the first name."""
+    names = getattr(getattr(algo, "data", None), "eval_set_names", None) or [None]
+    out = {}
+    for name in names:
+        if name is not None:
+            algo.data.select_eval(name)
+        out.update({_named(name, k): v for k, v in reduce_eval(algo, state, roles, algo.cfg.train.eval_batches).items()})
     if algo.generation_eval is not None:
         params, mcfg = algo.policy(state, roles)
-        out.update(algo.generation_eval(params, mcfg, roles, step))
+        out.update({_named(names[0], k): v for k, v in algo.generation_eval(params, mcfg, roles, step).items()})
     return out
 
 
-def train(cfg: Config) -> dict:
-    """Run (or resume) training; returns the last train and eval metrics.
+def _named(name, key: str) -> str:
+    return key if name is None else f"{name}/{key}"
+
+
+def train(cfg: Config, callbacks=()) -> dict:
+    """Run (or resume) training; returns the last train and eval metrics. ``callbacks``:
+    :class:`jalign.callbacks.Callback` objects, called at the start, every step, every evaluation and the end.
 
     On several processes an exception exits this process at once (``distributed.fail_fast``): a normal exit
     would wait in jax's shutdown barrier for peers that may be blocked waiting for it.
     """
     with distributed.fail_fast():
-        return _train(cfg)
+        return _train(cfg, callbacks)
 
 
-class _Progress:
-    """Host-side bookkeeping of the steps whose metrics have been read."""
-
-    def __init__(self, writer, t, start):
-        self.writer, self.t = writer, t
-        self.bad_in_a_row, self.last_good = 0, start
-        self.window_tokens, self.window_start = 0.0, time.time()
-        self.last: dict = {}
-
-    def read(self, step: int, metrics: dict) -> None:
-        t = self.t
-        metrics = to_host(metrics)
-        skipped = bool(metrics.get("skipped", 0))
-        self.bad_in_a_row = self.bad_in_a_row + 1 if skipped else 0
-        if not skipped:
-            self.last_good = step
-        self.window_tokens += metrics.get("num_tokens", 0.0)
-        if step % t.log_every == 0 or step == t.steps or skipped:
-            elapsed = max(time.time() - self.window_start, 1e-9)
-            metrics["tokens_per_s"] = self.window_tokens / elapsed
-            self.window_tokens, self.window_start = 0.0, time.time()
-            self.writer.write(step, metrics)
-        self.writer.progress(step, metrics)
-        self.last.update(metrics)
-
-
-def _train(cfg: Config) -> dict:
+def _train(cfg: Config, callbacks=()) -> dict:
     rt, algo = setup(cfg)
     t = cfg.train
     writer = None
@@ -149,24 +136,29 @@ def _train(cfg: Config) -> dict:
                 rt.run_dir.mkdir(parents=True, exist_ok=True)
                 dump_config(cfg, rt.run_dir / "config.yaml")
             start = int(jax.device_get(state.step))
-            writer = MetricsWriter(rt.run_dir, t.steps, t.tensorboard, t.progress, start_step=start)
+            writer = run = callbacks_lib.Run(cfg, algo, roles, MetricsWriter(
+                rt.run_dir, t.steps, t.tensorboard, t.progress, start_step=start, wandb=t.wandb, config=to_dict(cfg)),
+                callbacks)  # the metrics writer, with the callbacks and the sample tables
             rt.log = writer.message
             algo.start(state, roles)
-            progress = _Progress(writer, t, start)
+            progress = callbacks_lib.StepLog(writer, t, start, callbacks_lib.throughput_for(cfg, algo), run)
             last = progress.last
             counts = {f"data/{_split(cfg, spec)}_{k}": float(v) for spec, c in algo.data_counts().items()
-                      for k, v in c.items()}
+                      for k, v in c.items()} | run.summary(state, rt.mesh)
             if counts:
                 writer.write(start, counts)
                 last.update(counts)
+            run.started(state, start)
             if start == 0 and t.eval_every and cfg.eval.at_start:
                 _log_eval(writer, 0, evaluate(algo, state, roles, 0), last)
             step, pending = start, None
             saved_config = to_dict(cfg)
             while step < t.steps:
                 batch = next(train_iter)
+                progress.saw(batch)
                 state, metrics = algo.step(state, roles, batch)
                 step += 1
+                run.state, run.step = state, step
                 ckpt.check()  # a failed background save stops the run at once, with one message
                 if pending is not None:  # step N+1 is dispatched: now read step N
                     progress.read(*pending)
@@ -185,7 +177,8 @@ def _train(cfg: Config) -> dict:
                     _log_eval(writer, step, evaluate(algo, state, roles, step), last)
                 # on several processes agreeing on a stop is a collective: only where the loop syncs anyway
                 signalled = (must_read or jax.process_count() == 1) and _stop_everywhere(stop.requested)
-                stopping = signalled or (t.stop_after_steps is not None and step - start >= t.stop_after_steps)
+                stopping = signalled or run.stop_requested or (t.stop_after_steps is not None
+                                                               and step - start >= t.stop_after_steps)
                 if stopping and pending is not None:
                     progress.read(*pending)
                     pending = None
@@ -201,6 +194,7 @@ def _train(cfg: Config) -> dict:
                     f"the run ended in {progress.bad_in_a_row} non-finite step(s) (updates skipped, no checkpoint "
                     f"written for them); the last good checkpoint is kept in {ckpt.directory}")
             ckpt.wait()
+            run.ended(last)
             if t.export_hf and step == t.steps:
                 algo.export(state, roles, t.export_hf)
         finally:
@@ -212,10 +206,18 @@ def _train(cfg: Config) -> dict:
 
 
 def _log_eval(writer, step: int, ev: dict, last: dict) -> None:
+    ev.update(writer.evaluated(step, ev))  # the callbacks' eval metrics; the new sample completions as a table
     writer.write(step, ev, prefix="eval/")
     writer.message(f"step {step}: " + ", ".join(f"eval/{k}={v:.4g}" for k, v in ev.items() if isinstance(v, float)))
     last.update({f"eval/{k}": v for k, v in ev.items()})
 
 
 def _split(cfg: Config, spec: str) -> str:
-    return "train" if spec == cfg.data.train else "eval"
+    """The name of a data source in the logged counts: train / eval, or train_I / eval_NAME for several."""
+    from jalign.config import eval_sources, train_sources
+
+    train = [s.source for s in train_sources(cfg.data)]
+    if spec in train:
+        return "train" if len(train) == 1 else f"train_{train.index(spec)}"
+    names = [n for n, s in eval_sources(cfg.data).items() if s.source == spec]
+    return "eval" if not names or names[0] is None else f"eval_{names[0]}"

@@ -12,7 +12,8 @@ AXES = ("data", "fsdp", "tensor", "sequence")
 
 
 def resolve_sizes(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
-    """Fill in one ``-1`` axis with the remaining devices and check the product."""
+    """Fill in one ``-1`` axis with the remaining devices and check the product (the one resolver: the
+    config's device checks call it too)."""
     sizes = {a: int(sizes.get(a, 1)) for a in AXES}
     fixed = math.prod(v for v in sizes.values() if v != -1)
     free = [a for a, v in sizes.items() if v == -1]
@@ -20,10 +21,12 @@ def resolve_sizes(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
         raise ValueError(f"at most one mesh axis may be -1, got {free}")
     if free:
         if num_devices % fixed:
-            raise ValueError(f"mesh axes {sizes} cannot fill {num_devices} devices")
+            raise ValueError(f"the fixed mesh axes multiply to {fixed}, which does not divide the {num_devices} devices")
         sizes[free[0]] = num_devices // fixed
-    if math.prod(sizes.values()) != num_devices:
-        raise ValueError(f"mesh {sizes} has {math.prod(sizes.values())} slots but there are {num_devices} devices")
+    product = math.prod(sizes.values())
+    if product != num_devices:
+        raise ValueError(f"mesh data*fsdp*tensor*sequence = {sizes['data']}*{sizes['fsdp']}*{sizes['tensor']}*"
+                         f"{sizes['sequence']} = {product} but there are {num_devices} devices")
     return sizes
 
 

@@ -297,45 +297,60 @@ def ring_attention(q, k, v, q_seg, kv_seg, q_idx, kv_idx, *, axis_name: str = SE
 
 
 # ---- shard_map wrapper over the active mesh -----------------------------------------------------
-def _present(mesh, axes):
-    return tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
+def ring_axis(rules: Mapping) -> str:
+    """The mesh axis the ring runs over: the one the ``seq`` logical axis maps to (``sequence`` by default)."""
+    axes = rules.get("seq")
+    if not isinstance(axes, str):
+        raise ValueError(f"ring attention needs the 'seq' logical axis mapped to one mesh axis, got {axes!r}")
+    return axes
 
 
-def ring_specs(mesh, batch: int, heads: int, kv_heads: int):
-    """(q spec, kv spec, [B, T] spec): batch over ("data","fsdp"), seq over "sequence", heads over "tensor".
+def ring_specs(mesh, rules: Mapping, batch: int, heads: int, kv_heads: int):
+    """(q spec, kv spec, [B, T] spec) from the rules table: logical (batch, seq, heads|kv_heads, head_dim).
 
-    A mesh axis is dropped from a spec when it does not divide the dimension (e.g. batch 1).
+    A mesh axis is dropped from a spec when it does not divide the dimension (e.g. batch 1), and the head
+    axis when the query and kv head counts do not both divide (GQA keeps their grouping local).
     """
-    b_axes = _present(mesh, ("data", "fsdp"))
-    b = b_axes if b_axes and batch % math.prod(mesh.shape[a] for a in b_axes) == 0 else None
-    t = mesh.shape.get("tensor", 1)
-    h = "tensor" if t > 1 and heads % t == 0 and kv_heads % t == 0 else None
-    return P(b, SEQ_AXIS, h, None), P(b, SEQ_AXIS, h, None), P(b, SEQ_AXIS)
+    from sharding.rules import logical_to_spec
+
+    def fit(spec, shape):
+        out = []
+        for size, axes in zip(shape, spec):
+            names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+            n = math.prod(mesh.shape[a] for a in names) if names else 1
+            out.append(axes if size % n == 0 else None)
+        return P(*out)
+
+    q = logical_to_spec(("batch", "seq", "heads", "head_dim"), rules)
+    kv = logical_to_spec(("batch", "seq", "kv_heads", "head_dim"), rules)
+    q, kv = fit(q, (batch, 0, heads, 0)), fit(kv, (batch, 0, kv_heads, 0))
+    if q[2] != kv[2]:
+        q, kv = P(q[0], q[1], None, q[3]), P(kv[0], kv[1], None, kv[3])
+    return q, kv, P(q[0], q[1])
 
 
-def ring_attention_auto(q, k, v, q_seg, kv_seg, q_idx, kv_idx, *, causal: bool = True,
-                        mesh=None, block_size: int = 512) -> jax.Array:
-    """``attend(impl="ring")``: ring attention over the "sequence" axis of the active mesh.
+def ring_size(mesh, rules: Mapping) -> int:
+    """Devices on the ring's mesh axis (1 without a mesh)."""
+    return 1 if mesh is None else int(dict(mesh.shape).get(ring_axis(rules), 1))
 
-    The mesh is ``sharding.rules.active_mesh()`` (set by ``use_rules`` while tracing) unless given.
-    Without a mesh, with a sequence axis of size 1, or with T not divisible by it, this is
-    ``dense_attention`` (the last case warns: it materialises the full [T, T] scores).
-    """
-    from jalign.models.attention import attention_mask, dense_attention
-    from sharding.rules import active_mesh
 
-    mesh = mesh if mesh is not None else active_mesh()
-    n = mesh.shape.get(SEQ_AXIS, 1) if mesh is not None else 1
+def ring_attention_auto(q, k, v, q_seg, kv_seg, q_idx, kv_idx, *, causal: bool = True, mesh=None, rules=None,
+                        block_size: int = 512) -> jax.Array:
+    """``attend(impl="ring")``: ring attention over the mesh axis ``seq`` maps to, with shard specs from the
+    rules table (``sharding.rules.use_rules`` context unless given). The caller (``jalign.models.attention``)
+    falls back to dense attention when there is no ring to run (see :func:`ring_size`)."""
+    from sharding.rules import active_rules
+
+    if mesh is None or rules is None:
+        mesh, rules = active_rules()
+    axis = ring_axis(rules)
+    n = mesh.shape[axis]
     B, T, H, _ = q.shape
-    if n == 1 or T % n or k.shape[1] != T:
-        if n > 1:
-            warnings.warn(f"ring attention: sequence length {T} (keys {k.shape[1]}) not divisible by the "
-                          f"sequence axis ({n}); using dense attention", stacklevel=2)
-        if not causal:
-            q_idx, kv_idx = jnp.zeros_like(q_idx), jnp.zeros_like(kv_idx)
-        return dense_attention(q, k, v, attention_mask(q_seg, kv_seg, q_idx, kv_idx))
-    qs, kvs, ids = ring_specs(mesh, B, H, k.shape[2])
-    body = functools.partial(ring_attention, axis_name=SEQ_AXIS, causal=causal, block_size=block_size)
+    if T % n or k.shape[1] != T:
+        raise ValueError(f"ring attention: sequence length {T} (keys {k.shape[1]}) is not divisible by the "
+                         f"{axis!r} mesh axis ({n})")
+    qs, kvs, ids = ring_specs(mesh, rules, B, H, k.shape[2])
+    body = functools.partial(ring_attention, axis_name=axis, causal=causal, block_size=block_size)
     fn = jax.shard_map(body, mesh=mesh, in_specs=(qs, kvs, kvs, ids, ids, ids, ids), out_specs=qs,
                        check_vma=True)
     return fn(q, k, v, q_seg, kv_seg, q_idx, kv_idx)

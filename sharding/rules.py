@@ -123,6 +123,12 @@ def active_mesh() -> Optional[Mesh]:
     return cur[0] if cur else None
 
 
+def active_rules() -> tuple[Optional[Mesh], Mapping[str, MeshAxes]]:
+    """(mesh, rules) of the ``use_rules`` context, or (None, DEFAULT_RULES) outside one."""
+    cur = _ACTIVE.get()
+    return cur if cur else (None, DEFAULT_RULES)
+
+
 def constrain(x: jax.Array, logical_axes: Iterable[Optional[str]]) -> jax.Array:
     """``with_sharding_constraint`` by logical axes; a no-op outside ``use_rules`` (single device code)."""
     cur = _ACTIVE.get()

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from jalign.data import (ByteTokenizer, DataError, HFTokenizer, SFTExample, encode_conversation,
-                         encode_pair, load_source, load_tokenizer, make_eval_iterator,
-                         make_preference_iterator, make_sft_iterator, read_jsonl, render_prompt,
-                         tokenize_preference, tokenize_sft)
+                         encode_pair, load_source, load_tokenizer, make_eval_iterator, make_sft_iterator,
+                         read_jsonl, render_prompt, tokenize_sft)
 from jalign.data.chat import ChatTemplateError, get_template
 from jalign.data.tokenizer import TokenizerError
 from jalign.data.tiny import (addition, addition_sloppy, answer_for, exact_match_reward, preference_pairs,
@@ -397,24 +396,28 @@ def test_eval_iterator_one_pass_padded(packing):
     assert (per_proc[1][-1]["loss_mask"][-1] == 0).all()  # trailing empty row
 
 
-def test_preference_records_and_iterator():
+def test_pair_rows_stack_both_sides_of_a_pair():
+    from jalign.data.preference import ordered_batches, pair_row, tokenize_pairs
+
     tok = ByteTokenizer()
-    recs, counts = tokenize_preference(preference_pairs("train", 10)[:10], tok, "tiny", seq_len=24)
-    assert counts["examples"] == 10
-    it = make_preference_iterator(recs, seq_len=24, batch_rows_per_process=2, shuffle=True, seed=0)
-    b = next(it)
-    assert b["chosen"]["tokens"].shape == b["rejected"]["tokens"].shape == (2, 24)
-    # Same prompt in both halves: the masked-out prefix is identical.
-    for r in range(2):
-        n = int(np.argmax(b["chosen"]["loss_mask"][r]))
-        np.testing.assert_array_equal(b["chosen"]["tokens"][r, :n], b["rejected"]["tokens"][r, :n])
-    ev = list(make_eval_iterator(recs, seq_len=24, batch_rows_per_process=4))
-    assert len(ev) == 3 and ev[-1]["chosen"]["loss_mask"][2:].sum() == 0
+    recs, counts = tokenize_pairs(preference_pairs("train", 10)[:10], tok, "tiny", seq_len=24)
+    assert counts["examples"] == len(recs) >= 10
+    b = next(ordered_batches(recs, lambda r: pair_row(r, 24, "lm"), batch_rows_per_process=4))
+    assert b["tokens"].shape == b["targets"].shape == b["loss_mask"].shape == (4, 2, 24)
+    assert b["rewards"].shape == (4, 2) and (b["rewards"][:, 0] == 1).all() and (b["rewards"][:, 1] == 0).all()
+    for r in range(4):  # the same prompt on both sides: the masked-out prefix is identical, responses differ
+        n = int(np.argmax(b["loss_mask"][r, 0]))
+        np.testing.assert_array_equal(b["tokens"][r, 0, :n], b["tokens"][r, 1, :n])
+        assert tok.decode(b["targets"][r, 0][b["loss_mask"][r, 0] > 0]) != tok.decode(
+            b["targets"][r, 1][b["loss_mask"][r, 1] > 0])
+    ev = list(ordered_batches(recs, lambda r: pair_row(r, 24, "lm"), batch_rows_per_process=8))
+    assert len(ev) == -(-len(recs) // 8) and ev[-1]["valid"].sum() == len(recs) % 8 or len(recs) % 8 == 0
 
 
 def test_config_driven_data(tmp_path):
     from jalign.config import Config
-    from jalign.data.pipeline import PreferenceData, SFTData
+    from jalign.data.pipeline import SFTData
+    from jalign.data.preference import PairData
 
     cfg = Config()
     cfg.data.seq_len, cfg.train.global_batch = 32, 8
@@ -429,8 +432,8 @@ def test_config_driven_data(tmp_path):
     prompt_ids, ref = data.eval_examples()[0]
     assert ref == answer_for(ByteTokenizer().decode(prompt_ids)) and data.tokenizer_dir() is None
     cfg.data.train, cfg.data.eval = "builtin:addition_pairs:train:40", "builtin:addition_pairs:eval:5"
-    pref = PreferenceData(cfg, ByteTokenizer(), log=logs.append, process_index=0, process_count=1)
-    assert next(pref.train_iterator())["rejected"]["loss_mask"].shape == (8, 32)
+    pref = PairData(cfg, ByteTokenizer(), log=logs.append, process_index=0, process_count=1)
+    assert next(pref.train_iterator())["loss_mask"].shape == (8, 2, 32)
 
 
 # ---- malformed tokenizers -------------------------------------------------------------------------
@@ -690,7 +693,7 @@ def test_pairs_the_template_renders_identically_are_degenerate(tmp_path):
     path = _write(tmp_path / "pairs.jsonl", ['{"prompt": "2+2=", "chosen": "4", "rejected": "5"}',
                                              '{"prompt": "3+3=", "chosen": "6", "rejected": "6 "}'])
     examples, _ = read_jsonl(path, "preference")  # the lines differ, so reading accepts them
-    for fn in (tokenize_pairs, tokenize_preference):
+    for fn in (tokenize_pairs,):
         with pytest.raises(DataError, match=rf"^{path}:2: chosen and rejected are identical after the chat template"):
             fn(examples, tok, str(tpl), seq_len=32)
         skipped = []

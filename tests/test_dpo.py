@@ -149,11 +149,123 @@ def test_train_end_to_end_precomputed(tmp_path):
     assert len(losses) == 12
     assert losses[0] == pytest.approx(np.log(2.0), abs=1e-6)
     assert np.mean(losses[-3:]) < losses[0] - 0.05
-    assert 0.0 <= last["eval/accuracy"] <= 1.0 and "eval/exact_match" in last
     evals = [r for r in rows if "eval/loss" in r]
     assert [r["step"] for r in evals] == [0, 12]  # the starting point is evaluated too
-    assert evals[0]["eval/accuracy"] == 0.0
+    assert evals[0]["eval/accuracy"] == 0.0 and evals[0]["eval/preference_loss"] == pytest.approx(np.log(2), abs=1e-6)
+    # training moved the policy off the reference on held-out pairs too, and the reduced eval loss is the sum
+    # of its terms (sft_weight 0 here)
+    assert last["eval/accuracy"] > 0.2 and "eval/exact_match" in last
+    assert last["eval/loss"] == pytest.approx(last["eval/preference_loss"], rel=1e-6)
     assert (tmp_path / "hf" / "config.json").is_file()
     done = json.loads((out / "reference_logps" / "done.json").read_text())
     from jalign.data.tiny import preference_pairs
     assert done["train"][0] == len(preference_pairs("train", 8))  # one reference row per training pair
+
+
+# ---- the other pairwise losses and the reference-free ones, through the algorithm ----------------------
+def _log_sigmoid(x):
+    return -np.logaddexp(0.0, -x)
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _numpy_preference(name, a, pc, pr, rc, rr, mc, mr):
+    """Each loss's formula (its docstring / paper) in NumPy: per-pair values, then the mean. pc, pr: policy
+    log-prob sums; rc, rr: the reference's; mc, mr: response lengths (SimPO / ORPO average; so does
+    length_normalize for the others)."""
+    beta, e = a.beta, a.label_smoothing
+    smoothed = lambda z: -(1 - e) * _log_sigmoid(z) - e * _log_sigmoid(-z)  # noqa: E731  (cDPO-style eps)
+    if name in ("orpo", "simpo"):
+        lc, lr = pc / mc, pr / mr
+        if name == "simpo":
+            return np.mean(smoothed(beta * (lc - lr) - a.gamma))
+        log_odds = (lc - lr) - (np.log1p(-np.exp(lc)) - np.log1p(-np.exp(lr)))
+        return beta * np.mean(-_log_sigmoid(log_odds))
+    if name == "cpo":  # sums by definition; length_normalize (on in TINY) asks for means
+        return np.mean(smoothed(beta * (pc / mc - pr / mr)))
+    pc, pr, rc, rr = pc / mc, pr / mr, rc / mc, rr / mr  # length_normalize is on in TINY
+    x, y = pc - rc, pr - rr
+    d = x - y
+    if name == "slic":
+        per = np.maximum(0.0, a.margin - beta * d)
+    elif name == "robust":
+        per = (-(1 - e) * _log_sigmoid(beta * d) + e * _log_sigmoid(-beta * d)) / (1 - 2 * e)
+    elif name == "apo_zero":
+        per = _sigmoid(-beta * x) + _sigmoid(beta * y)
+    elif name == "apo_down":
+        per = _sigmoid(beta * x) + _sigmoid(-beta * d)
+    elif name == "sppo_hard":
+        per = (x - 0.5 / beta) ** 2 + (y + 0.5 / beta) ** 2
+    elif name == "nca_pair":
+        per = -_log_sigmoid(beta * x) - 0.5 * _log_sigmoid(-beta * x) - 0.5 * _log_sigmoid(-beta * y)
+    elif name == "bco_pair":
+        shift = np.mean(0.5 * beta * (x + y))  # the batch's mean implicit reward
+        per = -_log_sigmoid(beta * x - shift) - _log_sigmoid(-(beta * y - shift))
+    return np.mean(per)
+
+
+NEW_LOSSES = ["slic", "robust", "apo_zero", "apo_down", "sppo_hard", "nca_pair", "bco_pair", "orpo", "simpo", "cpo"]
+
+
+def test_new_losses_through_the_algorithm_match_their_formulas(reference, tmp_path):
+    """The algorithm's preference term for every new ``algorithm.loss`` equals its formula on log-probs scored
+    independently (jalign.models.heads.token_logps), with a trained policy against the initial reference."""
+    from jalign.models.heads import token_logps
+
+    batch = reference["batches"][0]
+    policy, ref = jax.device_get(reference["params"]), reference["ref_before"]
+    for name in NEW_LOSSES:
+        algo = make_algo(tmp_path / name, None, f"algorithm.loss={name}", "algorithm.label_smoothing=0.1",
+                         "algorithm.margin=0.7", "algorithm.gamma=0.3", "algorithm.beta=0.5")
+        cfg = algo.cfg.model
+        with use_rules(algo.rt.mesh, algo.rt.rules):
+            placed = algo.global_batch(batch, accum=1)
+            flat = jax.tree.map(lambda x: x[0], placed)
+            sums = {}
+            for who, params in (("pi", policy), ("ref", ref)):
+                for s in (0, 1):
+                    rows = {k: flat[k][:, s] for k in ("tokens", "targets", "positions", "segment_ids", "loss_mask")}
+                    lp = np.asarray(token_logps(params, rows, cfg))
+                    sums[who, s] = (lp * np.asarray(rows["loss_mask"])).sum(-1)
+            lengths = np.asarray(batch["loss_mask"]).sum(-1)
+            want = _numpy_preference(name, algo.a, sums["pi", 0], sums["pi", 1], sums["ref", 0], sums["ref", 1],
+                                     lengths[:, 0], lengths[:, 1])
+            norms = dict(algo.normalizers(placed))
+            roles = {} if algo.reference_free else {"reference": ref}
+            if algo.batch_statistics() is not None:
+                norms.update(algo.batch_statistics()(policy, roles, placed))
+            loss, m = algo.loss(policy, flat, norms, roles)
+        np.testing.assert_allclose(float(m["preference_loss"]), want, rtol=2e-5, err_msg=name)
+        np.testing.assert_allclose(float(loss), float(m["preference_loss"]) + 0.5 * float(m["sft_loss"]), rtol=1e-6)
+        assert algo.reference_free == (name in ("orpo", "simpo", "cpo"))
+
+
+def test_reference_free_losses_build_no_reference(tmp_path):
+    from jalign.config import ConfigError
+
+    algo = make_algo(tmp_path, None, "algorithm.loss=simpo")
+    assert algo.role_specs() == {} and algo.step_roles == ()
+    roles = roles_for(algo)
+    assert roles.params == {}  # not one parameter of a second model exists
+    with pytest.raises(ConfigError, match="roles.reference is set but algorithm.loss=orpo uses no reference"):
+        make_algo(tmp_path, None, "algorithm.loss=orpo", "roles.reference=policy-init")
+    with pytest.raises(ConfigError, match="algorithm.reference=precomputed but algorithm.loss=cpo"):
+        make_algo(tmp_path, None, "algorithm.loss=cpo", "algorithm.reference=precomputed")
+
+
+@pytest.mark.parametrize("loss", ["simpo", "bco_pair"])
+def test_reference_free_and_bco_sharded_and_accumulated(loss, tmp_path):
+    """A reference-free loss and BCO (whose reward shift is a statistic of the whole optimizer batch):
+    one device == (2,2,2,1) with 2 accumulation steps == (1,2,2,2); the loss falls on a repeated batch."""
+    single = make_algo(tmp_path / "one", None, f"algorithm.loss={loss}")
+    batch = next(single.train_batches())
+    want, want_params, _, _, _ = run(single, batches=[batch] * 3)
+    assert want[-1]["preference_loss"] < want[0]["preference_loss"]
+    for shape, accum in (((2, 2, 2, 1), 2), ((1, 2, 2, 2), 1)):
+        algo = make_algo(tmp_path / f"{shape}", shape, f"algorithm.loss={loss}", f"train.micro_batch={8 // accum}")
+        got, params, _, _, _ = run(algo, batches=[batch])
+        for k in ("loss", "preference_loss", "sft_loss", "accuracy", "grad_norm"):
+            np.testing.assert_allclose(got[0][k], want[0][k], rtol=1e-5, atol=1e-7, err_msg=f"{shape} {k}")
+        assert_trees_close(params, want_params)

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from jalign.algorithms.reward import reward_scores
+from jalign.models.heads import sequence_scores as reward_scores
 from jalign.config import ModelConfig
 from jalign.data.tokenizer import load_tokenizer
 from jalign.models.hf_heads import export_reward_model, own_pad_id

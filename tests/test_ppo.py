@@ -168,6 +168,25 @@ def test_sharded_update_equals_unsharded(reference, rm_dir, shape):
 
 
 def test_size_errors_are_clear_and_raised_before_compiling(rm_dir):
+    from jax._src import monitoring
+
+    compiles = []
+
+    def listener(event, duration, **kw):
+        if "backend_compile" in event:  # XLA compiling a program (tracing shapes is not compiling)
+            compiles.append(event)
+
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        _size_errors(rm_dir)
+        assert compiles == []  # every size error came before any program was compiled
+        jax.jit(lambda x: x * 1.2345 + 0.5)(jnp.ones(3))  # the listener does see a compile
+        assert compiles
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+
+
+def _size_errors(rm_dir):
     mesh = make_mesh(8, 1, 1, 1)
     cases = [
         (["algorithm.minibatch_size=6"], "minibatch_size=6 does not divide the rollout batch"),

@@ -12,6 +12,7 @@ from jalign.algorithms import base
 from jalign.algorithms.reward import RewardModel
 from jalign.models.heads import last_valid_index, sequence_scores as reward_scores
 from jalign.config import ModelConfig, load_config
+from jalign.data.tokenizer import load_tokenizer
 from jalign.metrics import read_metrics
 from jalign.models import params as params_lib
 from jalign.models import transformer as tfm
@@ -61,13 +62,26 @@ def reference(tmp_path_factory):
     return dict(batch=batch, metrics=metrics, params=jax.device_get(state.params))
 
 
-def test_first_step_metrics(reference):
+def test_first_step_metrics(reference, tmp_path):
+    """The first step's metrics are the margin loss of the initial model's scores, checked with NumPy."""
     m = reference["metrics"][0]
     assert m["num_pairs"] == 8 and m["skipped"] == 0
-    assert m["reward_std"] > 0 and 0.0 <= m["accuracy"] <= 1.0
     # the margin version of BT: m = margin_scale * (R_c - R_r) = 0.5 with the tiny task's rewards 1 / 0
     b = reference["batch"]
-    assert np.all(b["chosen_reward"] == 1.0) and np.all(b["rejected_reward"] == 0.0)
+    assert np.all(b["rewards"][:, 0] == 1.0) and np.all(b["rewards"][:, 1] == 0.0)
+    algo = make_algo(tmp_path, None, *PAIR)
+    with use_rules(algo.rt.mesh, algo.rt.rules):
+        params = algo.init_state(roles_for(algo)).params  # the weights the first step scored with
+    flat = {k: b[k].reshape((16,) + b[k].shape[2:]) for k in ("tokens", "positions", "segment_ids")}
+    r = np.asarray(jax.jit(lambda p: reward_scores(p, flat["tokens"], flat["positions"], flat["segment_ids"],
+                                                   algo.cfg.model))(params))[:, 0].astype(np.float64)
+    r_c, r_r = r[0::2], r[1::2]
+    margin = 0.5 * (b["rewards"][:, 0] - b["rewards"][:, 1])
+    loss = np.mean(np.logaddexp(0.0, -(r_c - r_r - margin)))  # -log sigmoid(r_c - r_r - m)
+    np.testing.assert_allclose(m["loss"], loss, rtol=1e-5)
+    assert m["accuracy"] == np.mean(r_c > r_r)
+    np.testing.assert_allclose(m["reward_chosen_mean"], r_c.mean(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m["reward_std"], np.concatenate([r_c, r_r]).std(), rtol=1e-4)
 
 
 @pytest.mark.parametrize("shape,accum", [((8, 1, 1, 1), 1), ((2, 2, 2, 1), 2), ((1, 2, 2, 2), 1)])
@@ -120,11 +134,11 @@ def test_regression_masks_unlabelled_attributes(tmp_path):
     assert algo.data.attribute_names == ["correct", "helpful"]
     it = algo.train_batches()
     batches = [next(it) for _ in range(1)]
-    assert batches[0]["attr_mask_0"].sum() < 8  # some "correct" labels are null
+    assert batches[0]["attribute_mask"][:, 0].sum() < 8  # some "correct" labels are null
     metrics, state = run(algo, batches * 8)
     losses = [m["loss"] for m in metrics]
     assert losses[-1] < 0.5 * losses[0]
-    assert metrics[0]["num_values"] == batches[0]["attr_mask_0"].sum() + batches[0]["attr_mask_1"].sum()
+    assert metrics[0]["num_values"] == batches[0]["attribute_mask"].sum()
     from jalign.evaluation import reduce_eval
 
     with use_rules(algo.rt.mesh, algo.rt.rules):
@@ -141,7 +155,6 @@ def test_train_end_to_end_and_hf_export(tmp_path):
     last = train(cfg)
     losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
     assert len(losses) == 12 and np.mean(losses[-3:]) < losses[0] - 0.1
-    assert 0.0 <= last["eval/accuracy"] <= 1.0
     config = json.loads((hf / "config.json").read_text())
     assert config["architectures"] == ["LlamaForSequenceClassification"] and config["num_labels"] == 1
     index = json.loads((hf / "model.safetensors.index.json").read_text())["weight_map"]
@@ -161,3 +174,19 @@ def test_train_end_to_end_and_hf_export(tmp_path):
         theirs = model(input_ids=torch.tensor(ids, dtype=torch.long),
                        attention_mask=torch.tensor(seg, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)
+    # the loop's eval accuracy is the fraction of held-out pairs the trained model orders right: recount it
+    # with transformers over the pairs the evaluation saw (train.eval_batches=2 batches of 8)
+    from jalign.data.preference import PairData
+
+    data = PairData(cfg, load_tokenizer("byte"), mode="score", log=lambda *_: None, process_index=0, process_count=1)
+    pairs = data.eval_records[:2 * cfg.train.global_batch]
+    right = []
+    for rec in pairs:
+        side = []
+        for name in ("chosen", "rejected"):
+            seq = torch.tensor(np.asarray(rec[name][0], np.int64))[None]
+            with torch.no_grad():
+                side.append(float(model(input_ids=seq).logits[0, 0]))
+        right.append(side[0] > side[1])
+    assert last["eval/accuracy"] == pytest.approx(np.mean(right), abs=1e-6)
+    assert last["eval/num_pairs"] == len(pairs)

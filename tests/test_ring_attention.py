@@ -2,6 +2,7 @@
 import dataclasses
 
 import jax
+from jax.sharding import PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -94,9 +95,10 @@ def test_ring_bf16_accumulates_in_f32():
 
 
 def test_fallback_to_dense_without_sequence_axis():
+    """attend(impl="ring") (what the model calls) is dense attention when there is no ring to run."""
     q, k, v, seg, idx, _ = _inputs(2, 16, 4, 2, 8, packed=True)
     dense = jax.jit(lambda q, k, v, s, i: dense_attention(q, k, v, attention_mask(s, s, i, i)))
-    ring = jax.jit(lambda q, k, v, s, i: ring_attention_auto(q, k, v, s, s, i, i))
+    ring = jax.jit(lambda q, k, v, s, i: attend(q, k, v, s, s, i, i, impl="ring"))
     ref = dense(q, k, v, seg, idx)
     np.testing.assert_allclose(ring(q, k, v, seg, idx), ref, atol=1e-6)  # no mesh
     with use_rules(make_mesh(4, 1, 2, 1)):
@@ -200,3 +202,18 @@ def test_model_forward_ring_zigzag_equals_xla():
     np.testing.assert_allclose(from_zigzag(h, n), ref_h, atol=1e-5, rtol=1e-5)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(ref_g)):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
+def test_ring_specs_follow_the_rules_table():
+    """The ring's shard specs come from the logical-axis rules (one source of truth), not a fixed layout."""
+    from sharding import make_rules
+    from sharding.ring_attention import ring_axis, ring_specs
+
+    mesh = make_mesh(2, 1, 2, 2)
+    qs, kvs, ids = ring_specs(mesh, make_rules(), 4, 8, 4)
+    assert qs == P(("data", "fsdp"), "sequence", "tensor", None) and ids == P(("data", "fsdp"), "sequence")
+    rules = make_rules({"batch": "data", "heads": None, "kv_heads": None})
+    qs, kvs, ids = ring_specs(mesh, rules, 4, 8, 4)
+    assert qs == kvs == P("data", "sequence", None, None)
+    assert ring_specs(mesh, make_rules(), 4, 8, 3)[0][2] is None  # kv heads do not divide: heads stay whole
+    assert ring_axis(make_rules({"seq": "fsdp"})) == "fsdp"

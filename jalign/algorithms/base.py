@@ -107,15 +107,20 @@ def require_mesh_context(what: str) -> None:
                            "constraints would be dropped; trace it inside the run's mesh context")
 
 
-def make_train_step(loss_fn: LossFn, normalizers_fn: Callable[[dict], dict], trained: TrainedModel):
+def make_train_step(loss_fn: LossFn, normalizers_fn: Callable[[dict], dict], trained: TrainedModel,
+                    with_rng: bool = False, statistics_fn: Optional[Callable[[Any, Any, dict], dict]] = None):
     """Jitted ``(state, roles, batch) -> (state, metrics)`` with gradient accumulation.
 
     ``batch`` leaves are [accum, micro, ...]. ``normalizers_fn(batch)`` computes global counts (valid
     tokens / pairs) over the whole optimizer batch; ``loss_fn(params, micro_batch, normalizers, roles)``
     returns a loss already divided by those counts, so summing over micro-batches gives the big-batch loss
-    and gradient exactly. A non-finite loss, gradient norm or updated parameters skip the update (params
+    and gradient exactly. ``statistics_fn(params, roles, batch) -> dict`` (optional) adds constants of the
+    whole optimizer batch that need the current parameters (KTO's KL reference point): computed once before
+    the micro-batches, without gradient, and merged into the normalisers, so they too are the same whatever
+    the accumulation. A non-finite loss, gradient norm or updated parameters skip the update (params
     and optimizer state unchanged) and report ``skipped = 1``. ``roles`` (frozen params) are an input:
-    never differentiated, never donated.
+    never differentiated, never donated. ``with_rng`` adds ``norms["rng"]``, a key per step and micro-batch
+    from the state's RNG (e.g. for LoRA dropout).
     """
     optimizer, schedule = trained.optimizer, trained.schedule
     shardings = trained.shardings()
@@ -123,18 +128,26 @@ def make_train_step(loss_fn: LossFn, normalizers_fn: Callable[[dict], dict], tra
     def step(state: TrainState, roles, batch):
         require_mesh_context("the train step")
         norms = normalizers_fn(batch)
+        if statistics_fn is not None:
+            norms = {**norms, **jax.lax.stop_gradient(statistics_fn(state.params, roles, batch))}
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-        def micro(carry, mb):
-            g_acc, m_acc = carry
-            (_, metrics), grads = grad_fn(state.params, mb, norms, roles)
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step) if with_rng else None
+
+        def micro_norms(i):
+            return dict(norms, rng=jax.random.fold_in(step_key, i)) if with_rng else norms
+
+        def micro(carry, xs):
+            (g_acc, m_acc), (mb, i) = carry, xs
+            (_, metrics), grads = grad_fn(state.params, mb, micro_norms(i), roles)
             return (jax.tree.map(jnp.add, g_acc, grads), jax.tree.map(jnp.add, m_acc, metrics)), None
 
         first = jax.tree.map(lambda x: x[0], batch)
-        metric_shapes = jax.eval_shape(lambda: loss_fn(state.params, first, norms, roles)[1])
+        metric_shapes = jax.eval_shape(lambda: loss_fn(state.params, first, micro_norms(0), roles)[1])
         zeros = (jax.tree.map(jnp.zeros_like, state.params),
                  jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
-        (grads, metrics), _ = jax.lax.scan(micro, zeros, batch)
+        accum = jax.tree.leaves(batch)[0].shape[0]
+        (grads, metrics), _ = jax.lax.scan(micro, zeros, (batch, jnp.arange(accum)))
         grad_norm = optax.tree.norm(grads)
         opt_state = trained.opt_to_device(state.opt_state)  # offloaded moments come in only now
         updates, new_opt = optimizer.update(grads, opt_state, state.params)
@@ -286,7 +299,10 @@ class SupervisedAlgorithm(Algorithm):
     def __init__(self, rt: Runtime):
         super().__init__(rt)
         cfg = self.cfg
-        self.decls = self.declare()
+        from jalign.algorithms.trainable import Trainable
+
+        self.trainable = Trainable(cfg.model, self.declare())
+        self.decls = self.trainable.decls
         self.accum = accumulation_steps(cfg)
         self.trained = TrainedModel(self.decls, cfg.optim, cfg.train.steps, rt.mesh, rt.rules,
                                     params_lib.DTYPES[cfg.model.param_dtype])
@@ -297,7 +313,10 @@ class SupervisedAlgorithm(Algorithm):
         else:
             self.data = self.make_data()
         self.fields = self.batch_fields()
-        self._train_step = make_train_step(self.loss, self.normalizers, self.trained)
+        dropout = self.trainable.is_lora and cfg.model.lora.dropout > 0
+        stats = self.batch_statistics()
+        self._train_step = make_train_step(self._trained_loss, self.normalizers, self.trained, with_rng=dropout,
+                                           statistics_fn=None if stats is None else self._trained_statistics)
         self._eval_step = jax.jit(self._eval_sums)
         from jalign.evaluation import GenerationEval
 
@@ -320,14 +339,47 @@ class SupervisedAlgorithm(Algorithm):
     def normalizers(self, batch: dict) -> dict:
         raise NotImplementedError
 
+    def batch_statistics(self) -> Optional[Callable]:
+        """None, or ``fn(params, roles, batch) -> dict``: batch constants that need the parameters (see
+        :func:`make_train_step`); a subclass that uses them also computes them in its eval step."""
+        return None
+
     def eval_examples(self) -> list:
         """(prompt_ids, reference answer) of held-out examples for the generation-based evaluation."""
         return self.data.eval_examples() if hasattr(self.data, "eval_examples") else []
 
+    def _trained_statistics(self, params, roles, batch):
+        """``batch_statistics`` on the model's forward params (no dropout: they are constants of the batch)."""
+        return self.batch_statistics()(self.trainable.forward_params(params, roles, None), roles, batch)
+
+    def _trained_loss(self, params, mb, norms, roles):
+        """``loss`` on the model's forward params (under LoRA: the frozen base with the trained adapters)."""
+        return self.loss(self.trainable.forward_params(params, roles, norms.get("rng")), mb, norms, roles)
+
     # -- protocol --
+    def role_specs(self):
+        return self.trainable.role_specs()
+
     def init_state(self, roles):
-        params = initial_policy_params(self.rt, self.decls, allow_fresh=self.allow_fresh)
+        params = self.trainable.init_params(
+            self.rt, lambda decls: initial_policy_params(self.rt, decls, allow_fresh=self.allow_fresh))
         return self.trained.new_state(params, state_rng(self.cfg.train.seed))
+
+    def policy(self, state, roles):
+        return self.trainable.forward_params(state.params, roles), self.cfg.model
+
+    def export(self, state, roles, out_dir):
+        from jalign.models.hf_io import save_hf
+
+        save_hf(self.trainable.merged(state.params, roles), self.cfg.model, out_dir, tokenizer_dir=self.tokenizer_dir())
+        self.export_adapter(state, out_dir)
+
+    def export_adapter(self, state, out_dir) -> None:
+        """Under LoRA, also the PEFT adapter (``OUT_DIR/adapter``)."""
+        if self.trainable.is_lora:
+            from pathlib import Path
+
+            self.trainable.export_adapter(state.params, str(Path(out_dir) / "adapter"), self.cfg.model.hf_path)
 
     def abstract_state(self):
         return self.trained.abstract_state()
@@ -344,7 +396,8 @@ class SupervisedAlgorithm(Algorithm):
         return host_batch
 
     def step_inputs(self, roles) -> dict:
-        return roles.on_device(self.step_roles) if self.step_roles else {}
+        names = [*self.step_roles, *self.trainable.role_specs()]
+        return roles.on_device([n for n in names if n in roles]) if names else {}
 
     def step(self, state, roles, batch):
         return self._train_step(state, self.step_inputs(roles), self.global_batch(self.prepare_batch(batch, "train")))
@@ -355,14 +408,17 @@ class SupervisedAlgorithm(Algorithm):
         return self.data.eval_iterator()
 
     def _eval_sums(self, params, roles, batch):
+        require_mesh_context("the eval step")
         mb = jax.tree.map(lambda x: x[0], batch)  # drop the accumulation axis
         norms = self.normalizers(batch)
-        _, metrics = self.loss(params, mb, {k: jnp.ones_like(v) for k, v in norms.items()}, roles)
+        sums = {k: jnp.ones_like(v) for k, v in norms.items()}  # divisors of 1: the loss returns sums
+        if self.batch_statistics() is not None:  # the eval batch's own constants (e.g. KTO's reference point)
+            sums.update(self._trained_statistics(params, roles, batch))
+        _, metrics = self._trained_loss(params, mb, sums, roles)
         default = next(iter(norms))
         out = {}
-        for k, v in metrics.items():
-            count = 1.0 if k in self.total_metrics else norms[self.metric_counts.get(k, default)]
-            out[k] = (v, jnp.asarray(count, jnp.float32))
+        for k, v in metrics.items():  # totals (counts of tokens / pairs) are summed, not averaged
+            out[k] = (v, None) if k in self.total_metrics else (v, norms[self.metric_counts.get(k, default)])
         return out
 
     def eval_sums(self, state, roles, batch):

@@ -24,6 +24,15 @@ BUILTIN = {
     "ppo": "jalign.algorithms.ppo",
     "grpo": "jalign.algorithms.grpo",
     "rloo": "jalign.algorithms.rloo",
+    "rs": "jalign.algorithms.rs",
+    "online_dpo": "jalign.algorithms.online_dpo",
+    "spin": "jalign.algorithms.spin",
+    "cai_sl": "jalign.algorithms.cai",
+    "cai_rlaif": "jalign.algorithms.cai",
+    "opd": "jalign.algorithms.opd",
+    "kto": "jalign.algorithms.kto",
+    "steerlm": "jalign.algorithms.steerlm",
+    "distill": "jalign.algorithms.distill",
 }
 _REGISTERED: dict[str, type] = {}
 

@@ -1,8 +1,8 @@
 """Reward models: trunk + linear score head read at the last valid token.
 
 * Pairwise (``loss: bt | bt_margin | bt_scaled``): chosen and rejected rows go through the model in one
-  forward pass (stacked on the batch axis, ``[b, 2, T] -> [2b, T]``, which keeps every row on the device that
-  holds its pair), one scalar per sequence, Bradley-Terry family losses over valid pairs. ``bt_margin`` uses
+  forward pass (``[b, 2, T] -> [2b, T]``, which keeps every row on the device that holds its pair), one
+  scalar per sequence, Bradley-Terry family losses over valid pairs. ``bt_margin`` uses
   ``m = margin_scale * (R_c - R_r)`` and ``bt_scaled`` ``s = margin_scale * (R_c - R_r)`` with the data's
   ``chosen_reward`` / ``rejected_reward`` (1 / 0 when absent).
 * Regression (``loss: regression``, data ``{"prompt", "response", "attributes": {...}}``): one output per
@@ -42,13 +42,10 @@ class RewardConfig:
 
 
 # ---- pure helpers (shared with DPO) -------------------------------------------------------------
-def stack_pairs(mb: dict, names) -> dict:
-    """``{f: [b, 2, ...] -> [2b, ...]}`` from ``chosen_f`` / ``rejected_f``: rows 2i / 2i+1 are pair i."""
-    out = {}
-    for f in names:
-        c, r = mb[f"chosen_{f}"], mb[f"rejected_{f}"]
-        out[f] = jnp.stack([c, r], axis=1).reshape((2 * c.shape[0],) + c.shape[1:])
-    return out
+def flatten_pairs(mb: dict, names) -> dict:
+    """``{f: [b, 2, ...] -> [2b, ...]}``: rows 2i / 2i+1 are the chosen / rejected side of pair i, so one
+    forward pass scores both (a reshape of the batch-sharded pair axis: no data moves between devices)."""
+    return {f: mb[f].reshape((2 * mb[f].shape[0],) + mb[f].shape[2:]) for f in names}
 
 
 def unstack_pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -57,10 +54,10 @@ def unstack_pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return x[:, 0], x[:, 1]
 
 
-def pair_valid(batch: dict, mask_field: str = "loss_mask") -> jax.Array:
-    """``valid`` and both sides non-empty (a pair with an empty response never counts)."""
-    has = lambda side: (jnp.sum(batch[f"{side}_{mask_field}"], axis=-1) > 0).astype(jnp.float32)  # noqa: E731
-    return batch["valid"] * has("chosen") * has("rejected")
+def pair_valid(batch: dict) -> jax.Array:
+    """``valid`` and both sides non-empty (a pair with an empty response never counts); [..., b]."""
+    both = jnp.all(jnp.sum(batch["loss_mask"], axis=-1) > 0, axis=-1)  # [..., b, 2, T] -> [..., b]
+    return batch["valid"] * both.astype(jnp.float32)
 
 
 # ---- the algorithm ------------------------------------------------------------------------------
@@ -86,7 +83,7 @@ class RewardModel(SupervisedAlgorithm):
         return ScoredData(self.cfg, self.tokenizer, num_attributes=self.a.num_attributes, log=self.rt.log)
 
     def batch_fields(self):
-        return fields.pair_fields("score") if self.pairwise else fields.scored_fields(self.a.num_attributes)
+        return fields.pair_fields("score") if self.pairwise else fields.scored_fields()
 
     def eval_examples(self):
         return []  # a reward model does not generate
@@ -103,7 +100,7 @@ class RewardModel(SupervisedAlgorithm):
 
     def _pair_loss(self, params, mb, norms):
         a = self.a
-        both = stack_pairs(mb, ("tokens", "positions", "segment_ids"))
+        both = flatten_pairs(mb, ("tokens", "positions", "segment_ids"))
         r = sequence_scores(params, both["tokens"], both["positions"], both["segment_ids"], self.cfg.model)
         r_c, r_r = unstack_pairs(r[:, 0])
         v, n = pair_valid(mb), norms["num_pairs"]
@@ -111,17 +108,15 @@ class RewardModel(SupervisedAlgorithm):
         if a.loss == "bt":
             loss, m = fn(r_c, r_r, v, n)
         else:
-            loss, m = fn(r_c, r_r, a.margin_scale * (mb["chosen_reward"] - mb["rejected_reward"]), v, n)
+            loss, m = fn(r_c, r_r, a.margin_scale * (mb["rewards"][:, 0] - mb["rewards"][:, 1]), v, n)
         rc, rr = jnp.where(v > 0, r_c, 0.0), jnp.where(v > 0, r_r, 0.0)
         m["reward_sq_mean"] = safe_divide(jnp.sum(v * (rc * rc + rr * rr)) / 2, n)  # for reward_std
-        m["num_tokens"] = jnp.sum(v[:, None] * (mb["chosen_loss_mask"] + mb["rejected_loss_mask"]))
+        m["num_tokens"] = jnp.sum(v[:, None, None] * mb["loss_mask"])
         return loss, m
 
-    def _attr(self, mb):
-        A = self.a.num_attributes
-        target = jnp.stack([mb[f"attr_value_{i}"] for i in range(A)], axis=-1)
-        mask = jnp.stack([mb[f"attr_mask_{i}"] for i in range(A)], axis=-1) * mb["valid"][..., None]
-        return target, mask
+    @staticmethod
+    def _attr(mb):
+        return mb["attributes"], mb["attribute_mask"] * mb["valid"][..., None]
 
     def _regression_loss(self, params, mb, norms):
         pred = sequence_scores(params, mb["tokens"], mb["positions"], mb["segment_ids"], self.cfg.model)
@@ -154,9 +149,10 @@ class RewardModel(SupervisedAlgorithm):
     def export(self, state, roles, out_dir):
         from jalign.models.hf_heads import export_reward_model
 
-        export_reward_model(state.params, self.cfg.model, out_dir, self.a,
+        export_reward_model(self.trainable.merged(state.params, roles), self.cfg.model, out_dir, self.a,
                             attribute_names=getattr(self.data, "attribute_names", None) or ["reward"],
                             tokenizer_dir=self.tokenizer_dir(), pad_id=self.tokenizer.pad_id)
+        self.export_adapter(state, out_dir)
 
 
 def with_std(m: dict) -> dict:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +52,8 @@ class RLConfig:
     split into accumulation steps of ``micro_batch_size`` rows (None = minibatch). The reward is a reward
     model (``roles.reward: run:DIR``) or a rule (``reward_fn``): exactly one.
     """
+
+    global_batch_counts: ClassVar[str] = "prompts"  # train.global_batch is prompts per step (rows: x K samples)
 
     name: str = ""
     reward_fn: Optional[str] = None  # a rule-based reward from jalign.rewards (e.g. exact_match)
@@ -160,12 +162,6 @@ class RLAlgorithm(Algorithm):
         super().__init__(rt)
         cfg, a = self.cfg, self.a
         self.sizes = check_sizes(cfg, rt.mesh, self.min_per_prompt)
-        self.decls = tfm.declare_params(cfg.model)
-        self.gen_cfg = dataclasses.replace(cfg.model, init_from=None, hf_path=None)
-        self.updates = cfg.train.steps * a.ppo_epochs * self.sizes.minibatches
-        self.actor = TrainedModel(self.decls, cfg.optim, self.updates, rt.mesh, rt.rules,
-                                  params_lib.DTYPES[cfg.model.param_dtype])
-        self.replicated = NamedSharding(rt.mesh, PartitionSpec())
         self.rule = None
         if a.reward_fn:
             from jalign.rewards import get_reward
@@ -174,6 +170,12 @@ class RLAlgorithm(Algorithm):
                 self.rule = get_reward(a.reward_fn)
             except ValueError as e:
                 raise ConfigError(f"{cfg.source or '<config>'}: {e}") from None
+        self.decls = tfm.declare_params(cfg.model)
+        self.gen_cfg = dataclasses.replace(cfg.model, init_from=None, hf_path=None)
+        self.updates = cfg.train.steps * a.ppo_epochs * self.sizes.minibatches
+        self.actor = TrainedModel(self.decls, cfg.optim, self.updates, rt.mesh, rt.rules,
+                                  params_lib.DTYPES[cfg.model.param_dtype])
+        self.replicated = NamedSharding(rt.mesh, PartitionSpec())
         self.single_use = a.ppo_epochs == 1 and self.sizes.minibatches == 1
         self.old_from_update = self.single_use and not self.needs_old_logps
         self.rm_cfg = self._reward_model_config()
@@ -246,7 +248,8 @@ class RLAlgorithm(Algorithm):
         self._critic_step = make_train_step(self.critic_loss, self.normalizers, self.critic)
 
     def _load_data(self):
-        from jalign.data.tiny import load_source
+        from jalign.data.prompts import PromptIterator, PromptSet
+        from jalign.data.sources import load_source
 
         d, a = self.cfg.data, self.a
         max_prompt = d.seq_len - a.max_new_tokens
@@ -258,7 +261,7 @@ class RLAlgorithm(Algorithm):
             examples, skipped = load_source(spec, "prompt", d.skip_bad_lines, seed=d.seed, max_examples=limit)
             if skipped:
                 self.rt.log(f"data: {spec}: skipped {len(skipped)} bad lines")
-            return xp.PromptSet(examples, self.tokenizer, d.chat_template, max_prompt, self.rt.log, spec)
+            return PromptSet(examples, self.tokenizer, d.chat_template, max_prompt, self.rt.log, spec)
 
         e = self.cfg.eval
         if self.rt.abstract:  # jalign plan: prompts of the longest length a row allows; nothing is read
@@ -275,7 +278,7 @@ class RLAlgorithm(Algorithm):
         if self.P + self.N > self.cfg.model.max_seq_len:
             raise ConfigError(f"prompt ({self.P}) + algorithm.max_new_tokens ({a.max_new_tokens}) exceeds "
                               f"model.max_seq_len={self.cfg.model.max_seq_len}")
-        self.train_iter = xp.PromptIterator(len(self.train_prompts), self.sizes.prompts, d.seed, d.shuffle)
+        self.train_iter = PromptIterator(len(self.train_prompts), self.sizes.prompts, d.seed, d.shuffle)
 
     # ---- protocol -------------------------------------------------------------------------------
     def init_state(self, roles):

@@ -12,23 +12,45 @@ PER_ROW = ("batch",)  # [B]
 SFT_FIELDS = {k: ROW for k in ("tokens", "targets", "loss_mask", "positions", "segment_ids")}
 
 
+PAIR_ROW = ("batch", None, "seq")  # [B, 2, T]: the two sides of a pair stay on one device
+PER_PAIR_SIDE = ("batch", None)  # [B, 2]
+
+
 def pair_fields(mode: str) -> dict:
-    """Flat pairwise batches (``jalign.data.preference``): ``chosen_*`` / ``rejected_*`` rows, per-pair scalars."""
+    """Pairwise batches (``jalign.data.preference``): both sides stacked, side 0 chosen, 1 rejected."""
     seq = ("tokens", "positions", "segment_ids", "loss_mask") + (("targets",) if mode == "lm" else ())
-    fields = {f"{side}_{k}": ROW for side in ("chosen", "rejected") for k in seq}
-    fields.update(index=PER_ROW, valid=PER_ROW, chosen_reward=PER_ROW, rejected_reward=PER_ROW)
+    fields = {k: PAIR_ROW for k in seq}
+    fields.update(index=PER_ROW, valid=PER_ROW, rewards=PER_PAIR_SIDE)
     return fields
 
 
-def scored_fields(num_attributes: int) -> dict:
+def scored_fields() -> dict:
+    """Regression batches: one sequence per row, its attribute values and mask [B, A]."""
     fields = {k: ROW for k in ("tokens", "positions", "segment_ids", "loss_mask")}
-    fields.update(index=PER_ROW, valid=PER_ROW)
-    for a in range(num_attributes):
-        fields[f"attr_value_{a}"] = PER_ROW
-        fields[f"attr_mask_{a}"] = PER_ROW
+    fields.update(index=PER_ROW, valid=PER_ROW, attributes=("batch", "attributes"),
+                  attribute_mask=("batch", "attributes"))
     return fields
 
 
 def with_columns(fields: dict, columns: dict) -> dict:
     """``fields`` plus precomputed columns ({name: logical axes})."""
     return {**fields, **columns}
+
+
+def unpaired_fields() -> dict:
+    """KTO batches (``jalign.data.unpaired``): side 0 the completion, side 1 its mismatched KL row (the prompt
+    followed by another example's completion), [B, 2, T]; ``label`` 1 desirable / 0 undesirable and
+    ``kl_valid`` (the KL row exists) [B]."""
+    fields = {k: PAIR_ROW for k in ("tokens", "targets", "positions", "segment_ids", "loss_mask")}
+    fields.update(index=PER_ROW, valid=PER_ROW, label=PER_ROW, kl_valid=PER_ROW)
+    return fields
+
+
+TOPK = ("batch", "seq", None)  # [B, T, K]: a teacher's top-k ids / log-probs per position (k unsharded)
+
+
+def distill_fields(with_teacher_columns: bool) -> dict:
+    """Distillation batches: SFT rows, plus the teacher's top-k ``teacher_ids`` / ``teacher_logps`` [B, T, K]
+    when they were precomputed (``jalign.data.distill``)."""
+    extra = {"teacher_ids": TOPK, "teacher_logps": TOPK} if with_teacher_columns else {}
+    return {**SFT_FIELDS, **extra}

@@ -10,7 +10,20 @@ kind          fields
               ``chosen_reward`` / ``rejected_reward``
 ``reward``    ``{"prompt", "response", "attributes": {name: number or null}}`` (null = not labelled)
 ``prompt``    ``{"prompt"}`` with an optional ``"answer"`` string (for rule-based rewards)
+``steer``     SFT data (``{"prompt", "response"}`` or ``{"messages"}``) with ``"attributes": {name: value}``
+              (SteerLM; what ``jalign annotate`` writes); a conversation's attributes belong to its last
+              assistant turn, which is the response
+``unpaired``  ``{"prompt", "completion", "label": true | false}`` (KTO; TRL's unpaired preference format;
+              ``"response"`` is accepted for ``"completion"``), prompt and completion strings or message lists
 ============  =========================================================================================
+
+TRL's names are accepted too, producing the same examples as the jalign lines they correspond to: SFT
+``{"prompt", "completion"}`` (= ``response``; a conversational completion is one assistant message) and
+``{"text"}`` (plain language modelling = ``{"prompt": "", "response": text}``: use ``data.chat_template: none``);
+preference lines without ``"prompt"`` whose ``chosen`` / ``rejected`` carry it as a shared prefix (TRL's
+implicit prompt: the longest common prefix of the two conversations, or of the two strings with a space
+before the difference kept in the responses). ``fields`` (``data.fields``) renames columns first:
+``{"prompt": "question"}`` reads the prompt from a column "question".
 
 A bad line raises :class:`DataError` with ``path:line: reason``; with ``skip_bad=True`` it is skipped and
 its message returned, so the caller can count and log them.
@@ -28,7 +41,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 from jalign.errors import JalignError
 
@@ -99,6 +112,16 @@ class RewardExample:
     prompt: Text
     response: Text
     attributes: dict = field(default_factory=dict)  # name -> float or None (masked)
+    source: str = ""
+
+
+@dataclass
+class UnpairedExample:
+    """One completion with a binary label: desirable (``label`` True) or undesirable (KTO's data)."""
+
+    prompt: Text
+    completion: Text
+    label: bool
     source: str = ""
 
 
@@ -200,6 +223,8 @@ def identical_pair(example, skip_bad: bool, skipped: list) -> bool:
 
 # ---- per-kind parsers: dict -> example ----------------------------------------------------------
 def parse_sft(obj: dict) -> SFTExample:
+    if "text" in obj and not {"prompt", "response", "completion", "messages"} & set(obj):  # TRL language modelling
+        return SFTExample(prompt="", response=_nonempty_response(_string(obj, "text"), "text"))
     if "messages" in obj:
         value = obj["messages"]
         if not isinstance(value, list):
@@ -208,16 +233,45 @@ def parse_sft(obj: dict) -> SFTExample:
         if not any(m["role"] == "assistant" for m in msgs):
             raise _Bad('field "messages" has no "assistant" message, so nothing to train on')
         return SFTExample(messages=_nonempty_response(msgs, "messages", every_turn=True))
-    hint = 'SFT needs "prompt" and "response", or "messages"'
+    hint = 'SFT needs "prompt" and "response" (or "completion"), "messages", or "text"'
     prompt = _text(obj, "prompt", hint)
-    return SFTExample(prompt=prompt, response=_nonempty_response(_string(obj, "response", hint), "response"))
+    key = "completion" if "completion" in obj and "response" not in obj else "response"
+    value = _require(obj, key, hint)
+    if isinstance(value, list):  # TRL's conversational prompt-completion: one assistant message
+        msgs = _messages(value, key)
+        if len(msgs) != 1 or msgs[0]["role"] != "assistant":
+            raise _Bad(f'field "{key}" as a message list must be one "assistant" message (for several turns '
+                       'use "messages")')
+        value = msgs[0]["content"]
+    elif not isinstance(value, str):
+        raise _Bad(f'field "{key}" must be a string, got {_type_name(value)}')
+    return SFTExample(prompt=prompt, response=_nonempty_response(value, key))
+
+
+def split_implicit_prompt(chosen: Text, rejected: Text) -> tuple[Text, Text, Text]:
+    """TRL's implicit prompt: ``(prompt, chosen, rejected)`` with the prompt the longest common prefix of the two
+    (messages, or characters; for strings a space just before the difference stays in the responses)."""
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        raise _Bad('fields "chosen" and "rejected" must both be strings or both message lists')
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if isinstance(chosen, str):
+        if 0 < n < len(chosen) and chosen[n - 1] == " ":
+            n -= 1
+    elif n == 0:
+        raise _Bad('no "prompt" and "chosen" / "rejected" share no first message, so there is no implicit prompt')
+    return chosen[:n], chosen[n:], rejected[n:]
 
 
 def parse_preference(obj: dict) -> PreferenceExample:
-    hint = 'preference data needs "prompt", "chosen" and "rejected"'
-    prompt = _text(obj, "prompt", hint)
-    chosen = _nonempty_response(_text(obj, "chosen", hint), "chosen")
-    rejected = _nonempty_response(_text(obj, "rejected", hint), "rejected")
+    hint = 'preference data needs "prompt", "chosen" and "rejected" (or chosen/rejected sharing the prompt)'
+    if "prompt" not in obj and "chosen" in obj and "rejected" in obj:  # TRL's implicit prompt
+        prompt, chosen, rejected = split_implicit_prompt(_text(obj, "chosen"), _text(obj, "rejected"))
+    else:
+        prompt, chosen, rejected = (_text(obj, k, hint) for k in ("prompt", "chosen", "rejected"))
+    chosen = _nonempty_response(chosen, "chosen")
+    rejected = _nonempty_response(rejected, "rejected")
     if chosen == rejected:
         raise _Bad('fields "chosen" and "rejected" are identical (a pair with no preference: its loss is a '
                    "constant log 2 and it can never be ranked right)", "identical")
@@ -245,13 +299,110 @@ def parse_prompt(obj: dict) -> PromptExample:
     return PromptExample(_text(obj, "prompt"), None if answer is None else str(answer))
 
 
+def parse_unpaired(obj: dict) -> UnpairedExample:
+    hint = 'unpaired data needs "prompt", "completion" and "label" (true = desirable, false = undesirable)'
+    prompt = _text(obj, "prompt", hint)
+    key = "completion" if "completion" in obj or "response" not in obj else "response"
+    completion = _nonempty_response(_text(obj, key, hint), key)
+    label = _require(obj, "label", hint)
+    if not isinstance(label, bool):
+        raise _Bad(f'field "label" must be true (desirable) or false (undesirable), got {_type_name(label)} '
+                   f"{json.dumps(label)[:40]}")
+    return UnpairedExample(prompt, completion, label)
+
+
+def parse_steer(obj: dict) -> RewardExample:
+    """An SFT example with attribute values, as (prompt, response, attributes): for a conversation the prompt
+    is everything before its last assistant turn."""
+    sft = parse_sft(obj)
+    if sft.messages is not None:
+        last = max(i for i, m in enumerate(sft.messages) if m["role"] == "assistant")
+        prompt, response = sft.messages[:last], sft.messages[last]["content"]
+    else:
+        prompt, response = sft.prompt, sft.response
+    attrs = _require(obj, "attributes", 'SteerLM data needs "attributes" (run `jalign annotate` to add them)')
+    if not isinstance(attrs, dict):
+        raise _Bad(f'field "attributes" must be an object {{name: number or null}}, got {_type_name(attrs)}')
+    return RewardExample(prompt, response, {k: _number(v, f"attributes.{k}") for k, v in attrs.items()})
+
+
 PARSERS: dict[str, Callable[[dict], Any]] = {
     "sft": parse_sft, "preference": parse_preference, "reward": parse_reward, "prompt": parse_prompt,
+    "unpaired": parse_unpaired, "steer": parse_steer,
 }
 
 
+def map_fields(obj: dict, fields: Optional[dict]) -> dict:
+    """``obj`` with the columns named in ``fields`` ({jalign field: column}) renamed to the jalign fields."""
+    if not fields:
+        return obj
+    out = dict(obj)
+    for ours, theirs in fields.items():
+        if theirs not in obj:
+            raise _Bad(f'missing column "{theirs}" (data.fields.{ours}: {theirs}); the columns are '
+                       f"{', '.join(map(str, obj)) or 'none'}")
+        out.pop(theirs)
+        out[ours] = obj[theirs]
+    return out
+
+
+def parse_rows(rows: Iterable[tuple[str, Any]], kind: str, *, skip_bad: bool = False,
+               max_examples: Optional[int] = None, fields: Optional[dict] = None) -> tuple[list, list, int]:
+    """``(where, row)`` pairs -> ``(examples, skipped, rows seen)``; ``row`` is a dict, or a :class:`_Bad`
+    for a line that could not be decoded. ``where`` ("path:line") prefixes every message and becomes each
+    example's ``source``."""
+    if kind not in PARSERS:
+        raise ValueError(f"unknown data kind {kind!r}; expected one of {sorted(PARSERS)}")
+    parse = PARSERS[kind]
+    examples, skipped, seen = [], [], 0
+    for where, obj in rows:
+        seen += 1
+        try:
+            if isinstance(obj, _Bad):
+                raise obj
+            if not isinstance(obj, dict):
+                raise _Bad(f"expected a JSON object, got {_type_name(obj)}")
+            ex = parse(map_fields(obj, fields))
+        except _Bad as e:
+            msg = f"{where}: {e}"
+            if not skip_bad:
+                raise DataError(msg) from None
+            skipped.append(SkippedLine(msg, e.reason))
+            continue
+        ex.source = where
+        examples.append(ex)
+        if max_examples is not None and len(examples) >= max_examples:
+            break
+    return examples, skipped, seen
+
+
+def check_parsed(name, kind: str, examples: list, skipped: list, seen: int) -> None:
+    """A source with no rows, or no valid example among them, is an error naming it."""
+    if seen == 0:
+        raise DataError(f"{name}: file is empty")
+    if not examples:
+        raise DataError(f"{name}: no valid {kind} examples ({len(skipped)} bad lines skipped; first: "
+                        f"{skipped[0] if skipped else '-'})")
+
+
+def _jsonl_rows(path: Path):
+    with path.open("rb") as f:  # bytes, so a bad UTF-8 line is reported with its line number
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield f"{path}:{lineno}", _Bad(f"not valid UTF-8 ({e.reason} at byte {e.start})")
+                continue
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"{path}:{lineno}", _Bad(f"malformed JSON ({e.msg} at column {e.colno})")
+
+
 def read_jsonl(path: Union[str, Path], kind: str, *, skip_bad: bool = False,
-               max_examples: Optional[int] = None) -> tuple[list, list[str]]:
+               max_examples: Optional[int] = None, fields: Optional[dict] = None) -> tuple[list, list[str]]:
     """Parse a JSONL file of ``kind`` (see the module docstring).
 
     Returns ``(examples, skipped)`` where ``skipped`` holds the ``path:line: reason`` message of every
@@ -260,40 +411,10 @@ def read_jsonl(path: Union[str, Path], kind: str, *, skip_bad: bool = False,
     """
     if kind not in PARSERS:
         raise ValueError(f"unknown data kind {kind!r}; expected one of {sorted(PARSERS)}")
-    parse, path = PARSERS[kind], Path(path)
+    path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    examples, skipped, seen = [], [], 0
-    with path.open("rb") as f:  # bytes, so a bad UTF-8 line is reported with its line number
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            seen += 1
-            try:
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise _Bad(f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise _Bad(f"malformed JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(obj, dict):
-                    raise _Bad(f"expected a JSON object, got {_type_name(obj)}")
-                ex = parse(obj)
-            except _Bad as e:
-                msg = f"{path}:{lineno}: {e}"
-                if not skip_bad:
-                    raise DataError(msg) from None
-                skipped.append(SkippedLine(msg, e.reason))
-                continue
-            ex.source = f"{path}:{lineno}"
-            examples.append(ex)
-            if max_examples is not None and len(examples) >= max_examples:
-                break
-    if seen == 0:
-        raise DataError(f"{path}: file is empty")
-    if not examples:
-        raise DataError(f"{path}: no valid {kind} examples ({len(skipped)} bad lines skipped; first: "
-                        f"{skipped[0] if skipped else '-'})")
+    examples, skipped, seen = parse_rows(_jsonl_rows(path), kind, skip_bad=skip_bad, max_examples=max_examples,
+                                         fields=fields)
+    check_parsed(path, kind, examples, skipped, seen)
     return examples, skipped

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 from jalign.data.chat import encode_conversation, encode_pair
-from jalign.data.formats import PreferenceExample, SFTExample, identical_pair
+from jalign.data.formats import SFTExample
 
 ROW_FIELDS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
 OVERLONG = ("truncate", "drop")
@@ -72,41 +72,6 @@ def tokenize_sft(examples: Iterable[SFTExample], tokenizer, template, *, seq_len
         if rec is not None:
             records.append(rec)
             counts["examples"] += 1
-    return records, counts
-
-
-def tokenize_preference(examples: Iterable[PreferenceExample], tokenizer, template, *, seq_len: int,
-                        overlong: str = "truncate", skip_bad: bool = False,
-                        skipped: Optional[list] = None) -> tuple[list[dict], dict[str, int]]:
-    """Records ``{"chosen": record, "rejected": record}`` (same prompt, two responses) plus counts.
-
-    A pair is truncated if either side is, and dropped if either side must be dropped, or if the two
-    sides became identical through truncation. A pair whose sides tokenize identically is a
-    :class:`DataError` naming its ``file:line``, or with ``skip_bad`` left out and counted as
-    ``degenerate`` (its message appended to ``skipped``).
-    """
-    if overlong not in OVERLONG:
-        raise ValueError(f"overlong must be one of {OVERLONG}, got {overlong!r}")
-    skipped = [] if skipped is None else skipped
-    records, counts = [], {"examples": 0, "truncated": 0, "dropped": 0, "degenerate": 0}
-    for ex in examples:
-        pair, statuses, ids = {}, set(), []
-        for side in ("chosen", "rejected"):
-            p, r = encode_pair(ex.prompt, getattr(ex, side), template, tokenizer)
-            ids.append(p + r)
-            pair[side], status = _fit(to_record(p + r, [0] * len(p) + [1] * len(r)), seq_len, overlong)
-            statuses.add(status)
-        if ids[0] == ids[1]:
-            counts["degenerate"] += identical_pair(ex, skip_bad, skipped)
-            continue
-        if "dropped" not in statuses and np.array_equal(pair["chosen"]["targets"], pair["rejected"]["targets"]):
-            statuses.add("dropped")
-        if "dropped" in statuses:
-            counts["dropped"] += 1
-            continue
-        counts["truncated"] += int("truncated" in statuses)
-        counts["examples"] += 1
-        records.append(pair)
     return records, counts
 
 

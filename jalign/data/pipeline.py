@@ -24,7 +24,7 @@ from jalign.data.packing import empty_like, pack, pad_row
 from jalign.errors import ConfigError
 
 
-def _read_options():
+def read_options():
     import grain
 
     # In-memory records: threads would only add GIL contention (grain's own advice for this case).
@@ -48,10 +48,18 @@ def _check_packable(records: Sequence, packing: bool):
         raise ValueError("packing needs flat SFT records; paired (chosen/rejected) records are not packed")
 
 
-def _epochs(records: Sequence, *, shuffle: bool, seed: int, process_index: int, process_count: int,
+def epoch_stream(records: Sequence, *, shuffle: bool, seed: int, process_index: int, process_count: int,
             repeat: bool):
-    """This process's stream of records: shuffled per epoch, sliced by process, maybe repeated."""
+    """This process's stream of records: shuffled per epoch, sliced by process, maybe repeated (a
+    :class:`jalign.data.mixture.Mixture`: its weighted stream of its sources, always repeated)."""
     import grain
+
+    from jalign.data.mixture import Mixture
+
+    if isinstance(records, Mixture):
+        if not repeat:
+            raise ValueError("a mixture of sources is an infinite stream: it has no single epoch")
+        return records.stream(shuffle=shuffle, seed=seed, process_index=process_index, process_count=process_count)
 
     ds = grain.MapDataset.source(list(records))
     if shuffle:
@@ -62,7 +70,7 @@ def _epochs(records: Sequence, *, shuffle: bool, seed: int, process_index: int, 
     return ds
 
 
-def _finish(rows, batch_rows_per_process: int, prefetch: int):
+def batch_stream(rows, batch_rows_per_process: int, prefetch: int):
     import grain
 
     batches = rows.batch(batch_rows_per_process, drop_remainder=True)
@@ -88,28 +96,13 @@ def make_sft_iterator(records: Sequence[dict], *, seq_len: int, batch_rows_per_p
     """
     _check(records, batch_rows_per_process, process_index, process_count)
     _check_packable(records, packing)
-    ds = _epochs(records, shuffle=shuffle, seed=seed, process_index=process_index,
+    ds = epoch_stream(records, shuffle=shuffle, seed=seed, process_index=process_index,
                  process_count=process_count, repeat=repeat)
     if packing:
-        rows = pack(ds.to_iter_dataset(_read_options()), seq_len, packing_bins or batch_rows_per_process)
+        rows = pack(ds.to_iter_dataset(read_options()), seq_len, packing_bins or batch_rows_per_process)
     else:
-        rows = ds.map(lambda r: pad_row(r, seq_len)).to_iter_dataset(_read_options())
-    return _finish(rows, batch_rows_per_process, prefetch)
-
-
-def make_preference_iterator(records: Sequence[dict], *, seq_len: int, batch_rows_per_process: int,
-                             shuffle: bool, seed: int, process_index: int = 0, process_count: int = 1,
-                             repeat: bool = True, prefetch: int = 0):
-    """Like :func:`make_sft_iterator` for ``{"chosen", "rejected"}`` records (no packing).
-
-    ``next()`` gives ``{"chosen": {field: [B, seq_len]}, "rejected": {...}}``; row ``i`` of both halves
-    comes from the same example.
-    """
-    _check(records, batch_rows_per_process, process_index, process_count)
-    ds = _epochs(records, shuffle=shuffle, seed=seed, process_index=process_index,
-                 process_count=process_count, repeat=repeat)
-    rows = ds.map(lambda r: pad_row(r, seq_len)).to_iter_dataset(_read_options())
-    return _finish(rows, batch_rows_per_process, prefetch)
+        rows = ds.map(lambda r: pad_row(r, seq_len)).to_iter_dataset(read_options())
+    return batch_stream(rows, batch_rows_per_process, prefetch)
 
 
 def _shard_rows(records: Sequence[dict], seq_len: int, packing: bool, process_index: int,
@@ -119,7 +112,7 @@ def _shard_rows(records: Sequence[dict], seq_len: int, packing: bool, process_in
     shard = grain.MapDataset.source(list(records))[process_index::process_count]
     if not packing:
         return [pad_row(r, seq_len) for r in shard]
-    return list(pack(shard.to_iter_dataset(_read_options()), seq_len, packing_bins))
+    return list(pack(shard.to_iter_dataset(read_options()), seq_len, packing_bins))
 
 
 def make_eval_iterator(records: Sequence[dict], *, seq_len: int, batch_rows_per_process: int,
@@ -149,7 +142,7 @@ def make_eval_iterator(records: Sequence[dict], *, seq_len: int, batch_rows_per_
     rows = shards[process_index]
     template = rows[0] if rows else empty_like(pad_row(records[0], seq_len))
     rows = rows + [empty_like(template)] * (num_batches * batch_rows_per_process - len(rows))
-    return iter(grain.MapDataset.source(rows).batch(batch_rows_per_process).to_iter_dataset(_read_options()))
+    return iter(grain.MapDataset.source(rows).batch(batch_rows_per_process).to_iter_dataset(read_options()))
 
 
 def count_tokens(batch: dict) -> int:
@@ -171,14 +164,14 @@ def _process_info(process_index: Optional[int], process_count: Optional[int]) ->
     return process_index, process_count
 
 
-class _ConfigData:
+class ConfigData:
     """Shared plumbing: load + validate + tokenize once (eagerly), then hand out grain iterators."""
 
     kind = ""
 
     def __init__(self, cfg, tokenizer, *, log=print, process_index: Optional[int] = None,
                  process_count: Optional[int] = None):
-        from jalign.data.tiny import load_source
+        from jalign.data.sources import load_source
 
         self.cfg, self.tokenizer, self.log = cfg, tokenizer, log
         self.process_index, self.process_count = _process_info(process_index, process_count)
@@ -190,19 +183,67 @@ class _ConfigData:
         from jalign.data.chat import describe_template
 
         self.log(f"data: {describe_template(d.chat_template, tokenizer)}")
-        self.train_examples = self._load(load_source, d.train, d.max_examples)
-        self.train_records = self._tokenize(d.train, self.train_examples)
-        self._check_kept("train", d.train, self.train_examples, self.train_records)
-        self.eval_examples_raw = self._load(load_source, d.eval, None) if d.eval else []
-        self.eval_records = self._tokenize(d.eval, self.eval_examples_raw) if d.eval else []
-        if d.eval:
-            self._check_kept("eval", d.eval, self.eval_examples_raw, self.eval_records)
-        self.has_eval = bool(self.eval_records)
-        self._eval_batches = None
+        self.train_records = self._load_train(load_source)
+        self._load_eval(load_source)
 
-    def _load(self, load_source, spec: str, max_examples: Optional[int]) -> list:
+    def _load_train(self, load_source):
+        """The training records: one source's list, or a :class:`Mixture` of ``data.train``'s sources."""
+        from jalign.config import train_sources
+        from jalign.data.mixture import Mixture
+
         d = self.cfg.data
-        examples, skipped = load_source(spec, self.kind, d.skip_bad_lines, seed=d.seed, max_examples=max_examples)
+        sources, parts, self.train_examples = train_sources(d), [], []
+        for src in sources:
+            examples = self._load(load_source, src.source, d.max_examples, src.fields or d.fields)
+            records = self._tokenize(src.source, examples)
+            self._check_kept("train", src.source, examples, records)
+            self.train_examples += examples
+            parts.append(records)
+        if isinstance(d.train, str):
+            return parts[0]
+        return Mixture(parts, [s.weight for s in sources], [s.source for s in sources])
+
+    def _load_eval(self, load_source) -> None:
+        """Every eval set, concatenated (``eval_records``; ``index`` renumbered), and each set's range in
+        ``eval_sets`` ({name: (start, stop)}, name None for one unnamed set). Generation-based evaluation uses
+        the first set's examples."""
+        from jalign.config import eval_sources
+        from jalign.data.mixture import concatenate
+
+        d = self.cfg.data
+        parts, names, self.eval_examples_raw = [], [], []
+        for name, src in eval_sources(d).items():
+            examples = self._load(load_source, src.source, None, src.fields or d.fields)
+            records = self._tokenize(src.source, examples)
+            self._check_kept("eval" if name is None else f"eval.{name}", src.source, examples, records)
+            self.eval_examples_raw = self.eval_examples_raw or examples
+            parts.append(records)
+            names.append(name)
+        self.eval_records, ranges = concatenate(parts)
+        self.eval_sets = dict(zip(names, ranges))
+        self.has_eval = bool(self.eval_records)
+        self._selected_eval = names[0] if names else None
+        self._eval_batches = {}
+
+    @property
+    def eval_set_names(self) -> list:
+        """The eval sets' names in config order ([None] for one unnamed set, [] without eval data)."""
+        return list(self.eval_sets)
+
+    def select_eval(self, name) -> None:
+        """Make ``eval_iterator()`` iterate over the eval set ``name`` (one of :attr:`eval_set_names`)."""
+        if name not in self.eval_sets:
+            raise KeyError(f"no eval set {name!r} (have {self.eval_set_names})")
+        self._selected_eval = name
+
+    def selected_eval_records(self) -> list:
+        start, stop = self.eval_sets[self._selected_eval]
+        return self.eval_records[start:stop]
+
+    def _load(self, load_source, spec: str, max_examples: Optional[int], fields: Optional[dict] = None) -> list:
+        d = self.cfg.data
+        examples, skipped = load_source(spec, self.kind, d.skip_bad_lines, seed=d.seed, max_examples=max_examples,
+                                        fields=fields or None)
         for msg in skipped[:5]:
             self.log(f"data: skipped {msg}")
         if skipped:
@@ -244,20 +285,29 @@ class _ConfigData:
     def eval_iterator(self):
         """A fresh one-pass iterator over the eval set (same number of batches on every process).
 
-        The batches are built once and kept: eval sets are small, and evaluation runs many times.
+        The batches are built once and kept: eval sets are small, and evaluation runs many times. With
+        several named eval sets, the one chosen with :meth:`select_eval` (the first by default).
         """
-        if self._eval_batches is None:
-            self._eval_batches = list(make_eval_iterator(
-                self.eval_records, seq_len=self.cfg.data.seq_len, batch_rows_per_process=self.rows,
+        key = self._selected_eval
+        if key not in self._eval_batches:
+            self._eval_batches[key] = list(make_eval_iterator(
+                self.selected_eval_records(), seq_len=self.cfg.data.seq_len, batch_rows_per_process=self.rows,
                 packing=self._eval_packing, process_index=self.process_index,
                 process_count=self.process_count))
-        return iter(self._eval_batches)
+        return iter(self._eval_batches[key])
 
 
-class SFTData(_ConfigData):
-    """SFT data from ``cfg.data``: ``train_iterator()`` (checkpointable), ``eval_iterator()``."""
+class SFTData(ConfigData):
+    """SFT data from ``cfg.data``: ``train_iterator()`` (checkpointable), ``eval_iterator()``; batches of
+    (packed) rows with the fields of ``jalign.data.fields.SFT_FIELDS``."""
 
     kind = "sft"
+
+    @property
+    def fields(self) -> dict:
+        from jalign.data.fields import SFT_FIELDS
+
+        return SFT_FIELDS
 
     @property
     def _eval_packing(self) -> bool:
@@ -285,29 +335,3 @@ class SFTData(_ConfigData):
                                  packing=d.packing, shuffle=d.shuffle, seed=d.seed,
                                  process_index=self.process_index, process_count=self.process_count,
                                  prefetch=TRAIN_PREFETCH)
-
-
-class PreferenceData(_ConfigData):
-    """Preference pairs from ``cfg.data``; batches are ``{"chosen": rows, "rejected": rows}``."""
-
-    kind = "preference"
-    _eval_packing = False
-
-    def _tokenize(self, spec, examples):
-        from jalign.data.packing import tokenize_preference
-
-        d = self.cfg.data
-        records, counts = tokenize_preference(examples, self.tokenizer, d.chat_template, seq_len=d.seq_len,
-                                              overlong=d.overlong)
-        self._log_counts(spec, counts)
-        return records
-
-    @staticmethod
-    def _prompt_reference(ex):
-        return ex.prompt, ex.chosen
-
-    def train_iterator(self):
-        d = self.cfg.data
-        return make_preference_iterator(self.train_records, seq_len=d.seq_len, batch_rows_per_process=self.rows,
-                                        shuffle=d.shuffle, seed=d.seed, process_index=self.process_index,
-                                        process_count=self.process_count, prefetch=TRAIN_PREFETCH)

@@ -7,19 +7,17 @@ Two row *modes*:
 * ``"score"`` (reward models): the whole sequence ``tokens = ids`` (the final EOS included, so the
   score is read after the model has seen it); fits when ``len(ids) <= seq_len``.
 
-A pairwise batch is flat (every leaf ``[B]`` or ``[B, seq_len]``, so ``base.to_global_batch`` shards
-it over the batch axis like any other) and row ``i`` of each ``chosen_*`` / ``rejected_*`` field
-comes from the same example:
+A pairwise batch stacks the two sides of a pair (fields declared in ``jalign.data.fields.pair_fields``,
+so the batch is sharded over pairs and a pair never straddles devices):
 
-    chosen_tokens, chosen_positions, chosen_segment_ids, chosen_loss_mask (+ chosen_targets in "lm")
-    rejected_...                                    (same fields)
-    index            int32[B]    example index in the tokenized split (keys precomputed reference log-probs)
-    valid            float32[B]  1 for real pairs, 0 for the padding rows of the last eval batch
-    chosen_reward, rejected_reward  float32[B]  the data's rewards (1 / 0 when not given)
+    tokens, positions, segment_ids, loss_mask (+ targets in "lm")   [B, 2, seq_len]  side 0 chosen, 1 rejected
+    rewards          float32[B, 2]  the data's chosen / rejected rewards (1 / 0 when not given)
+    index            int32[B]       example index in the tokenized split (keys precomputed columns)
+    valid            float32[B]     1 for real pairs, 0 for the padding rows of the last eval batch
 
-A regression batch (``{"prompt","response","attributes"}`` data) has ``tokens, positions,
-segment_ids, index, valid`` and, per attribute ``a``, ``attr_value_{a}`` / ``attr_mask_{a}`` [B] (one key
-per attribute, never an ``[B, A]`` leaf, whose last axis would be taken for the sequence axis).
+A regression batch (``{"prompt","response","attributes"}`` data) has ``tokens, positions, segment_ids,
+loss_mask`` [B, seq_len], ``attributes`` and ``attribute_mask`` [B, A] (``jalign.data.fields.scored_fields``),
+``index`` and ``valid``.
 
 Over-long examples (``data.overlong``): ``"truncate"`` cuts the prompt from the left first (keeping at
 least its last token, shared by both sides of a pair), then the responses from the right; ``"drop"``
@@ -40,9 +38,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from jalign.errors import ConfigError
 from jalign.data.chat import encode_pair
 from jalign.data.formats import identical_pair, skipped_counts
-from jalign.data.pipeline import _ConfigData, _epochs, _finish, _read_options, TRAIN_PREFETCH
+from jalign.data import fields
+from jalign.data.pipeline import TRAIN_PREFETCH, ConfigData, batch_stream, epoch_stream, read_options
 
 MODES = ("lm", "score")
 SIDES = ("chosen", "rejected")
@@ -149,39 +149,39 @@ def _compact(ids, mask):
 
 
 # ---- rows ---------------------------------------------------------------------------------------
-def _seq_fields(ids: np.ndarray, mask: np.ndarray, seq_len: int, mode: str, prefix: str) -> dict:
+def sequence_row(ids: np.ndarray, mask: np.ndarray, seq_len: int, mode: str) -> dict:
+    """One sequence padded to ``seq_len``: tokens, positions, segment_ids, loss_mask (+ targets in "lm")."""
     if mode == "lm":
         tokens, targets, loss_mask = ids[:-1], ids[1:], mask[1:]
     else:
         tokens, targets, loss_mask = ids, None, mask
     n = len(tokens)
-    out = {f"{prefix}tokens": np.zeros(seq_len, np.int32), f"{prefix}positions": np.zeros(seq_len, np.int32),
-           f"{prefix}segment_ids": np.zeros(seq_len, np.int32), f"{prefix}loss_mask": np.zeros(seq_len, np.float32)}
-    out[f"{prefix}tokens"][:n] = tokens
-    out[f"{prefix}positions"][:n] = np.arange(n)
-    out[f"{prefix}segment_ids"][:n] = 1
-    out[f"{prefix}loss_mask"][:n] = loss_mask
+    out = {"tokens": np.zeros(seq_len, np.int32), "positions": np.zeros(seq_len, np.int32),
+           "segment_ids": np.zeros(seq_len, np.int32), "loss_mask": np.zeros(seq_len, np.float32)}
+    out["tokens"][:n] = tokens
+    out["positions"][:n] = np.arange(n)
+    out["segment_ids"][:n] = 1
+    out["loss_mask"][:n] = loss_mask
     if mode == "lm":
-        out[f"{prefix}targets"] = np.zeros(seq_len, np.int32)
-        out[f"{prefix}targets"][:n] = targets
+        out["targets"] = np.zeros(seq_len, np.int32)
+        out["targets"][:n] = targets
     return out
 
 
 def pair_row(rec: dict, seq_len: int, mode: str) -> dict:
-    row = {}
-    for side in SIDES:
-        row.update(_seq_fields(*rec[side], seq_len, mode, f"{side}_"))
+    """Both sides stacked on a pair axis: every sequence field [2, seq_len] (0 = chosen, 1 = rejected)."""
+    sides = [sequence_row(*rec[side], seq_len, mode) for side in SIDES]
+    row = {k: np.stack([sides[0][k], sides[1][k]]) for k in sides[0]}
     row.update(index=np.int32(rec["index"]), valid=np.float32(1.0),
-               chosen_reward=np.float32(rec["chosen_reward"]), rejected_reward=np.float32(rec["rejected_reward"]))
+               rewards=np.asarray([rec["chosen_reward"], rec["rejected_reward"]], np.float32))
     return row
 
 
 def scored_row(rec: dict, seq_len: int) -> dict:
-    row = _seq_fields(*rec["seq"], seq_len, "score", "")
-    row.update(index=np.int32(rec["index"]), valid=np.float32(1.0))
-    for a in range(len(rec["values"])):
-        row[f"attr_value_{a}"] = np.float32(rec["values"][a])
-        row[f"attr_mask_{a}"] = np.float32(rec["value_mask"][a])
+    row = sequence_row(*rec["seq"], seq_len, "score")
+    row.update(index=np.int32(rec["index"]), valid=np.float32(1.0),
+               attributes=np.asarray(rec["values"], np.float32),
+               attribute_mask=np.asarray(rec["value_mask"], np.float32))
     return row
 
 
@@ -219,7 +219,7 @@ def records_fingerprint(records: Sequence[dict]) -> str:
 
 
 # ---- config-driven data -------------------------------------------------------------------------
-class _RowData(_ConfigData):
+class _RowData(ConfigData):
     """Shared by the two classes below: grain train iterator and ordered eval batches of flat rows."""
 
     mode = "lm"
@@ -230,11 +230,12 @@ class _RowData(_ConfigData):
     def train_iterator(self):
         d = self.cfg.data
         if not self.train_records:
-            raise ValueError(f"{d.train}: no examples left after tokenization (all dropped at seq_len={d.seq_len})")
-        ds = _epochs(self.train_records, shuffle=d.shuffle, seed=d.seed, process_index=self.process_index,
+            raise ConfigError(f"data.train={d.train}: no examples left after tokenization (all dropped at "
+                              f"data.seq_len={d.seq_len})")
+        ds = epoch_stream(self.train_records, shuffle=d.shuffle, seed=d.seed, process_index=self.process_index,
                      process_count=self.process_count, repeat=True)
-        rows = ds.map(self.make_row).to_iter_dataset(_read_options())
-        return _finish(rows, self.rows, TRAIN_PREFETCH)
+        rows = ds.map(self.make_row).to_iter_dataset(read_options())
+        return batch_stream(rows, self.rows, TRAIN_PREFETCH)
 
     def ordered(self, split: str):
         """One ordered pass over a split (``valid`` marks real rows): for eval and precomputation."""
@@ -243,18 +244,22 @@ class _RowData(_ConfigData):
                                process_index=self.process_index, process_count=self.process_count)
 
     def eval_iterator(self):
-        if self._eval_batches is None:
-            self._eval_batches = list(self.ordered("eval"))
-        return iter(self._eval_batches)
+        """Ordered batches of the selected eval set (``select_eval``), built once per set."""
+        key = self._selected_eval
+        if key not in self._eval_batches:
+            self._eval_batches[key] = list(ordered_batches(
+                self.selected_eval_records(), self.make_row, batch_rows_per_process=self.rows,
+                process_index=self.process_index, process_count=self.process_count))
+        return iter(self._eval_batches[key])
 
-    def _load(self, load_source, spec, max_examples):
+    def _load(self, load_source, spec, max_examples, fields=None):
         def recording(*args, **kw):  # keep the skipped lines' reasons for the counts
             examples, skipped = load_source(*args, **kw)
             self._skipped[spec] = list(skipped)
             return examples, skipped
 
         self._skipped = getattr(self, "_skipped", {})
-        return super()._load(recording, spec, max_examples)
+        return super()._load(recording, spec, max_examples, fields)
 
     def _log_counts(self, spec, counts, token_skipped=()):
         """Counts of a split: the tokenizer's, plus the degenerate lines skipped when reading (per reason)."""
@@ -295,6 +300,10 @@ class PairData(_RowData):
     def make_row(self, rec):
         return pair_row(rec, self.cfg.data.seq_len, self.mode)
 
+    @property
+    def fields(self) -> dict:
+        return fields.pair_fields(self.mode)
+
 
 class ScoredData(_RowData):
     """``{"prompt", "response", "attributes"}`` examples for a regression reward model.
@@ -314,8 +323,8 @@ class ScoredData(_RowData):
         if self.attribute_names is None:  # the training split comes first
             names = sorted({k for ex in examples for k in ex.attributes})
             if len(names) != self.num_attributes:
-                raise ValueError(f"{spec}: the data has {len(names)} attributes {names} but "
-                                 f"algorithm.num_attributes={self.num_attributes}")
+                raise ConfigError(f"data.train={spec}: the data has {len(names)} attributes {names} but "
+                                  f"algorithm.num_attributes={self.num_attributes}")
             self.attribute_names = names
         d = self.cfg.data
         records, counts = tokenize_scored(examples, self.tokenizer, d.chat_template, self.attribute_names,
@@ -329,3 +338,7 @@ class ScoredData(_RowData):
 
     def make_row(self, rec):
         return scored_row(rec, self.cfg.data.seq_len)
+
+    @property
+    def fields(self) -> dict:
+        return fields.scored_fields()

@@ -170,6 +170,8 @@ BUILTIN = {  # name -> (generator, data kinds it can serve)
     "addition_pairs": (preference_pairs, ("preference",)),
     "addition_prompts": (addition_prompts, ("prompt",)),
     **__import__("jalign.data.tiny_math", fromlist=["BUILTIN"]).BUILTIN,  # math, math_sloppy, math_pairs, math_prompts
+    **__import__("jalign.data.tiny_cai", fromlist=["BUILTIN"]).BUILTIN,  # cai_critic, cai_red_team
+    **__import__("jalign.data.tiny_steer", fromlist=["BUILTIN"]).BUILTIN,  # addition_unpaired, addition_steer*
 }
 
 
@@ -192,15 +194,3 @@ def load_builtin(spec: str, kind: str, seed: int = 0) -> list:
         return make(split, n, seed)
     except ValueError as e:
         raise DataError(f"{spec}: {e}") from None
-
-
-def load_source(spec: str, kind: str, skip_bad: bool = False, *, seed: int = 0,
-                max_examples: Optional[int] = None) -> tuple[list, list[str]]:
-    """Examples of ``kind`` (sft / preference / reward / prompt) from a builtin name or a JSONL path.
-
-    Returns ``(examples, skipped_messages)``, like :func:`jalign.data.formats.read_jsonl`.
-    """
-    if spec.startswith("builtin:"):
-        examples = load_builtin(spec, kind, seed)
-        return (examples if max_examples is None else examples[:max_examples]), []
-    return read_jsonl(spec, kind, skip_bad=skip_bad, max_examples=max_examples)

@@ -7,6 +7,7 @@ a prompt), ``bos_token`` / ``eos_token`` (strings, for chat templates) and ``cha
 
     tok = load_tokenizer("byte")                       # tiny default model (vocab_size 384)
     tok = load_tokenizer("/models/Llama-3-8B-Instruct")  # directory with tokenizer.json
+    tok = load_tokenizer("Qwen/Qwen2.5-0.5B-Instruct")   # a Hub name (tokenizer files via huggingface_hub's cache)
 """
 from __future__ import annotations
 
@@ -198,12 +199,18 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str):
-    """``"byte"`` -> :class:`ByteTokenizer`; a ``tokenizer.json`` or a directory holding one -> HF.
+    """``"byte"`` -> :class:`ByteTokenizer`; a ``tokenizer.json`` or a directory holding one -> HF; a Hub
+    name ``[hf:]org/name[@revision]`` that is no local path -> the repository's tokenizer files.
 
     A missing or malformed file raises :class:`TokenizerError` naming it.
     """
     if spec == "byte":
         return ByteTokenizer()
+    from jalign import hub
+
+    name = spec[3:] if spec.startswith("hf:") else spec
+    if not hub.is_local(name) and hub.parse_name(name) is not None:
+        spec = str(hub.resolve_tokenizer(name, where="model.tokenizer"))
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "tokenizer.json").is_file():

@@ -14,6 +14,8 @@ off GPU), "ring" (``sharding.ring_attention`` over the "sequence" mesh axis).
 """
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 
@@ -55,18 +57,20 @@ def cudnn_attention(q, k, v, mask) -> jax.Array:
 
 def attend(q, k, v, q_seg, kv_seg, q_idx, kv_idx, *, impl: str = "xla", window=None) -> jax.Array:
     if impl == "ring" and q.shape[1] == k.shape[1]:
-        from sharding.ring_attention import ring_attention_auto
+        from sharding.ring_attention import ring_attention_auto, ring_size
+        from sharding.rules import active_rules
 
-        if window is not None:
-            # The ring masks by segment and causality only (forward() refuses a window shorter than
-            # the rows when the sequence axis is > 1); without a sequence axis it is dense attention.
-            from sharding.rules import active_mesh
-
-            mesh = active_mesh()
-            if mesh is not None and dict(mesh.shape).get("sequence", 1) > 1:
-                raise ValueError("sliding-window attention is not supported by ring attention (mesh.sequence > 1)")
-        else:
-            return ring_attention_auto(q, k, v, q_seg, kv_seg, q_idx, kv_idx)
+        mesh, rules = active_rules()
+        n = ring_size(mesh, rules)
+        if n > 1 and window is not None:
+            # The ring masks by segment and causality only (forward() refuses a window shorter than the rows
+            # when the sequence axis is > 1).
+            raise ValueError("sliding-window attention is not supported by ring attention (mesh.sequence > 1)")
+        if n > 1 and q.shape[1] % n == 0:
+            return ring_attention_auto(q, k, v, q_seg, kv_seg, q_idx, kv_idx, mesh=mesh, rules=rules)
+        if n > 1:
+            warnings.warn(f"ring attention: sequence length {q.shape[1]} not divisible by the sequence axis ({n}); "
+                          "using dense attention (it materialises the full [T, T] scores)", stacklevel=2)
     mask = attention_mask(q_seg, kv_seg, q_idx, kv_idx, window)
     if impl == "cudnn":
         return cudnn_attention(q, k, v, mask)

@@ -329,6 +329,9 @@ def load_hf_params(hf_dir, cfg: ModelConfig, mesh=None, rules=DEFAULT_RULES, dty
 # ---- saving ---------------------------------------------------------------------------------------
 def _gather(x: jax.Array, layer: Optional[int]) -> np.ndarray:
     """The full (layer of the) array on every process's host; collective, so all processes call it."""
+    if not isinstance(x, jax.Array):  # host arrays (e.g. jax.device_get of the params)
+        x = np.asarray(x)
+        return x if layer is None else x[layer]
     if layer is not None:
         x = jax.lax.dynamic_index_in_dim(x, jnp.int32(layer), 0, keepdims=False)
     if x.is_fully_addressable:

@@ -59,10 +59,13 @@ class WeightSource:
     kind: Literal["hf", "run", "random"]
     path: Optional[str] = None  # an HF directory / a jalign run dir or `jalign convert` dir
     step: Optional[int] = None  # run:DIR@STEP (None: the newest finished step)
+    hub: Optional[str] = None  # the Hub name (org/name[@revision]) ``path`` was resolved from, if any
 
     def __str__(self) -> str:
         if self.kind == "random":
             return "random"
+        if self.hub:
+            return f"hf:{self.hub}"
         return f"{self.kind}:{self.path}" + (f"@{self.step}" if self.step is not None else "")
 
 
@@ -73,6 +76,8 @@ RANDOM = WeightSource("random")
 def parse_source(spec: Optional[str], *, where: str) -> WeightSource:
     """``"hf:DIR"``, ``"run:DIR"``, ``"run:DIR@STEP"``, ``"random"``, ``None`` (random) or a bare
     directory, recognised by its contents (config.json: hf; config.yaml, checkpoints/ or params/: run).
+    ``hf:org/name[@revision]`` or a bare ``org/name[@revision]`` that is no local path is a Hugging Face Hub
+    model, resolved to its snapshot directory through huggingface_hub's cache (:mod:`jalign.hub`).
 
     The directory must exist and hold what its kind needs; errors name ``where`` (the config key).
     """
@@ -83,6 +88,9 @@ def parse_source(spec: Optional[str], *, where: str) -> WeightSource:
     for prefix in ("hf:", "run:"):
         if spec.startswith(prefix):
             kind, rest = prefix[:-1], spec[len(prefix):]
+    hub = _hub_source(kind, rest, where, spec)
+    if hub is not None:
+        return hub
     path, step = _split_step(rest, where, spec)
     p = Path(path).expanduser()
     if not p.exists():
@@ -106,6 +114,15 @@ def parse_source(spec: Optional[str], *, where: str) -> WeightSource:
     if kind == "hf" and step is not None:
         raise LoadError(f"{where}={spec}: @STEP applies to run: sources only")
     return WeightSource(kind, str(p), step)
+
+
+def _hub_source(kind: Optional[str], rest: str, where: str, spec: str) -> Optional[WeightSource]:
+    """A Hub model name that is no local path -> its snapshot directory (None: not a Hub name)."""
+    from jalign import hub
+
+    if kind == "run" or hub.is_local(rest) or hub.parse_name(rest) is None:
+        return None
+    return WeightSource("hf", str(hub.resolve_model(rest, where=where)), hub=rest)
 
 
 def _split_step(rest: str, where: str, spec: str) -> tuple[str, Optional[int]]:

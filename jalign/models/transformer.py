@@ -113,7 +113,7 @@ def _remat_policy(name: str):
 
 # ---- the layer ----------------------------------------------------------------------------------
 def _layer(cfg: ModelConfig, x, p, positions, q_seg, kv_seg, q_idx, kv_idx, inv_freq, cache_kv, cache_index,
-           window=None):
+           window=None, paged=None):
     dtype = DTYPES[cfg.dtype]
     w = lambda name: p[name].astype(dtype)  # noqa: E731
     mm = lambda eq, a, name: linear(eq, a, p[name], dtype)  # noqa: E731  plain, quantised or LoRA weight
@@ -129,7 +129,9 @@ def _layer(cfg: ModelConfig, x, p, positions, q_seg, kv_seg, q_idx, kv_idx, inv_
     k = constrain(apply_rope(k, positions, inv_freq), ("batch", "seq", "kv_heads", "head_dim"))
     v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
     new_cache = None
-    if cache_kv is not None:
+    if paged is not None:  # paged KV cache: cache_kv = all pages, cache_index = this layer; k/v -> row contexts
+        k, v, new_cache = paged.update(k, v, cache_kv, cache_index)
+    elif cache_kv is not None:
         ck, cv = cache_kv
         ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
         cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
@@ -145,11 +147,13 @@ def _layer(cfg: ModelConfig, x, p, positions, q_seg, kv_seg, q_idx, kv_idx, inv_
 
 
 def sequence_parallel_size() -> int:
-    """Devices on the active mesh's "sequence" axis (1 outside ``use_rules`` or without that axis)."""
-    from sharding.rules import active_mesh
+    """Devices on the mesh axis the ``seq`` logical axis maps to, in the active ``use_rules`` context (1
+    outside one): where activations are split along the sequence and attention runs as a ring."""
+    from sharding.ring_attention import ring_size
+    from sharding.rules import active_rules
 
-    mesh = active_mesh()
-    return 1 if mesh is None else int(dict(mesh.shape).get("sequence", 1))
+    mesh, rules = active_rules()
+    return ring_size(mesh, rules)
 
 
 _NO_WINDOW = 2**30  # a window no row reaches: full attention in that layer
@@ -176,7 +180,8 @@ def embed_tokens(table: jax.Array, tokens: jax.Array, dtype) -> jax.Array:
 
 
 def forward(params: dict, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, cfg: ModelConfig,
-            *, cache: Optional[dict] = None, cache_index=None, token_index: Optional[jax.Array] = None):
+            *, cache: Optional[dict] = None, cache_index=None, token_index: Optional[jax.Array] = None,
+            paged=None):
     """Final-normed hidden states [B, T, D].
 
     tokens, positions, segment_ids: [B, T] int32; segment_ids 0 marks padding, equal ids attend to
@@ -189,6 +194,10 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, segment_ids: 
     Rows longer than ``cfg.max_seq_len`` raise (with a cache the slots may exceed it: callers bucket
     them, and ``generate`` checks the real lengths). ``cfg.sliding_window`` adds ``t - s < window`` on
     the same indices in the layers it covers (see :func:`layer_windows`).
+    ``paged`` (instead of ``cache``): a paged KV cache view (``jalign.rollout.paged.PagedView``); its
+    ``pages`` ride in the layer loop's carry (updated in place), each layer writes its k/v through
+    ``paged.update`` and attends over each row's context in sequence order (``positions`` are the
+    tokens' sequence positions). Returns ``(hidden, new_pages)``.
     """
     B, T = tokens.shape
     if cache is None and T > cfg.max_seq_len:
@@ -203,7 +212,7 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, segment_ids: 
     if n > 1 and cfg.attention != "ring":
         # Activations sharded along the sequence need the ring: every caller gets it from the mesh alone.
         cfg = dataclasses.replace(cfg, attention="ring")
-    if n > 1 and cache is None and token_index is None:
+    if n > 1 and cache is None and paged is None and token_index is None:
         # Zigzag layout for causal load balance: permute the row once, let attention mask by the
         # original indices, and restore row order of the output so every caller stays unchanged.
         from sharding.ring_attention import zigzag_inverse, zigzag_permutation
@@ -221,6 +230,8 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, segment_ids: 
             raise ValueError("token_index (permuted rows) is not supported with a KV cache")
         idx = jnp.asarray(token_index, jnp.int32)
     q_seg, q_idx = segment_ids, idx
+    if paged is not None:
+        return _forward_paged(params, x, positions, segment_ids, cfg, paged, inv_freq)
     if cache is None:
         kv_seg, kv_idx = segment_ids, idx
     else:
@@ -252,6 +263,34 @@ def forward(params: dict, tokens: jax.Array, positions: jax.Array, segment_ids: 
     if cache is None:
         return hidden
     return hidden, {"k": new_kv[0], "v": new_kv[1], "segment_ids": kv_seg}
+
+
+def _forward_paged(params, x, positions, segment_ids, cfg, paged, inv_freq):
+    """The layer loop over a paged cache: the pages are carried (so each layer's scatter is in place,
+    never a copy of the pool) and each layer gets its index to address them. ``params["layers"]`` may
+    also be a list of per-layer trees (the engine slices them once per call on CPU, where XLA otherwise
+    copies every layer's weights out of the stack at every step); the layers then run unrolled."""
+    kv_seg, kv_idx = paged.context_index(x.shape[0])
+    windows = layer_windows(cfg, kv_idx.shape[1])  # a sliding window masks the paged context like the dense one
+    if isinstance(params["layers"], (list, tuple)):
+        pages = paged.pages
+        for i, p in enumerate(params["layers"]):
+            x, pages = _layer(cfg, x, p, positions, segment_ids, kv_seg, positions, kv_idx, inv_freq, pages, i,
+                              window=None if windows is None else windows[i], paged=paged)
+        return rms_norm(x, params["final_norm"], cfg.norm_eps), pages
+
+    def body(carry, xs):
+        y, pages = carry
+        p, layer = xs
+        window = None if windows is None else windows[layer]
+        return _layer(cfg, y, p, positions, segment_ids, kv_seg, positions, kv_idx, inv_freq, pages, layer,
+                      window=window, paged=paged), None
+
+    if cfg.remat != "none":
+        body = jax.checkpoint(body, policy=_remat_policy(cfg.remat), prevent_cse=False)
+    layers = jnp.arange(cfg.layers, dtype=jnp.int32)
+    (x, pages), _ = jax.lax.scan(body, (x, paged.pages), (params["layers"], layers))
+    return rms_norm(x, params["final_norm"], cfg.norm_eps), pages
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:

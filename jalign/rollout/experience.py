@@ -17,101 +17,14 @@ response token, and the sequence reward sits on the last of them.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jalign.config import ConfigError
-
-
-# ---- prompts ------------------------------------------------------------------------------------
-def prompt_text(prompt) -> str:
-    """The text a rule-based reward sees: the prompt string, or the last user message's content."""
-    if isinstance(prompt, str):
-        return prompt
-    users = [m["content"] for m in prompt if m.get("role") == "user"]
-    return users[-1] if users else ""
-
-
-class PromptSet:
-    """Encoded prompts of one split: ids, text (for rules), reference answer, and the example itself."""
-
-    def __init__(self, examples, tokenizer, template, max_prompt_len: int, log=print, spec: str = ""):
-        from jalign.data.chat import encode_prompt
-
-        self.ids, self.texts, self.answers, self.examples = [], [], [], []
-        dropped = 0
-        for ex in examples:
-            ids = encode_prompt(ex.prompt, template, tokenizer)
-            if len(ids) > max_prompt_len:
-                dropped += 1
-                continue
-            self.ids.append(ids)
-            self.texts.append(prompt_text(ex.prompt))
-            self.answers.append(getattr(ex, "answer", None))
-            self.examples.append(ex)
-        if dropped:
-            log(f"data: {spec}: dropped {dropped} prompts longer than {max_prompt_len} tokens")
-        if not self.ids:
-            raise ConfigError(f"data: {spec}: no prompt fits in {max_prompt_len} tokens")
-
-    @classmethod
-    def from_pairs(cls, pairs, texts=None):
-        """A PromptSet from ``(prompt_ids, reference)`` pairs (held-out SFT / preference examples)."""
-        self = cls.__new__(cls)
-        self.ids = [list(p) for p, _ in pairs]
-        self.answers = [r for _, r in pairs]
-        self.texts = list(texts) if texts is not None else [""] * len(pairs)
-        self.examples = [None] * len(pairs)
-        return self
-
-    def __len__(self):
-        return len(self.ids)
-
-    @property
-    def longest(self) -> int:
-        return max(map(len, self.ids))
-
-    @property
-    def has_answers(self) -> bool:
-        return any(a is not None for a in self.answers)
-
-
-class PromptIterator:
-    """Checkpointable stream of global prompt indices: ``next() -> {"prompt_index": int32[P]}``.
-
-    Every process gets the same indices; the order is a fresh permutation per epoch from ``(seed, epoch)``.
-    State ``{"epoch", "pos"}`` is JSON.
-    """
-
-    def __init__(self, n: int, batch: int, seed: int, shuffle: bool = True):
-        self.n, self.batch, self.seed, self.shuffle = n, batch, seed, shuffle
-        self.epoch, self.pos = 0, 0
-
-    def _order(self, epoch):
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        out = []
-        while len(out) < self.batch:
-            order = self._order(self.epoch)
-            take = order[self.pos:self.pos + self.batch - len(out)]
-            out.extend(int(i) for i in take)
-            self.pos += len(take)
-            if self.pos >= self.n:
-                self.epoch, self.pos = self.epoch + 1, 0
-        return {"prompt_index": np.asarray(out, np.int32)}
-
-    def get_state(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def set_state(self, state: dict) -> None:
-        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+if TYPE_CHECKING:
+    from jalign.data.prompts import PromptSet
 
 
 def round_up(n: int, m: int) -> int:
@@ -130,16 +43,30 @@ def rollout_shape(longest_prompt: int, max_new_tokens: int, sequence_parallel: i
 # ---- sampling -----------------------------------------------------------------------------------
 def sample(params, cfg, prompt_ids: list, *, max_new_tokens: int, new_len: int, prompt_len: int, key,
            eos_ids, pad_id: int, mesh, rules, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           greedy: bool = False) -> dict:
-    """Sample continuations; everything stays on the devices (``generate(return_device=True)``).
+           greedy: bool = False, rollout=None) -> dict:
+    """Sample continuations; everything stays on the devices (``return_device=True``).
 
     ``prompt_len`` fixes the prompt block (>= every prompt), ``new_len`` the response block; the batch is the
-    given prompts exactly (its size must divide over the data-parallel axes)."""
+    given prompts exactly (its size must divide over the data-parallel axes). ``rollout`` (the config's
+    ``rollout`` section, default its defaults) picks the continuous-batching engine (``jalign.rollout``: slots
+    refilled as sequences end, a paged KV cache, the samples of one prompt sharing its pages) or one static
+    batch (``jalign.generate``); both return the same layout."""
+    from jalign.config import RolloutConfig
+
+    r = rollout or RolloutConfig()
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+              eos_ids=eos_ids, pad_id=pad_id, rng=key, mesh=mesh, rules=rules, prompt_bucket=prompt_len,
+              new_bucket=new_len, batch_bucket=False, return_device=True)
+    if r.engine:
+        from jalign.rollout.adapter import generate as engine_generate
+
+        out = engine_generate(params, cfg, prompt_ids, slots=r.slots, page_size=r.page_size,
+                              steps_per_call=r.steps_per_call, prefix_sharing=r.prefix_sharing, sampler=r.sampler,
+                              **kw)
+        return {k: v for k, v in out.items() if isinstance(v, jax.Array)}  # the layout, not the host copies
     from jalign.generate import generate
 
-    return generate(params, cfg, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                    top_p=top_p, greedy=greedy, eos_ids=eos_ids, pad_id=pad_id, rng=key, mesh=mesh, rules=rules,
-                    prompt_bucket=prompt_len, new_bucket=new_len, batch_bucket=False, return_device=True)
+    return generate(params, cfg, prompt_ids, **kw)
 
 
 def rollout_rows(out: dict, pad_id: int) -> dict:

@@ -1,0 +1,158 @@
+"""KTO (Ethayarajh et al. 2024): unpaired completions labelled desirable / undesirable, no pairs needed.
+
+Data: ``{"prompt", "completion", "label": true | false}`` (``jalign.data.unpaired``). Each example is a
+[2, T] record: its completion, and the KL row (its prompt followed by another example's completion). Per
+optimizer step:
+
+* the reference point ``z0 = max(0, KL(pi || ref))`` is estimated on the KL rows of the *whole* optimizer
+  batch, at the parameters before the update, without gradient (``batch_statistics``: one forward pass of
+  the policy and the reference over the KL rows, Sec. 4.1 of the paper), so it does not depend on how the
+  batch is split into micro-batches or devices;
+* the loss is ``jalign.losses.kto_loss`` on the completions' log-prob sums with desirable / undesirable
+  weights (``desirable_weight`` lambda_D, ``undesirable_weight`` lambda_U; the paper advises
+  lambda_D n_D / (lambda_U n_U) in [1, 4/3]).
+
+The reference is ``live`` (a forward pass of the ``reference`` role in the step) or ``precomputed``: the
+log-prob sums of every completion and KL row are computed once at the start into ``RUN_DIR/reference_logps``
+(``jalign.data.columns``), then the reference is released (and on a rerun over the same data not loaded).
+
+Metrics: loss, kl (z0), rewards_desirable / rewards_undesirable (beta * log-ratio, summed over that label /
+all), desirable_fraction, accuracy (desirable above z0, undesirable below), num_seqs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jalign.algorithms.base import SupervisedAlgorithm, policy_token_logps
+from jalign.algorithms.precompute import fill_columns
+from jalign.algorithms.registry import register
+from jalign.config_values import VALUE_RANGES, _NON_NEGATIVE, _POSITIVE
+from jalign.data import fields
+from jalign.data.columns import PrecomputedColumns
+from jalign.data.unpaired import UnpairedData, unpaired_fingerprint
+from jalign.losses import kto_kl_estimate, kto_loss, sequence_logps
+from jalign.roles import RoleSpec
+
+LM_FIELDS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
+STORE_DIR = "reference_logps"
+
+
+@dataclass
+class KTOConfig:
+    name: str = "kto"
+    beta: float = 0.1
+    desirable_weight: float = 1.0  # lambda_D
+    undesirable_weight: float = 1.0  # lambda_U
+    reference: Literal["live", "precomputed"] = "live"  # precomputed: once, into RUN_DIR/reference_logps (zarr)
+
+
+VALUE_RANGES["KTOConfig"] = {"beta": _POSITIVE, "desirable_weight": _NON_NEGATIVE,
+                             "undesirable_weight": _NON_NEGATIVE}
+
+
+def side(mb: dict, i: int) -> dict:
+    """Rows of one side of the [b, 2, T] records: 0 = the completions, 1 = the mismatched KL rows."""
+    return {k: mb[k][:, i] for k in LM_FIELDS}
+
+
+def seq_sums(params, rows, cfg):
+    """Per-sequence log-prob sums over the response tokens [b]."""
+    return sequence_logps(policy_token_logps(params, rows, cfg), rows["loss_mask"])
+
+
+@register("kto", config=KTOConfig)
+class KTO(SupervisedAlgorithm):
+    role_names = ("reference",)
+    total_metrics = SupervisedAlgorithm.total_metrics + ("num_seqs",)
+
+    def __init__(self, rt):
+        self.precomputed = rt.cfg.algorithm.reference == "precomputed"
+        self.step_roles = () if self.precomputed else ("reference",)
+        super().__init__(rt)
+        self.columns = PrecomputedColumns(rt.run_dir / STORE_DIR, {"ref_logps": ((2,), "float32")},
+                                          self._fingerprint()) if self.precomputed else None
+        self._ref_step = jax.jit(self._reference_sums, out_shardings=NamedSharding(rt.mesh, PartitionSpec()))
+
+    def role_specs(self):
+        specs = super().role_specs()  # under LoRA: the frozen base
+        if self.precomputed and self.columns.ready():
+            return specs  # the stored log-probs stand in for the reference: it is not even loaded
+        if self.trainable.is_lora and "reference" not in self.cfg.roles:
+            return specs  # the reference is the base with the adapters off: no second copy
+        return {**specs, "reference": RoleSpec(what="reference model")}
+
+    def make_data(self):
+        return UnpairedData(self.cfg, self.tokenizer, log=self.rt.log)
+
+    def batch_fields(self):
+        extra = {"ref_logps": ("batch", None)} if self.precomputed else {}
+        return fields.with_columns(fields.unpaired_fields(), extra)
+
+    # -- math --
+    def _reference(self, mb, roles, i: int):
+        """The reference's log-prob sums of side ``i`` (0 completions, 1 KL rows), [b], no gradient."""
+        if self.precomputed:
+            return mb["ref_logps"][:, i]
+        return jax.lax.stop_gradient(seq_sums(self.trainable.reference(roles), side(mb, i), self.cfg.model))
+
+    @staticmethod
+    def _valid(mb):
+        """Real rows whose completion keeps a response token."""
+        return mb["valid"] * (jnp.sum(mb["loss_mask"][..., 0, :], -1) > 0).astype(jnp.float32)
+
+    def normalizers(self, batch):
+        return {"num_seqs": jnp.sum(self._valid(batch)), "num_kl": jnp.sum(self._valid(batch) * batch["kl_valid"])}
+
+    def batch_statistics(self):
+        def kl_point(params, roles, batch):
+            """KTO's reference point over the whole batch [accum, micro, ...]: one forward-only pass per micro-batch."""
+            n = jnp.sum(self._valid(batch) * batch["kl_valid"])
+
+            def one(mb):
+                kl_rows = side(mb, 1)
+                return kto_kl_estimate(seq_sums(params, kl_rows, self.cfg.model), self._reference(mb, roles, 1),
+                                       self._valid(mb) * mb["kl_valid"], n)
+
+            return {"kto_kl": jnp.sum(jax.lax.map(one, batch))}
+
+        return kl_point
+
+    def loss(self, params, mb, norms, roles):
+        a = self.a
+        rows = side(mb, 0)
+        pi = seq_sums(params, rows, self.cfg.model)
+        loss, m = kto_loss(pi, self._reference(mb, roles, 0), mb["label"], norms["kto_kl"], self._valid(mb),
+                           norms["num_seqs"], beta=a.beta, desirable_weight=a.desirable_weight,
+                           undesirable_weight=a.undesirable_weight)
+        m["num_tokens"] = jnp.sum(self._valid(mb)[:, None] * rows["loss_mask"])
+        return loss, m
+
+    # -- the precomputed reference --
+    def _reference_sums(self, params, batch):
+        mb = jax.tree.map(lambda x: x[0], batch)
+        sums = jnp.stack([seq_sums(params, side(mb, i), self.cfg.model) for i in (0, 1)], axis=-1)
+        return {"ref_logps": sums}, mb["index"], mb["valid"]
+
+    def _fingerprint(self) -> dict:
+        m, d = self.cfg.model, self.data
+        return {"kind": "kto", "init_from": m.init_from, "hf_path": m.hf_path, "seed": self.cfg.train.seed,
+                "reference": self.cfg.roles["reference"].source if "reference" in self.cfg.roles else "policy-init",
+                "seq_len": self.cfg.data.seq_len,
+                "train": [len(d.train_records), unpaired_fingerprint(d.train_records)],
+                "eval": [len(d.eval_records), unpaired_fingerprint(d.eval_records)]}
+
+    def start(self, state, roles):
+        if self.precomputed:
+            ref = None  # under LoRA without a reference role: the base with the adapters off
+            if "reference" not in roles and self.trainable.is_lora:
+                ref = self.trainable.reference(roles.on_device(["base"]))
+            fill_columns(self, roles, "reference", self.columns, self._ref_step, fields.unpaired_fields(),
+                         what="reference log-probs", params=ref)
+
+    def prepare_batch(self, host_batch, split):
+        return self.columns.join(host_batch, split) if self.precomputed else host_batch

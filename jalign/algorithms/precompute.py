@@ -1,0 +1,50 @@
+"""The precompute stage shared by supervised algorithms with a frozen role read once per example: DPO's and
+KTO's reference log-probs, a distillation teacher's top-k log-probs.
+
+    columns = PrecomputedColumns(run_dir / "reference_logps", {"ref_logps": ((2,), "float32")}, fingerprint)
+    role_specs: {} if columns.ready() else {"reference": ...}      # stored values: the role is not even loaded
+    start:      fill_columns(algo, roles, "reference", columns, program, placed_fields)   # then the role is gone
+    batches:    columns.join(host_batch, split)
+
+``program(role_params, placed_batch) -> ({column: [B, ...]}, index [B], valid [B])`` is a jitted function of
+the algorithm; every split of ``algo.data`` (``ordered(split)``: one pass in order, the same number of batches
+on every process) goes through it once. Process 0 writes (``jalign.data.columns``).
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+
+def sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def data_splits(data) -> dict:
+    """{split: (number of examples, ordered batches)} of a data kind with ``train_records`` / ``eval_records``."""
+    return {s: (len(r), data.ordered(s)) for s, r in (("train", data.train_records), ("eval", data.eval_records))
+            if r}
+
+
+def fill_columns(algo, roles, role: str, columns, program, placed_fields, *, what: str = "", params=None) -> None:
+    """Compute (or reuse) ``columns`` with the frozen ``role``, then release it (see the module docstring).
+
+    ``placed_fields``: the batch keys the program reads (placed with their declared axes, accumulation 1).
+    When the role is absent the columns were found ready before it was built: nothing to do. ``params``
+    (optional) stand in for the role (under LoRA: the frozen base, which stays: it trains)."""
+    if role in roles or params is not None:
+        params = roles.on_device([role])[role] if params is None else params
+
+        def fn(batch):
+            placed = {k: v for k, v in batch.items() if k in placed_fields}
+            values, index, valid = jax.device_get(program(params, algo.global_batch(placed, accum=1)))
+            return {k: np.asarray(v) for k, v in values.items()}, index, valid
+
+        splits = data_splits(algo.data)
+        columns.compute(splits, fn, writer=jax.process_index() == 0, sync=sync)
+        algo.rt.log(f"{what or role} precomputed into {columns.directory} "
+                    f"({', '.join(f'{s}: {n}' for s, (n, _) in splits.items())} examples)")
+    roles.drop(role)  # no longer needed: the stored values replace it
