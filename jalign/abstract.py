@@ -139,6 +139,9 @@ def abstract_batch(fields: dict, mesh, rules, accum: int, rows: int, seq_len: in
         extra = list(trailing.get(name, ()))
         shape = [accum]
         for ax in axes:
+            if ax not in ("batch", "seq") and not extra:
+                raise ValueError(f"batch field {name!r} {axes}: the size of its axis {ax!r} is not given "
+                                 "(the algorithm's batch_trailing_dims)")
             shape.append(rows if ax == "batch" else seq_len if ax == "seq" else extra.pop(0))
         int_like = name in INT_FIELDS or any(name.endswith("_" + f) for f in INT_FIELDS)
         out[name] = jax.ShapeDtypeStruct(tuple(shape), jnp.int32 if int_like else jnp.float32,

@@ -23,7 +23,7 @@ from jalign.errors import ConfigError
 
 USAGE = """usage:
   jalign train CONFIG.yaml [key=value ...]     train with the algorithm named in the config
-               [--dry-run [--device-memory GiB]]  only plan it on this machine's devices (no weights loaded)
+               [--dry-run [--device-memory GiB] [--no-knobs]]  only plan it on this machine's devices (no weights loaded)
   jalign plan CONFIG.yaml [key=value ...] --devices N [--device-memory GiB] [--host-memory GiB]
                                                per-device memory of every program of the run, compiled
                                                from shapes on N simulated CPU devices (exit 4: does not fit)
@@ -138,15 +138,15 @@ def _train(argv: list[str]) -> int:
         return 0 if argv else 2
     from jalign.config import load_config
 
-    dry_run = "--dry-run" in argv
-    argv, memory = _take_option([a for a in argv if a != "--dry-run"], "--device-memory")
-    if memory is not None and not dry_run:
-        raise ConfigError("--device-memory is an option of --dry-run")
+    dry_run, knobs = "--dry-run" in argv, "--no-knobs" not in argv
+    argv, memory = _take_option([a for a in argv if a not in ("--dry-run", "--no-knobs")], "--device-memory")
+    if (memory is not None or not knobs) and not dry_run:
+        raise ConfigError("--device-memory and --no-knobs are options of --dry-run")
     cfg = load_config(argv[0], argv[1:])  # before jax is imported: a bad config fails in a moment
     if dry_run:
         from jalign.plan import dry_run as plan_dry_run
 
-        return plan_dry_run(cfg, argv[1:], _gib(memory, "--device-memory"))
+        return plan_dry_run(cfg, argv[1:], _gib(memory, "--device-memory"), knobs=knobs)
     from jalign.trainer import train
 
     train(cfg)

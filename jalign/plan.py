@@ -546,7 +546,7 @@ def plan_main(argv: list[str]) -> int:
     return run(cfg, args, args.overrides)
 
 
-def dry_run(cfg: Config, overrides, device_memory: Optional[float]) -> int:
+def dry_run(cfg: Config, overrides, device_memory: Optional[float], knobs: bool = True) -> int:
     """``jalign train CONFIG --dry-run``: the plan on this machine's own devices, before any weight is loaded."""
     from jalign import distributed
 
@@ -555,5 +555,5 @@ def dry_run(cfg: Config, overrides, device_memory: Optional[float]) -> int:
         stats = getattr(jax.devices()[0], "memory_stats", lambda: None)() or {}
         device_memory = stats.get("bytes_limit", 0) / GiB or None
     args = _parser().parse_args([cfg.source or "-"])
-    args.device_memory = device_memory
+    args.device_memory, args.no_knobs = device_memory, not knobs
     return run(cfg, args, overrides, devices_per_process=jax.local_device_count())

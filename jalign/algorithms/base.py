@@ -57,6 +57,10 @@ class Runtime:
 
 
 # ---- batches ------------------------------------------------------------------------------------
+class NotPlanned(ConfigError):
+    """``jalign plan`` of an algorithm that does not list its programs: one message naming the algorithm."""
+
+
 def field_sharding(mesh: Mesh, rules, axes: tuple, leading_accum: bool = True) -> NamedSharding:
     """The sharding of a batch field from its declared logical axes (plus the accumulation axis)."""
     return NamedSharding(mesh, logical_to_spec(((None,) if leading_accum else ()) + tuple(axes), rules))
@@ -255,7 +259,11 @@ class Algorithm:
         """``{name: jalign.abstract.Program(jitted fn, abstract args, ...)}``: every jitted program the run
         executes, in run order, with arguments made of shapes and shardings only (built in abstract mode:
         ``Runtime(abstract=True)``). ``jalign plan`` compiles each and reports its memory."""
-        raise NotImplementedError(f"algorithm {self.name!r} does not list its programs (Algorithm.programs)")
+        raise NotPlanned(f"{self.cfg.source or '<config>'}: algorithm.name={self.name}: {self.plan_gap}; jalign plan "
+                         "cannot size this run (plan the stage it trains with, e.g. the sft or dpo config of the "
+                         "same model and batch)")
+
+    plan_gap = "this algorithm does not list its programs (Algorithm.programs)"
 
     def abstract_roles(self):
         """``(params, configs, offloaded)`` of the roles this algorithm declares, as abstract arrays."""
@@ -446,8 +454,9 @@ class SupervisedAlgorithm(Algorithm):
         t = self.cfg.train
         roles, configs, _ = self.abstract_roles()
         state = self.abstract_state()
-        step_roles = {n: roles[n] for n in self.step_roles}
-        role_uses = tuple(f"role:{n}" for n in self.step_roles)
+        names = [n for n in (*self.step_roles, *self.trainable.role_specs()) if n in roles]  # as step_inputs
+        step_roles = {n: roles[n] for n in names}
+        role_uses = tuple(f"role:{n}" for n in names)
         micro = t.micro_batch or t.global_batch
         progs = {"train_step": Program(self._train_step, (state, step_roles, self.abstract_batch(self.accum, micro)),
                                        uses=state_uses(state) + role_uses,
@@ -458,6 +467,10 @@ class SupervisedAlgorithm(Algorithm):
                                          uses=("params",) + role_uses,
                                          note=f"{t.global_batch} rows x {self.cfg.data.seq_len}")
         if self.generation_eval is not None:
-            params, mcfg = self.policy(state, None)
-            progs.update(generation_eval_programs(self.generation_eval, params, mcfg, roles, configs))
+            import dataclasses
+
+            params, mcfg = self.policy(state, roles)  # under LoRA: the base with the adapters in it
+            lora_uses = tuple(f"role:{n}" for n in self.trainable.role_specs() if n in roles)
+            for name, prog in generation_eval_programs(self.generation_eval, params, mcfg, roles, configs).items():
+                progs[name] = dataclasses.replace(prog, uses=tuple(prog.uses) + lora_uses)
         return progs

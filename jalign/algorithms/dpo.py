@@ -41,7 +41,7 @@ from jalign.algorithms.reward import flatten_pairs, pair_valid, unstack_pairs
 from jalign.data import fields
 from jalign.data.columns import PrecomputedColumns
 from jalign.data.preference import PairData, records_fingerprint
-from jalign.algorithms.precompute import fill_columns
+from jalign.algorithms.precompute import fill_columns, reference_pass_programs
 from jalign.config import ConfigError
 from jalign.config_values import VALUE_RANGES, _NON_NEGATIVE
 from jalign.losses import (apo_down_loss, apo_zero_loss, bco_pair_loss, cpo_loss, dpo_loss, dpo_sft_term, ipo_loss,
@@ -253,21 +253,11 @@ class DPO(SupervisedAlgorithm):
         return self.columns.join(host_batch, split) if self.precomputed else host_batch
 
     # -- the run's programs (jalign plan) --
-    def batch_trailing_dims(self):
-        return {"ref_logps": (2,)}
+    def batch_trailing_dims(self):  # [B, 2, T] pair sides, [B, 2] per-side columns
+        return {k: (2,) for k, axes in {**fields.pair_fields("lm"), "ref_logps": ("batch", None)}.items()
+                if None in axes}
 
     def programs(self):
-        """The supervised programs, preceded by the reference pass when the reference is precomputed (the
-        reference role is released after it)."""
-        from jalign.abstract import Program
-
-        progs = super().programs()
-        if not self.precomputed:
-            return progs
-        roles, _, _ = self.abstract_roles()
-        rows = self.cfg.train.global_batch
-        batch = self.abstract_batch(1, rows, fields.pair_fields("lm"))
-        first = Program(self._ref_step, (roles["reference"], batch), uses=("role:reference",),
-                        releases=("role:reference",), note=f"{rows} pairs x {self.cfg.data.seq_len}, once per run")
-        return {"reference_logps": first, **progs}
+        """The supervised programs, preceded by the reference pass when the reference is precomputed."""
+        return reference_pass_programs(self, fields.pair_fields("lm"), "pairs")
 
