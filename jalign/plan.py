@@ -340,10 +340,14 @@ def _plan_sources(sources: _Sources, cfg: Config, ctx: dict) -> Plan:
     _phase_peaks(programs, persistent)
     _rollout_traffic(algo, programs)
     persistent_bytes = {name: ab.per_device_bytes(tree) for name, tree in persistent.items()}
+    notes = list(sources.notes)
+    if cfg.rollout.engine and any(p.name in ("rollout", "eval_generate") for p in programs):
+        notes.append("generation is planned as the static-batch sampler (rollout.engine=false: a KV cache for every "
+                     "row); the engine's paged pool (rollout.slots sequences at a time) is not planned")
     return Plan(config=cfg.source or "<config>", algorithm=cfg.algorithm.name, mesh=sizes, devices=jax.device_count(),
                 layers=depth, planned_layers=REDUCED if reduced else None, programs=programs,
                 persistent=persistent_bytes, host=_host_side(algo, persistent, ctx["k"]),
-                device_memory=ctx["device_memory"], host_memory=ctx["host_memory"], notes=list(sources.notes))
+                device_memory=ctx["device_memory"], host_memory=ctx["host_memory"], notes=notes)
 
 
 def _rollout_on_fsdp(plan: Plan) -> bool:
