@@ -110,7 +110,7 @@ class AbstractData:
 
 
 def dummy_prompts(n: int, length: int):
-    from jalign.rollout.experience import PromptSet
+    from jalign.data.prompts import PromptSet
 
     return PromptSet.from_pairs([([0] * length, None)] * n)
 

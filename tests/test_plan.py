@@ -135,12 +135,18 @@ def test_an_algorithm_the_plan_does_not_cover_is_one_message_naming_it(name):
     ("dpo_tiny", ["model.lora.rank=4", "algorithm.reference=precomputed"]),
     ("dpo_tiny", ["algorithm.loss=simpo"]),
     ("sft_tiny", ["model.lora.rank=4"]),
+    ("grpo_tiny", []),
+    ("ppo_tiny", []),
 ])
-def test_supervised_algorithms_of_main_give_their_programs(config, extra):
+def test_algorithms_of_main_give_their_programs(config, extra):
     arch = ["model.vocab_size=384", "model.hidden=32", "model.mlp=64", "model.layers=1", "model.heads=4",
             "model.kv_heads=2", "model.tokenizer=byte", "eval.prompts=0", "data.seq_len=16"]
     plan = plan_config(load_config(ROOT / f"configs/{config}.yaml", arch + extra), knobs=False)
     names = [p.name for p in plan.programs]
+    if config in ("grpo_tiny", "ppo_tiny"):  # rollout, then scoring with the frozen roles, then the update
+        assert names[:3] == ["rollout", "score", "update"], names
+        assert "role:reference" in plan.persistent and ("role:reward" in plan.persistent) == (config == "ppo_tiny")
+        return
     assert "train_step" in names
     if "algorithm.reference=precomputed" in extra:
         assert names[0] == "reference_logps"
