@@ -34,7 +34,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -144,12 +144,22 @@ def _leaf_sums(x) -> jax.Array:
 _sums = jax.jit(lambda leaves: [_leaf_sums(x) for x in leaves])
 
 
+def _memory_kind(x):
+    return getattr(getattr(x, "sharding", None), "memory_kind", None)
+
+
 def checksums(tree) -> dict[str, list]:
     """``{"params/embed": [dtype, s1, s2], ...}`` for every array leaf (see :func:`_leaf_sums`)."""
     flat = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0] if isinstance(x, (jax.Array, np.ndarray))]
     if not flat:
         return {}
-    out = _sums([x for _, x in flat])
+    leaves = [x for _, x in flat]
+    hosted = [i for i, x in enumerate(leaves) if _memory_kind(x) not in (None, "device")]
+    on_device = [x for i, x in enumerate(leaves) if i not in set(hosted)]
+    out = _sums(on_device) if on_device else []
+    for i in hosted:  # host-memory leaves (an offloaded optimizer state): one device copy at a time
+        x = leaves[i]
+        out.insert(i, _sums([jax.device_put(x, x.sharding.with_memory_kind("device"))])[0])
     host = [np.asarray(o.addressable_shards[0].data) if isinstance(o, jax.Array) else np.asarray(o) for o in out]
     return {_path_str(p): [str(x.dtype), int(h[0]), int(h[1])] for (p, x), h in zip(flat, host)}
 
@@ -538,7 +548,36 @@ def _read_manager(directory: Path):
                                  item_handlers=_handlers(ocp.PyTreeCheckpointHandler()))
 
 
-def _restore_params(mgr, directory: Path, step: int) -> dict:
+def spread_sharding(shape: tuple, devices: Optional[Sequence] = None) -> jax.sharding.NamedSharding:
+    """A leaf of ``shape`` split over ``devices`` (default: this process's) along its largest axis they
+    divide; replicated when none does (a bias of odd length). Used where no mesh is given, so that no whole
+    model is ever staged on one device."""
+    devices = list(devices if devices is not None else jax.local_devices())
+    mesh = jax.sharding.Mesh(np.array(devices), ("shard",))
+    n = len(devices)
+    axes = [i for i, d in enumerate(shape) if d % n == 0 and d >= n]
+    spec = [None] * len(shape)
+    if axes and n > 1:
+        spec[max(axes, key=lambda i: shape[i])] = "shard"
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def _restore_shardings(params_meta, shardings, where: str):
+    """One sharding per saved leaf: ``shardings``' (a tree of the params' structure) or spread ones."""
+    if shardings is None:
+        return jax.tree.map(lambda m: spread_sharding(tuple(m.shape)), params_meta)
+    want, got = jax.tree.structure(params_meta), jax.tree.structure(shardings)
+    if want != got:
+        saved = {_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params_meta)[0]}
+        given = {_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+        diff = sorted(saved ^ given)
+        raise CheckpointMismatch(f"{where}: the params saved here and the shardings asked for differ in "
+                                 f"{', '.join(diff[:6]) or 'their tree structure'}"
+                                 + (f" and {len(diff) - 6} more" if len(diff) > 6 else ""))
+    return shardings
+
+
+def _restore_params(mgr, directory: Path, step: int, shardings=None) -> dict:
     where = f"{directory}/{step}"
     problem = _step_problem(directory / str(step), ("state",))
     if not problem and _json_problem(directory / str(step) / "state" / "_METADATA"):
@@ -553,8 +592,8 @@ def _restore_params(mgr, directory: Path, step: int) -> dict:
     if not isinstance(tree, dict) or "params" not in tree:
         raise CheckpointError(f"{where}: the state's metadata (state/_METADATA) is missing or holds no params")
     params_meta = tree["params"]
-    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=cpu), params_meta)
+    placed = _restore_shardings(params_meta, shardings, where)
+    restore_args = jax.tree.map(lambda _, sh: ocp.ArrayRestoreArgs(sharding=sh), params_meta, placed)
     items = {"state": ocp.args.PyTreeRestore(item={"params": params_meta}, restore_args={"params": restore_args},
                                              partial_restore=True)}
     has_meta = (directory / str(step) / "meta").is_dir()
@@ -572,12 +611,16 @@ def _restore_params(mgr, directory: Path, step: int) -> dict:
     return params
 
 
-def load_params(path: str | Path, step: Optional[int] = None) -> dict:
-    """Only the params of a jalign checkpoint (newest loadable step unless given), as host-local arrays.
+def load_params(path: str | Path, step: Optional[int] = None, *, shardings=None) -> dict:
+    """Only the params of a jalign checkpoint (newest loadable step unless given), restored sharded.
 
-    Used to start one stage from another (SFT -> reward model / DPO / PPO). The arrays are restored
-    unsharded and re-placed by the caller onto its own mesh. A damaged given ``step`` raises
-    :class:`CheckpointError`; without ``step`` damaged newer steps are skipped with a warning.
+    ``shardings``: a tree of the params' structure holding each leaf's target sharding (e.g. a train
+    state's ``params`` shardings on the run's mesh): orbax reads only this process's slices of each leaf
+    straight onto them. Without it every leaf is split over this process's devices along its largest
+    axis they divide (:func:`spread_sharding`); no whole model is staged on one device either way.
+    A damaged given ``step`` raises :class:`CheckpointError`; without ``step`` damaged newer steps are
+    skipped with a warning. (Training starts go through :mod:`jalign.models.load`, which also checks
+    shapes per role; this is the reader for tools: export, tests.)
     """
     _quiet_orbax()
     directory = find_checkpoint_dir(path)
@@ -586,14 +629,16 @@ def load_params(path: str | Path, step: Optional[int] = None) -> dict:
     mgr = _read_manager(directory)
     try:
         if step is not None:
-            return _restore_params(mgr, directory, step)
+            return _restore_params(mgr, directory, step, shardings)
         steps = sorted(mgr.all_steps(), reverse=True)
         if not steps:
             raise FileNotFoundError(f"{directory}: contains no finished checkpoint")
         problems = []
         for s in steps:
             try:
-                params = _restore_params(mgr, directory, s)
+                params = _restore_params(mgr, directory, s, shardings)
+            except CheckpointMismatch:
+                raise  # the caller asked for another tree: an older step is no better
             except CheckpointError as e:
                 problems.append(str(e))
                 continue

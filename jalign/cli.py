@@ -19,8 +19,14 @@ import sys
 import traceback
 from typing import Callable, Optional
 
+from jalign.errors import ConfigError
+
 USAGE = """usage:
   jalign train CONFIG.yaml [key=value ...]     train with the algorithm named in the config
+               [--dry-run [--device-memory GiB] [--no-knobs]]  only plan it on this machine's devices (no weights loaded)
+  jalign plan CONFIG.yaml [key=value ...] --devices N [--device-memory GiB] [--host-memory GiB]
+                                               per-device memory of every program of the run, compiled
+                                               from shapes on N simulated CPU devices (exit 4: does not fit)
   jalign generate --model DIR --prompt TEXT    sample from a checkpoint / Hugging Face directory
   jalign convert --hf DIR --out CKPT           Hugging Face <-> jalign checkpoints
                  --from-checkpoint RUN[/checkpoints/N] --to-hf DIR
@@ -134,11 +140,89 @@ def _train(argv: list[str]) -> int:
         return 0 if argv else 2
     from jalign.config import load_config
 
+    dry_run, knobs = "--dry-run" in argv, "--no-knobs" not in argv
+    argv, memory = _take_option([a for a in argv if a not in ("--dry-run", "--no-knobs")], "--device-memory")
+    if (memory is not None or not knobs) and not dry_run:
+        raise ConfigError("--device-memory and --no-knobs are options of --dry-run")
     cfg = load_config(argv[0], argv[1:])  # before jax is imported: a bad config fails in a moment
+    if dry_run:
+        from jalign.plan import dry_run as plan_dry_run
+
+        return plan_dry_run(cfg, argv[1:], _gib(memory, "--device-memory"), knobs=knobs)
     from jalign.trainer import train
 
     train(cfg)
     return 0
+
+
+def _take_option(argv: list[str], name: str) -> tuple[list[str], Optional[str]]:
+    """``argv`` without ``name VALUE`` / ``name=VALUE``, and VALUE (None when absent)."""
+    out, value, i = [], None, 0
+    while i < len(argv):
+        a = argv[i]
+        if a == name:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{name}: missing value")
+            value, i = argv[i + 1], i + 2
+            continue
+        if a.startswith(name + "="):
+            value = a.split("=", 1)[1]
+        else:
+            out.append(a)
+        i += 1
+    return out, value
+
+
+def _gib(value: Optional[str], name: str) -> Optional[float]:
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except ValueError:
+        v = -1.0
+    if not v > 0:
+        raise ConfigError(f"{name} {value}: expected a positive number of GiB")
+    return v
+
+
+def simulated_devices_env(n: int, env=os.environ) -> dict:
+    """The environment for ``n`` simulated CPU devices (set before jax is imported). The backend optimisation
+    flags only trade the CPU kernels' speed for compile time; buffer assignment (what a plan reads) is the same."""
+    import re
+
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", "")).split()
+    flags += [f"--xla_force_host_platform_device_count={n}", "--xla_backend_optimization_level=0",
+              "--xla_llvm_disable_expensive_passes=true"]
+    return dict(env, XLA_FLAGS=" ".join(dict.fromkeys(flags)), JAX_PLATFORMS="cpu")
+
+
+def _plan(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        from jalign.plan import _parser
+
+        _parser().print_help()
+        return 0 if argv else 2
+    _, devices = _take_option(argv, "--devices")
+    if devices is None:
+        raise ConfigError("jalign plan: give --devices N (the number of devices the run will use)")
+    try:
+        n = int(devices)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"--devices {devices}: expected a positive integer")
+    if "jax" not in sys.modules:
+        os.environ.update(simulated_devices_env(n))
+    else:  # jax already runs here (e.g. an embedding program): plan in a fresh process with n devices
+        import jax
+
+        if jax.device_count() != n or jax.default_backend() != "cpu":
+            import subprocess
+
+            return subprocess.run([sys.executable, "-m", "jalign", "plan", *argv], env=simulated_devices_env(n)).returncode
+    from jalign.plan import plan_main
+
+    return plan_main(argv)
 
 
 def _generate(argv):
@@ -200,7 +284,7 @@ def _config(argv):
     return 0
 
 
-COMMANDS = {"train": _train, "generate": _generate, "convert": _convert, "annotate": _annotate,
+COMMANDS = {"train": _train, "plan": _plan, "generate": _generate, "convert": _convert, "annotate": _annotate,
             "pipeline": _pipeline, "plot": _plot, "config": _config}
 
 

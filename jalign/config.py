@@ -156,6 +156,9 @@ class OptimConfig:
     eps: float = 1e-8  # Adam epsilon
     # clip the global gradient norm to this (null: no clipping)
     grad_clip: Optional[float] = 1.0
+    # Keep the optimizer state (Adam's moments) in host memory between steps (memory_kind="pinned_host"),
+    # copied to the devices for the update only: frees 2x the f32 params per device for the forward/backward.
+    offload_state: bool = False
 
 
 @dataclass

@@ -6,6 +6,11 @@
 
 ``extra`` holds what an algorithm keeps beside the trained model (PPO's critic and adaptive KL coefficient);
 it is checkpointed with the rest. Frozen models are never in the train state (see ``jalign.roles``).
+
+``optim.offload_state: true`` keeps the optimizer's params-shaped state (Adam's moments) in the devices' pinned
+host memory (``memory_kind="pinned_host"``): the train step copies it to device memory for the update only
+(:meth:`TrainedModel.opt_to_device`, after the gradients exist) and its output sharding puts the new state back,
+so the forward and backward passes run without the moments on the device.
 """
 from __future__ import annotations
 
@@ -96,7 +101,19 @@ class TrainedModel:
         self.param_shardings = params_lib.param_shardings(decls, mesh, rules)
         opt_abstract = jax.eval_shape(self.optimizer.init, params_lib.abstract_params(decls, param_dtype))
         self.replicated = NamedSharding(mesh, PartitionSpec())
-        self.opt_shardings = params_lib.shardings_like_params(opt_abstract, self.param_shardings, mesh)
+        self.opt_device_shardings = params_lib.shardings_like_params(opt_abstract, self.param_shardings, mesh)
+        self.offload_state = bool(getattr(optim, "offload_state", False))
+        if self.offload_state:  # the params-shaped parts (moments) in host memory; step counts stay on device
+            host = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), self.param_shardings)
+            self.opt_shardings = params_lib.shardings_like_params(opt_abstract, host, mesh)
+        else:
+            self.opt_shardings = self.opt_device_shardings
+
+    def opt_to_device(self, opt_state):
+        """Inside the train step: the optimizer state in device memory (a no-op unless it is offloaded)."""
+        if not self.offload_state:
+            return opt_state
+        return jax.tree.map(jax.device_put, opt_state, self.opt_device_shardings)
 
     def shardings(self, extra=None) -> TrainState:
         r = self.replicated
@@ -119,3 +136,22 @@ class TrainedModel:
         return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), self.replicated), params=params,
                           opt_state=self.init_opt_state(params),
                           rng=jax.device_put(rng_words(rng), self.replicated), extra=extra or {})
+
+    def update_phase_programs(self, name: str) -> dict:
+        """For ``jalign plan``: with the optimizer state offloaded, the update phase of the train step ``name``
+        as a program of its own (params, gradients and the moments copied in, all on the device), since the
+        step's peak is then the larger of its gradient phase and this."""
+        if not self.offload_state:
+            return {}
+        from jalign.abstract import Program, with_shardings
+
+        params = with_shardings(params_lib.abstract_params(self.decls, self.param_dtype), self.param_shardings)
+        opt = with_shardings(jax.eval_shape(self.optimizer.init, params), self.opt_device_shardings)
+
+        def update(params, grads, opt_state):
+            updates, new_opt = self.optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_opt
+
+        fn = jax.jit(update, out_shardings=(self.param_shardings, self.opt_device_shardings), donate_argnums=(0, 2))
+        return {name: Program(fn, (params, params, opt), uses=("params",), plan_only=True,
+                                          note="update phase: the offloaded moments copied in")}

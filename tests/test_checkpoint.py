@@ -134,6 +134,34 @@ def test_healthy_checkpoint_restores_exactly(two_steps, capfd):
     assert "Metadata file does not exist" not in capfd.readouterr().err  # load_params warned up to 12x per pipeline
 
 
+def _largest_shard_elements(x) -> int:
+    return max(int(np.prod(s.data.shape)) for s in x.addressable_shards)
+
+
+def test_load_params_restores_sharded_never_whole_on_one_device(two_steps):
+    """Without shardings, each leaf is split over the 8 devices along an axis they divide (the odd bias is
+    replicated); with a mesh's shardings, every leaf lands exactly on them. Values equal the saved ones."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    saved = make_state(2)["params"]
+    spread = load_params(two_steps.parent, step=2)
+    assert_same(spread, saved)
+    for name in ("w", "emb"):  # (96, 96) and (16, 96): 1/8 of each leaf per device
+        x = spread[name]
+        assert len(x.sharding.device_set) == 8 and _largest_shard_elements(x) * 8 == x.size, (name, x.sharding)
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("fsdp", "tensor"))
+    target = {"w": NamedSharding(mesh, P("fsdp", "tensor")), "b": NamedSharding(mesh, P("tensor")),
+              "emb": NamedSharding(mesh, P(None, ("fsdp", "tensor")))}
+    placed = load_params(two_steps.parent, shardings=target)
+    assert_same(placed, saved)
+    for name, x in placed.items():
+        assert x.sharding == target[name], name
+        assert _largest_shard_elements(x) * {"w": 8, "b": 4, "emb": 8}[name] == x.size, name
+    assert placed["emb"].dtype == jnp.bfloat16  # the saved dtype is kept
+    with pytest.raises(CheckpointMismatch, match=r"differ in .*b"):
+        load_params(two_steps.parent, shardings={"w": target["w"], "emb": target["emb"]})
+
+
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_damaged_newest_step_falls_back_to_the_previous_one(two_steps, tmp_path, damage):
     apply, reason, params_unreadable = DAMAGE[damage]

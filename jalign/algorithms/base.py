@@ -46,6 +46,10 @@ class Runtime:
     run_dir: Path
     tokenizer: Any = None
     log: Callable[[str], None] = print
+    # Abstract mode (``jalign plan``, ``jalign train --dry-run``): build every program from shapes only; no
+    # data is read, no weight is loaded (see jalign.abstract and Algorithm.programs).
+    abstract: bool = False
+    abstract_prompt_len: Optional[int] = None  # abstract mode: the longest prompt (default: what a row allows)
 
     @property
     def data_parallel(self) -> int:
@@ -53,6 +57,10 @@ class Runtime:
 
 
 # ---- batches ------------------------------------------------------------------------------------
+class NotPlanned(ConfigError):
+    """``jalign plan`` of an algorithm that does not list its programs: one message naming the algorithm."""
+
+
 def field_sharding(mesh: Mesh, rules, axes: tuple, leading_accum: bool = True) -> NamedSharding:
     """The sharding of a batch field from its declared logical axes (plus the accumulation axis)."""
     return NamedSharding(mesh, logical_to_spec(((None,) if leading_accum else ()) + tuple(axes), rules))
@@ -145,7 +153,8 @@ def make_train_step(loss_fn: LossFn, normalizers_fn: Callable[[dict], dict], tra
         accum = jax.tree.leaves(batch)[0].shape[0]
         (grads, metrics), _ = jax.lax.scan(micro, zeros, (batch, jnp.arange(accum)))
         grad_norm = optax.tree.norm(grads)
-        updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+        opt_state = trained.opt_to_device(state.opt_state)  # offloaded moments come in only now
+        updates, new_opt = optimizer.update(grads, opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         # An update that overflows the params (an absurd step on finite gradients) is skipped too, so a
         # non-finite streak never starts from parameters that were already ruined.
@@ -153,7 +162,7 @@ def make_train_step(loss_fn: LossFn, normalizers_fn: Callable[[dict], dict], tra
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         count = adam_count(state.opt_state)
         new_state = state.replace(step=state.step + 1, params=keep(new_params, state.params),
-                                  opt_state=keep(new_opt, state.opt_state))
+                                  opt_state=keep(new_opt, opt_state))
         metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(count), skipped=1 - finite.astype(jnp.int32))
         return new_state, metrics
 
@@ -188,6 +197,10 @@ class Algorithm:
         from jalign.data.tokenizer import check_vocab, load_tokenizer
 
         self.rt, self.cfg, self.a = rt, rt.cfg, rt.cfg.algorithm
+        if rt.abstract and rt.tokenizer is None:
+            from jalign.abstract import abstract_tokenizer
+
+            rt.tokenizer = abstract_tokenizer(self.cfg.model)
         self.tokenizer = rt.tokenizer or load_tokenizer(self.cfg.model.tokenizer)
         check_vocab(self.cfg.model.vocab_size, self.tokenizer, f"{self.cfg.source or '<config>'}: model.vocab_size")
 
@@ -250,6 +263,23 @@ class Algorithm:
         params, cfg = self.policy(state, roles)
         save_hf(params, cfg, out_dir, tokenizer_dir=self.tokenizer_dir(), special_ids=self.special_token_ids())
 
+    # the run's programs, for jalign plan
+    def programs(self) -> dict:
+        """``{name: jalign.abstract.Program(jitted fn, abstract args, ...)}``: every jitted program the run
+        executes, in run order, with arguments made of shapes and shardings only (built in abstract mode:
+        ``Runtime(abstract=True)``). ``jalign plan`` compiles each and reports its memory."""
+        raise NotPlanned(f"{self.cfg.source or '<config>'}: algorithm.name={self.name}: {self.plan_gap}; jalign plan "
+                         "cannot size this run (plan the stage it trains with, e.g. the sft or dpo config of the "
+                         "same model and batch)")
+
+    plan_gap = "this algorithm does not list its programs (Algorithm.programs)"
+
+    def abstract_roles(self):
+        """``(params, configs, offloaded)`` of the roles this algorithm declares, as abstract arrays."""
+        from jalign.abstract import abstract_roles
+
+        return abstract_roles(self.cfg, self.role_specs(), self.rt.mesh, self.rt.rules)
+
 
 def initial_policy_params(rt: Runtime, decls, *, allow_fresh=(), role: str = "policy") -> dict:
     """The trained model's starting params for ``decls`` from the policy's source, straight onto their
@@ -293,7 +323,12 @@ class SupervisedAlgorithm(Algorithm):
         self.accum = accumulation_steps(cfg)
         self.trained = TrainedModel(self.decls, cfg.optim, cfg.train.steps, rt.mesh, rt.rules,
                                     params_lib.DTYPES[cfg.model.param_dtype])
-        self.data = self.make_data()
+        if rt.abstract:
+            from jalign.abstract import AbstractData
+
+            self.data = AbstractData(cfg, rt.abstract_prompt_len)
+        else:
+            self.data = self.make_data()
         self.fields = self.batch_fields()
         dropout = self.trainable.is_lora and cfg.model.lora.dropout > 0
         stats = self.batch_statistics()
@@ -410,3 +445,42 @@ class SupervisedAlgorithm(Algorithm):
 
     def data_counts(self):
         return getattr(self.data, "counts", {})
+
+    # -- the run's programs (jalign plan) --
+    def abstract_batch(self, accum: int, rows: int, fields: Optional[dict] = None) -> dict:
+        """Abstract ``[accum, rows, ...]`` batch of this algorithm's fields (``rows`` per accumulation step)."""
+        from jalign.abstract import abstract_batch
+
+        return abstract_batch(self.fields if fields is None else fields, self.rt.mesh, self.rt.rules, accum, rows,
+                              self.cfg.data.seq_len, self.batch_trailing_dims())
+
+    def batch_trailing_dims(self) -> dict:
+        """Sizes of the batch fields' axes that are neither batch nor seq (``{name: (size, ...)}``)."""
+        return {}
+
+    def programs(self):
+        from jalign.abstract import Program, generation_eval_programs, state_uses
+
+        t = self.cfg.train
+        roles, configs, _ = self.abstract_roles()
+        state = self.abstract_state()
+        names = [n for n in (*self.step_roles, *self.trainable.role_specs()) if n in roles]  # as step_inputs
+        step_roles = {n: roles[n] for n in names}
+        role_uses = tuple(f"role:{n}" for n in names)
+        micro = t.micro_batch or t.global_batch
+        progs = {"train_step": Program(self._train_step, (state, step_roles, self.abstract_batch(self.accum, micro)),
+                                       uses=state_uses(state) + role_uses,
+                                       note=f"{self.accum} x {micro} rows x {self.cfg.data.seq_len}")}
+        progs.update(self.trained.update_phase_programs("train_step/update"))
+        if self.data.has_eval:
+            progs["eval_step"] = Program(self._eval_step, (state.params, step_roles, self.abstract_batch(1, t.global_batch)),
+                                         uses=("params",) + role_uses,
+                                         note=f"{t.global_batch} rows x {self.cfg.data.seq_len}")
+        if self.generation_eval is not None:
+            import dataclasses
+
+            params, mcfg = self.policy(state, roles)  # under LoRA: the base with the adapters in it
+            lora_uses = tuple(f"role:{n}" for n in self.trainable.role_specs() if n in roles)
+            for name, prog in generation_eval_programs(self.generation_eval, params, mcfg, roles, configs).items():
+                progs[name] = dataclasses.replace(prog, uses=tuple(prog.uses) + lora_uses)
+        return progs

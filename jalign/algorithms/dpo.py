@@ -42,7 +42,7 @@ from jalign.algorithms.reward import flatten_pairs, pair_valid, unstack_pairs
 from jalign.data import fields
 from jalign.data.columns import PrecomputedColumns
 from jalign.data.preference import PairData, records_fingerprint
-from jalign.algorithms.precompute import fill_columns
+from jalign.algorithms.precompute import fill_columns, reference_pass_programs
 from jalign.config import ConfigError
 from jalign.config_values import VALUE_RANGES, _NON_NEGATIVE
 from jalign.losses import (apo_down_loss, apo_zero_loss, bco_pair_loss, cpo_loss, dpo_loss, dpo_sft_term, ipo_loss,
@@ -140,14 +140,14 @@ class DPO(SupervisedAlgorithm):
         self.step_roles = () if self.precomputed or self.reference_free else ("reference",)
         super().__init__(rt)
         self.columns = PrecomputedColumns(rt.run_dir / STORE_DIR, {"ref_logps": ((2,), "float32")},
-                                          self._fingerprint()) if self.precomputed else None
+                                          self._fingerprint()) if self.precomputed and not rt.abstract else None
         self._ref_step = jax.jit(self._reference_sums, out_shardings=NamedSharding(rt.mesh, PartitionSpec()))
 
     def role_specs(self):
         specs = super().role_specs()  # under LoRA: the frozen base
         if self.reference_free:
             return specs  # ORPO / SimPO / CPO: one model, the policy
-        if self.precomputed and self.columns.ready():
+        if self.precomputed and self.columns is not None and self.columns.ready():
             return specs  # the stored log-probs stand in for the reference: it is not even loaded
         if self.trainable.is_lora and "reference" not in self.cfg.roles:
             return specs  # the reference is the base with the adapters off: no second copy
@@ -259,4 +259,13 @@ class DPO(SupervisedAlgorithm):
 
     def prepare_batch(self, host_batch, split):
         return self.columns.join(host_batch, split) if self.precomputed else host_batch
+
+    # -- the run's programs (jalign plan) --
+    def batch_trailing_dims(self):  # [B, 2, T] pair sides, [B, 2] per-side columns
+        return {k: (2,) for k, axes in {**fields.pair_fields("lm"), "ref_logps": ("batch", None)}.items()
+                if None in axes}
+
+    def programs(self):
+        """The supervised programs, preceded by the reference pass when the reference is precomputed."""
+        return reference_pass_programs(self, fields.pair_fields("lm"), "pairs")
 

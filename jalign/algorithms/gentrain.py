@@ -219,6 +219,8 @@ class GenTrainAlgorithm(Algorithm):
     ``learn`` (using ``prepare_program`` / ``update``), ``loss`` and ``normalizers``.
     """
 
+    plan_gap = ("a generate-then-train algorithm: its rollout, scoring and update programs are not listed for the "
+                "plan yet (Algorithm.programs)")
     rows_per_prompt = 1
     rounds_key: Optional[str] = None
     prompt_kind = "prompt"  # the data kind data.train is read as

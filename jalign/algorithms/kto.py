@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jalign.algorithms.base import SupervisedAlgorithm, policy_token_logps
 from jalign.algorithms.packed_pairs import packed_pair_logps, pair_view
-from jalign.algorithms.precompute import fill_columns
+from jalign.algorithms.precompute import fill_columns, reference_pass_programs
 from jalign.algorithms.registry import register
 from jalign.config_values import VALUE_RANGES, _NON_NEGATIVE, _POSITIVE
 from jalign.data import fields
@@ -84,12 +84,12 @@ class KTO(SupervisedAlgorithm):
         self.step_roles = () if self.precomputed else ("reference",)
         super().__init__(rt)
         self.columns = PrecomputedColumns(rt.run_dir / STORE_DIR, {"ref_logps": ((2,), "float32")},
-                                          self._fingerprint()) if self.precomputed else None
+                                          self._fingerprint()) if self.precomputed and not rt.abstract else None
         self._ref_step = jax.jit(self._reference_sums, out_shardings=NamedSharding(rt.mesh, PartitionSpec()))
 
     def role_specs(self):
         specs = super().role_specs()  # under LoRA: the frozen base
-        if self.precomputed and self.columns.ready():
+        if self.precomputed and self.columns is not None and self.columns.ready():
             return specs  # the stored log-probs stand in for the reference: it is not even loaded
         if self.trainable.is_lora and "reference" not in self.cfg.roles:
             return specs  # the reference is the base with the adapters off: no second copy
@@ -167,3 +167,11 @@ class KTO(SupervisedAlgorithm):
 
     def prepare_batch(self, host_batch, split):
         return self.columns.join(host_batch, split) if self.precomputed else host_batch
+
+    # -- the run's programs (jalign plan) --
+    def batch_trailing_dims(self):
+        return {k: (2,) for k in ("tokens", "targets", "positions", "segment_ids", "loss_mask", "ref_logps")}
+
+    def programs(self):
+        """The supervised programs, preceded by the reference pass when the reference is precomputed."""
+        return reference_pass_programs(self, fields.unpaired_fields(), "examples (completion + KL row)")

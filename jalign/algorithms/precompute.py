@@ -48,3 +48,31 @@ def fill_columns(algo, roles, role: str, columns, program, placed_fields, *, wha
         algo.rt.log(f"{what or role} precomputed into {columns.directory} "
                     f"({', '.join(f'{s}: {n}' for s, (n, _) in splits.items())} examples)")
     roles.drop(role)  # no longer needed: the stored values replace it
+
+
+def reference_pass_programs(algo, placed_fields: dict, what: str) -> dict:
+    """``algo``'s supervised programs, preceded (with ``reference: precomputed``) by the one pass of the
+    reference over the train set that fills the stored log-probs (``algo._ref_step``); the reference role is
+    released after it. Under LoRA without a reference role the pass runs the base with the adapters off."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jalign.abstract import Program
+    from jalign.algorithms.base import SupervisedAlgorithm
+
+    progs = SupervisedAlgorithm.programs(algo)
+    if not algo.precomputed:
+        return progs
+    roles, _, _ = algo.abstract_roles()
+    rows = algo.cfg.train.global_batch
+    batch = algo.abstract_batch(1, rows, placed_fields)
+    note = f"{rows} {what} x {algo.cfg.data.seq_len}, once per run"
+    if "reference" in roles:
+        first = Program(algo._ref_step, (roles["reference"], batch), uses=("role:reference",),
+                        releases=("role:reference",), note=note)
+    else:  # LoRA: the reference is the frozen base (it stays: it trains)
+        base = {n: roles[n] for n in algo.trainable.role_specs()}
+        fn = jax.jit(
+            lambda r, b: algo._reference_sums(algo.trainable.reference(r), b),
+            out_shardings=NamedSharding(algo.rt.mesh, PartitionSpec()))
+        first = Program(fn, (base, batch), uses=tuple(f"role:{n}" for n in base), note=note)
+    return {"reference_logps": first, **progs}

@@ -39,7 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jalign.algorithms.base import (Algorithm, field_sharding, initial_policy_params, make_train_step,
                                     require_mesh_context, state_rng)
 from jalign.algorithms.rl_objectives import AdvantageInputs, check_objectives, kl_loss_term, with_is_weight
-from jalign.algorithms.rl_rewards import (REWARD_ROLE, check_reward_keys, model_components, model_terms,
+from jalign.algorithms.rl_rewards import (REWARD_ROLE, check_reward_keys, model_components, model_terms, rule_terms,
                                           reward_terms, shape_rewards)
 from jalign.algorithms.rl_sampling import Sampler
 from jalign.algorithms.trainable import BASE, Trainable
@@ -115,6 +115,10 @@ class RLConfig:
     reward_scale: float = 1.0
     reward_clip: Optional[float] = None
     monitor: MonitorConfig = field(default_factory=MonitorConfig)  # reward-hacking monitor at each evaluation
+    # "tensor": sample from a copy of the actor resharded once per rollout to tensor-parallel only (replicated
+    # over data/fsdp, compute dtype) instead of all-gathering fsdp-sharded weights at every decode step
+    # (jalign.rollout.layout; `jalign plan` shows both).
+    rollout_layout: Literal["train", "tensor"] = "train"
 
 
 # ---- sizes --------------------------------------------------------------------------------------
@@ -205,6 +209,9 @@ class RLAlgorithm(Algorithm):
         if self.has_critic:
             self._init_critic()
         self._load_data()
+        from jalign.rollout.layout import RolloutLayout
+
+        self.rollout = RolloutLayout(a.rollout_layout, self.decls, cfg.model, rt.mesh, rt.rules)
         self.sampler = Sampler(self)
         self._score = jax.jit(self._score_impl)
         self.build_update(self.actor_loss)
@@ -297,9 +304,16 @@ class RLAlgorithm(Algorithm):
                 self.rt.log(f"data: {spec}: skipped {len(skipped)} bad lines")
             return PromptSet(examples, self.tokenizer, d.chat_template, max_prompt, self.rt.log, spec)
 
-        self.train_prompts = prompts(d.train, d.max_examples)
         e = self.cfg.eval
-        self.eval_set = prompts(d.eval, e.prompts) if d.eval and e.prompts > 0 else None
+        if self.rt.abstract:  # jalign plan: prompts of the longest length a row allows; nothing is read
+            from jalign.abstract import dummy_prompts, prompt_bound
+
+            longest = prompt_bound(d.seq_len, a.max_new_tokens, self.rt.abstract_prompt_len)
+            self.train_prompts = dummy_prompts(1, longest)
+            self.eval_set = dummy_prompts(e.prompts, longest) if d.eval and e.prompts > 0 else None
+        else:
+            self.train_prompts = prompts(d.train, d.max_examples)
+            self.eval_set = prompts(d.eval, e.prompts) if d.eval and e.prompts > 0 else None
         sp = self.rt.mesh.shape["sequence"]
         self.P, self.N = xp.rollout_shape(self.train_prompts.longest, a.max_new_tokens, sp)
         if self.P + self.N > self.cfg.model.max_seq_len:
@@ -425,9 +439,9 @@ class RLAlgorithm(Algorithm):
 
     def sample(self, params, prompt_ids, key, greedy: bool = False) -> dict:
         a = self.a
-        return xp.sample(params, self.gen_cfg, prompt_ids, max_new_tokens=a.max_new_tokens, new_len=self.N,
-                         prompt_len=self.P, key=key, eos_ids=sorted(self.tokenizer.eos_ids),
-                         pad_id=self.tokenizer.pad_id, mesh=self.rt.mesh, rules=self.rt.rules,
+        return xp.sample(self.rollout.reshard(params), self.gen_cfg, prompt_ids, max_new_tokens=a.max_new_tokens,
+                         new_len=self.N, prompt_len=self.P, key=key, eos_ids=sorted(self.tokenizer.eos_ids),
+                         pad_id=self.tokenizer.pad_id, mesh=self.rt.mesh, rules=self.rollout.rules,
                          temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, greedy=greedy,
                          rollout=self.cfg.rollout)
 
@@ -574,6 +588,50 @@ class RLAlgorithm(Algorithm):
             out["entropy"] = ent
         out["loss"] = loss
         return loss, out
+
+
+    # ---- the run's programs (jalign plan) -------------------------------------------------------
+    def programs(self):
+        """Rollout (the sampler with its KV cache), scoring, the minibatch update, the evaluation's programs."""
+        from jalign.abstract import Program, generate_program, generation_eval_programs, sampler_output, state_uses
+
+        s, a, rt = self.sizes, self.a, self.rt
+        roles, configs, _ = self.abstract_roles()
+        state = self.abstract_state()
+        progs = {}
+        gen_params = state.params
+        if self.rollout.active:
+            progs["rollout_reshard"] = self.rollout.reshard_program(state.params)
+            gen_params = self.rollout.abstract(state.params)
+        progs["rollout"] = generate_program(
+            gen_params, self.gen_cfg, rt.mesh, self.rollout.rules, batch=s.rollout, prompt_len=self.P, new_len=self.N,
+            top_k=a.top_k, top_p=a.top_p, num_end_ids=len(self.tokenizer.eos_ids) or 1, uses=("params",),
+            note=f"{s.prompts} prompts x {s.per_prompt} samples, {self.P} + {self.N} slots")
+        critic = state.extra["critic"]["params"] if self.has_critic else None
+        score_roles = {n: roles[n] for n in (self.reference_role, *self.trainable.role_specs(), *sorted(self.rm_cfgs))
+                       if n in roles}
+
+        def score_args(outs):
+            out = sampler_output(outs, "rollout", progs["rollout"])
+            given = {t.name: jax.ShapeDtypeStruct((s.rollout,), jnp.float32, sharding=out["lengths"].sharding)
+                     for t in rule_terms(self.terms)}
+            return state.params, critic, score_roles, out, given, state.extra["kl_coef"]
+
+        progs["score"] = Program(self._score, score_args, uses=("params",) + (("critic",) if self.has_critic else ())
+                                 + tuple(f"role:{n}" for n in score_roles), note=f"{s.rollout} rows")
+        idx = jax.ShapeDtypeStruct((s.minibatch,), jnp.int32, sharding=self.replicated)
+        actor_roles = {BASE: roles[BASE]} if self.trainable.is_lora and BASE in roles else None
+        progs["update"] = Program(self._update, lambda outs: (state, outs["score"][0], idx, actor_roles),
+                                  uses=state_uses(state),
+                                  note=f"{s.accum} x {s.micro} rows, {s.minibatches * a.ppo_epochs} per step")
+        progs.update(self.actor.update_phase_programs("update/actor"))
+        if self.has_critic:
+            progs.update(self.critic.update_phase_programs("update/critic"))
+        if self.generation_eval is not None:
+            params, mcfg = (self.trainable.forward_params(state.params, {BASE: roles[BASE]} if BASE in roles else None),
+                            self.cfg.model)
+            progs.update(generation_eval_programs(self.generation_eval, params, mcfg, roles, configs))
+        return progs
 
 
 def _mean_std(score, row_valid) -> dict:

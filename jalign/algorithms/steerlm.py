@@ -68,7 +68,8 @@ class SteeredEvals:
 class SteerLM(SFT):
     def __init__(self, rt):
         super().__init__(rt)
-        self.generation_eval = self._generation_evals()
+        if not rt.abstract:  # the plan: the steered sets are run one after another with the same shapes as the plain one
+            self.generation_eval = self._generation_evals()
 
     def make_data(self):
         return SteerData(self.cfg, self.tokenizer, attributes=self.a.attributes, max_value=self.a.max_value,

@@ -28,7 +28,6 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import SingleDeviceSharding
 
 from jalign.config import ModelConfig, RopeScalingConfig
 from jalign.errors import HFCheckpointError  # noqa: F401  (re-exported: jalign.models.hf_io.HFCheckpointError)
@@ -291,6 +290,8 @@ def load_hf_params(hf_dir, cfg: ModelConfig, mesh=None, rules=DEFAULT_RULES, dty
     decls = declare_params(cfg)
     flat = flatten(decls)
     layout = _hf_layout(cfg)
+    from jalign.checkpoint import spread_sharding
+
     shardings = flatten(param_shardings(decls, mesh, rules)) if mesh is not None else None
     # Validate every tensor before touching a device.
     problems = []
@@ -311,7 +312,7 @@ def load_hf_params(hf_dir, cfg: ModelConfig, mesh=None, rules=DEFAULT_RULES, dty
     out = {}
     for path, decl in flat.items():
         m = layout[path]
-        sharding = shardings[path] if shardings else SingleDeviceSharding(jax.devices()[0])
+        sharding = shardings[path] if shardings else spread_sharding(tuple(decl.shape))  # no mesh: over local devices
         if path.startswith("layers/"):
             views = [m.to_ours(weights[n].array(n)) for n in (m.hf_name.format(i=i) for i in range(cfg.layers))]
 
@@ -451,9 +452,11 @@ def _special_tokens(tokenizer_dir) -> dict:
 
 
 # ---- CLI: jalign convert --------------------------------------------------------------------------
-def _abstract(cfg: ModelConfig, sharding):
-    decls = declare_params(cfg)
-    return jax.tree.map(lambda d: jax.ShapeDtypeStruct(d.shape, jnp.float32, sharding=sharding),
+def _abstract(cfg: ModelConfig):
+    from jalign.checkpoint import spread_sharding
+
+    decls = declare_params(cfg)  # each leaf split over this process's devices, never whole on one
+    return jax.tree.map(lambda d: jax.ShapeDtypeStruct(d.shape, jnp.float32, sharding=spread_sharding(tuple(d.shape))),
                         decls, is_leaf=lambda x: hasattr(x, "axes"))
 
 
@@ -474,7 +477,7 @@ def load_params_checkpoint(ckpt_dir, cfg: ModelConfig) -> dict:
         path = path / "params"
     if not (path / "_CHECKPOINT_METADATA").exists() or (path / "state").is_dir():
         return load_params(ckpt_dir)
-    target = _abstract(cfg, SingleDeviceSharding(jax.devices()[0]))
+    target = _abstract(cfg)
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(path, target)
 
