@@ -21,6 +21,16 @@ from typing import Callable
 import numpy as np
 
 
+CHUNK_BYTES = 4 << 20
+
+
+def chunk_rows(n: int, shape, dtype: str) -> int:
+    """Rows per stored chunk: up to 65536, fewer for wide rows (a teacher's [T, k] top-k) so that a chunk stays
+    near ``CHUNK_BYTES``: batches are written one by one, and each write rewrites the chunks it touches."""
+    row_bytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return max(1, min(n, 1 << 16, CHUNK_BYTES // max(row_bytes, 1)))
+
+
 class PrecomputedColumns:
     def __init__(self, directory: str | Path, columns: dict, fingerprint: dict):
         self.directory = Path(directory).absolute()
@@ -56,7 +66,7 @@ class PrecomputedColumns:
                 for name, (shape, dtype) in self.columns.items():
                     self._stores[(split, name)] = ts.open(
                         self._spec(split, name), create=True, delete_existing=True, dtype=getattr(ts, dtype),
-                        shape=[n, *shape], chunk_layout=ts.ChunkLayout(chunk_shape=[min(n, 1 << 16), *shape])
+                        shape=[n, *shape], chunk_layout=ts.ChunkLayout(chunk_shape=[chunk_rows(n, shape, dtype), *shape])
                     ).result()
         sync("jalign_columns_open")
         if not writer:
