@@ -314,12 +314,11 @@ def generation_eval_programs(geval, params, cfg, roles: dict, configs: dict, pre
                            note=f"{geval.chunk} held-out prompts x {geval.P} + {geval.N} slots")
     progs = {f"{prefix}_generate": gen}
     ref = roles.get(geval.kl_role) if geval.kl_role else None
-    rm = roles.get(geval.reward_role) if geval.reward_role else None
-    score = geval._program(cfg, configs.get(geval.kl_role) if ref is not None else None,
-                           configs.get(geval.reward_role) if rm is not None else None)
-    uses = ("params",) + ((f"role:{geval.kl_role}",) if ref is not None else ()) + (
-        (f"role:{geval.reward_role}",) if rm is not None else ())
+    rms = {n: roles[n] for n in geval.model_roles if n in roles}  # the reward models among the reward terms
+    rm_cfgs = tuple((n, configs.get(n)) for n in rms)
+    score = geval._program(cfg, configs.get(geval.kl_role) if ref is not None else None, rm_cfgs)
+    uses = ("params",) + ((f"role:{geval.kl_role}",) if ref is not None else ()) + tuple(f"role:{n}" for n in rms)
     name = f"{prefix}_generate"
-    progs[f"{prefix}_score"] = Program(score, lambda outs: (params, ref, rm, sampler_output(outs, name, gen)),
+    progs[f"{prefix}_score"] = Program(score, lambda outs: (params, ref, rms, sampler_output(outs, name, gen)),
                                        uses=uses)
     return progs
