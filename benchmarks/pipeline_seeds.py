@@ -44,8 +44,8 @@ def run_one(out: Path, seed: int, devices: int, xla_flags: str, fast: bool, log=
     env = dict(os.environ)
     # simulated devices are threads: on a loaded machine one may reach a collective > 40 s late, and XLA
     # would abort the run, so it waits longer
-    patient = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=300"
-               " --xla_cpu_collective_call_terminate_timeout_seconds=1800")
+    patient = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=120"
+               " --xla_cpu_collective_call_terminate_timeout_seconds=600")
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {patient} {xla_flags}".strip()
     env.setdefault("JAX_PLATFORMS", "cpu")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from jalign.errors import JalignError
+
 STAGES = ("sft", "rm", "ppo", "dpo", "grpo")
 CONFIG_FILES = {"sft": "sft_tiny.yaml", "rm": "rm_tiny.yaml", "ppo": "ppo_tiny.yaml", "dpo": "dpo_tiny.yaml",
                 "grpo": "grpo_tiny.yaml"}
@@ -52,6 +54,12 @@ FAST = {
 
 def default_config_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "configs"
+
+
+class PipelineStopped(JalignError):
+    """A stage ended before its last step; the pipeline stops there (rerunning continues it)."""
+
+    exit_code = 1
 
 
 def seed_overrides(seed: Optional[int]) -> list[str]:
@@ -141,7 +149,13 @@ def run_pipeline(out: Path, fast: bool = False, config_dir: Optional[Path] = Non
         t0 = time.time()
         overrides = stage_overrides(stage, out, fast, extra, seed)
         log(f"== {stage}: jalign train {path} " + " ".join(overrides))
-        train(load_config(path, overrides))
+        stage_cfg = load_config(path, overrides)
+        ended = train(stage_cfg)
+        if ended.get("step", stage_cfg.train.steps) < stage_cfg.train.steps:
+            # stopped by a signal (or train.stop_after_steps): a later stage must not start from a half-trained one
+            raise PipelineStopped(f"jalign pipeline: stage {stage} stopped at step {ended['step']} of "
+                                  f"{stage_cfg.train.steps} (checkpoint written); run the same command again to "
+                                  "continue where it stopped")
         timings[stage] = time.time() - t0
         runs[stage] = out / stage
         log(f"== {stage}: done in {timings[stage]:.0f}s")

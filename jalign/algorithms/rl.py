@@ -27,6 +27,7 @@ applied; a critic (PPO) stays a full model. Export writes the merged model and `
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional
@@ -552,11 +553,7 @@ class RLAlgorithm(Algorithm):
                                      self.replicated)
                 state, m = self._update(state, prep, idx, actor_roles)
                 collected.append(m)
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *collected)
-        out = {k: jnp.mean(v.astype(jnp.float32)) for k, v in stacked.items()}
-        out["skipped"] = jnp.max(stacked["skipped"])
-        out["num_tokens"] = jnp.sum(stacked["num_tokens"]) / self.a.ppo_epochs
-        return state, out
+        return state, _reduce_minibatch_metrics(collected, self.a.ppo_epochs)
 
     def build_update(self, actor_loss) -> None:
         """(Re)build the jitted minibatch update around ``actor_loss(params, mb, norms, roles)``, which is
@@ -632,6 +629,17 @@ class RLAlgorithm(Algorithm):
                             self.cfg.model)
             progs.update(generation_eval_programs(self.generation_eval, params, mcfg, roles, configs))
         return progs
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _reduce_minibatch_metrics(collected: list, ppo_epochs: int) -> dict:
+    """One program for the step's metrics over its minibatch updates (dozens of eager multi-device ops
+    queued behind the updates could exhaust XLA:CPU's in-flight executions of simulated devices)."""
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *collected)
+    out = {k: jnp.mean(v.astype(jnp.float32)) for k, v in stacked.items()}
+    out["skipped"] = jnp.max(stacked["skipped"])
+    out["num_tokens"] = jnp.sum(stacked["num_tokens"]) / ppo_epochs
+    return out
 
 
 def _mean_std(score, row_valid) -> dict:
