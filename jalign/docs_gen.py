@@ -25,6 +25,19 @@ import yaml
 
 # Meanings of fields that have no comment in their own (algorithm) module yet: "Class.field" -> meaning.
 MEANINGS = {
+    "RLConfig.clip_eps_high": "DAPO clip-higher: the upper bound 1 + high of the ratio (default clip_eps)",
+    "RLConfig.mismatch_cap": "the cap of the training/rollout importance weights (mismatch_correction)",
+    "RLConfig.max_resample_rounds": "dynamic sampling: at most this many extra rollout rounds per step",
+    "RLConfig.overlong_penalty_factor": "soft overlong punishment: the penalty at the last token of the buffer",
+    "MonitorConfig.gold": "the signal the optimised reward is checked against: auto, a reward term, exact_match, none",
+    "MonitorConfig.window": "evaluations over which the reward and gold trends are fitted",
+    "MonitorConfig.min_reward_rise": "the alarm needs the optimised reward to rise by more than this over the window",
+    "MonitorConfig.min_gold_drop": "... while the gold signal falls by more than this",
+    "MonitorConfig.entropy_ratio": "entropy-collapse alarm below this fraction of the first evaluation's entropy",
+    "DistillConfig.kd_weight": "weight of the KD term (KL to the teacher's top-k)",
+    "DistillConfig.temperature": "softmax temperature of teacher and student in the KD term",
+    "DistillConfig.kd_loss": "fwd_kl: KL(teacher || student) on the teacher's top-k; bwd_kl: the reverse KL",
+    "DistillConfig.teacher": "live: a teacher forward pass each step; precomputed: its top-k stored once, then released",
     "RewardConfig.loss": "bt: Bradley-Terry on pairs; bt_margin / bt_scaled: with the data's reward margin; "
                          "regression: per-attribute regression (SteerLM)",
     "RewardConfig.num_attributes": "outputs of the score head (attributes of regression data)",

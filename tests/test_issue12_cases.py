@@ -222,7 +222,7 @@ def test_reward_fn_file_path_from_the_config_reaches_the_algorithm(capsys, tmp_p
                   "algorithm.num_rollouts_per_prompt=2", "algorithm.max_new_tokens=4"], single())
     with use_rules(rt.mesh, rt.rules):
         algo = GRPO(rt)
-    score = algo._rule_fn()
+    score = next(t.rule for t in algo.terms if t.rule is not None)  # the rule term the config named
     assert score("p", "ab", None, None) == 1.0 and score("p", "abcdef", None, None) == 0.0
     rc, err = run_cli(capsys, "train", str(ROOT / "configs/grpo_tiny.yaml"), f"algorithm.reward_fn={f}:short_answr",
                       "model.init_from=null", f"train.out_dir={tmp_path / 'run'}")

@@ -418,6 +418,7 @@ def hf_batch():
 def jalign_hf_logits(params, cfg, tokens, mask):
     b = {"tokens": jnp.asarray(tokens, jnp.int32), "segment_ids": jnp.asarray(mask, jnp.int32),
          "positions": jnp.asarray(np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape), jnp.int32)}
+    params = jax.tree.map(np.asarray, params)  # a loaded base spread over the devices + adapters on one
     return np.asarray(jax.jit(lambda p: logits_of(p, b, cfg))(params)) * mask[..., None]
 
 

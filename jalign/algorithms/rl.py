@@ -380,7 +380,7 @@ class RLAlgorithm(Algorithm):
         from jalign.models.hf_io import save_hf
 
         save_hf(self.trainable.merged(state.params, self.actor_roles(roles)), self.cfg.model, out_dir,
-                tokenizer_dir=self.tokenizer_dir())
+                tokenizer_dir=self.tokenizer_dir(), special_ids=self.special_token_ids())
         if self.trainable.is_lora:
             self.trainable.export_adapter(state.params, str(Path(out_dir) / "adapter"), self.cfg.model.hf_path)
 

@@ -63,6 +63,18 @@ class SteeredEvals:
             out.update({(f"{prefix}/{k}" if prefix else k): v for k, v in ev(params, cfg, roles, step).items()})
         return out
 
+    def observe(self, step: int, metrics: dict, train_metrics=None) -> dict:
+        """The loop's monitor hook: the unsteered eval's (the first), on its own metrics."""
+        prefix, ev = self.evals[0]
+        mine = {k[len(prefix) + 1:]: v for k, v in metrics.items() if k.startswith(prefix + "/")} if prefix else metrics
+        return ev.observe(step, mine, train_metrics)
+
+    def state_dict(self) -> dict:
+        return self.evals[0][1].state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.evals[0][1].load_state_dict(state)
+
 
 @register("steerlm", config=SteerLMConfig)
 class SteerLM(SFT):
