@@ -153,7 +153,7 @@ def run_pipeline(out: Path, fast: bool = False, config_dir: Optional[Path] = Non
         ended = train(stage_cfg)
         if ended.get("step", stage_cfg.train.steps) < stage_cfg.train.steps:
             # stopped by a signal (or train.stop_after_steps): a later stage must not start from a half-trained one
-            raise PipelineStopped(f"jalign pipeline: stage {stage} stopped at step {ended['step']} of "
+            raise PipelineStopped(f"stage {stage} stopped at step {ended['step']} of "
                                   f"{stage_cfg.train.steps} (checkpoint written); run the same command again to "
                                   "continue where it stopped")
         timings[stage] = time.time() - t0

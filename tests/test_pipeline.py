@@ -103,3 +103,21 @@ def test_seed_table_spreads_and_worst_seed_margins():
     assert "| DPO | 0.800 | 0.400 |" in md  # one seed: the value alone
     assert "| seed 1 | 110 | 1 | 2 | 113 | 119 |" in md
     assert md.index("### 1 device,") < md.index("### 8 devices,")
+
+
+def test_a_stage_stopped_early_stops_the_pipeline(tmp_path, monkeypatch):
+    """A stage whose run ended before its last step (SIGTERM: checkpoint and return) must not hand a
+    half-trained model to the next stages: the pipeline stops with one message and trains nothing more."""
+    import jalign.trainer
+    from jalign import pipeline
+
+    trained = []
+
+    def fake_train(cfg):
+        trained.append(cfg.train.out_dir)
+        return {"step": 27}  # of sft_tiny's 400
+
+    monkeypatch.setattr(jalign.trainer, "train", fake_train)
+    with pytest.raises(pipeline.PipelineStopped, match=r"stage sft stopped at step 27 of 400 .*run the same command"):
+        pipeline.run_pipeline(tmp_path, log=lambda *_: None)
+    assert len(trained) == 1 and str(trained[0]).endswith("sft")
