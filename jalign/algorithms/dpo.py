@@ -42,7 +42,7 @@ from jalign.algorithms.reward import flatten_pairs, pair_valid, unstack_pairs
 from jalign.data import fields
 from jalign.data.columns import PrecomputedColumns
 from jalign.data.preference import PairData, records_fingerprint
-from jalign.algorithms.precompute import fill_columns, reference_pass_programs
+from jalign.algorithms.precompute import fill_reference_columns, reference_pass_programs
 from jalign.config import ConfigError
 from jalign.config_values import VALUE_RANGES, _NON_NEGATIVE
 from jalign.losses import (apo_down_loss, apo_zero_loss, bco_pair_loss, cpo_loss, dpo_loss, dpo_sft_term, ipo_loss,
@@ -251,11 +251,7 @@ class DPO(SupervisedAlgorithm):
         """With ``reference: precomputed``: fill (or reuse) the stored reference log-probs, then release the
         reference role."""
         if self.precomputed:
-            ref = None  # under LoRA without a reference role: the base with the adapters off
-            if "reference" not in roles and self.trainable.is_lora:
-                ref = self.trainable.reference(roles.on_device(["base"]))
-            fill_columns(self, roles, "reference", self.columns, self._ref_step, fields.pair_fields("lm"),
-                         what="reference log-probs", params=ref)
+            fill_reference_columns(self, roles, fields.pair_fields("lm"))
 
     def prepare_batch(self, host_batch, split):
         return self.columns.join(host_batch, split) if self.precomputed else host_batch

@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jalign.algorithms.base import SupervisedAlgorithm, policy_token_logps
 from jalign.algorithms.packed_pairs import packed_pair_logps, pair_view
-from jalign.algorithms.precompute import fill_columns, reference_pass_programs
+from jalign.algorithms.precompute import fill_reference_columns, reference_pass_programs
 from jalign.algorithms.registry import register
 from jalign.config_values import VALUE_RANGES, _NON_NEGATIVE, _POSITIVE
 from jalign.data import fields
@@ -159,11 +159,7 @@ class KTO(SupervisedAlgorithm):
 
     def start(self, state, roles):
         if self.precomputed:
-            ref = None  # under LoRA without a reference role: the base with the adapters off
-            if "reference" not in roles and self.trainable.is_lora:
-                ref = self.trainable.reference(roles.on_device(["base"]))
-            fill_columns(self, roles, "reference", self.columns, self._ref_step, fields.unpaired_fields(),
-                         what="reference log-probs", params=ref)
+            fill_reference_columns(self, roles, fields.unpaired_fields())
 
     def prepare_batch(self, host_batch, split):
         return self.columns.join(host_batch, split) if self.precomputed else host_batch

@@ -29,6 +29,16 @@ def data_splits(data) -> dict:
             if r}
 
 
+def fill_reference_columns(algo, roles, placed_fields) -> None:
+    """``fill_columns`` for a precomputed reference: the ``reference`` role, or under LoRA without one the
+    frozen base with the adapters off (which stays: it trains)."""
+    ref = None
+    if "reference" not in roles and algo.trainable.is_lora:
+        ref = algo.trainable.reference(roles.on_device(["base"]))
+    fill_columns(algo, roles, "reference", algo.columns, algo._ref_step, placed_fields, what="reference log-probs",
+                 params=ref)
+
+
 def fill_columns(algo, roles, role: str, columns, program, placed_fields, *, what: str = "", params=None) -> None:
     """Compute (or reuse) ``columns`` with the frozen ``role``, then release it (see the module docstring).
 
