@@ -216,13 +216,13 @@ def test_inverse_cdf_engine_reproducible_and_log_probs_exact(model, sampled):
 
 
 # ---- pages ----------------------------------------------------------------------------------------
-def test_page_accounting_over_thousands_of_refills(model):
-    """1500 short requests (a third repeat the previous prompt) through 5 slots and a pool too small for
+def test_page_accounting_over_hundreds_of_refills(model):
+    """400 short requests (a third repeat the previous prompt) through 5 slots and a pool too small for
     all of them at once: the page accounting is checked after every step, every page comes back, and
     every output equals the static sampler's (greedy and seeded sampling, EOS, per-request max_new)."""
     _, _, cfg, params = model
     rng = np.random.default_rng(0)
-    n = 1500
+    n = 400
     prompts = [rng.integers(3, 256, int(k)).tolist() for k in rng.integers(1, 20, n)]
     prompts = [prompts[i - 1] if i % 3 == 2 else prompts[i] for i in range(n)]
     max_new = rng.integers(1, 7, n)
@@ -242,7 +242,7 @@ def test_page_accounting_over_thousands_of_refills(model):
         assert r.tokens.tolist() == ref["tokens"][b, :m].tolist(), b
         assert r.ended_with_eos == (bool(ref["ended_with_eos"][b]) and ref["lengths"][b] <= max_new[b]), b
     s = eng.stats
-    assert s["refill_calls"] > 400 and s["generated"] == sum(r.length for r in res)
+    assert s["refill_calls"] > 100 and s["generated"] == sum(r.length for r in res)
     assert s["prefill_tokens"] < sum(map(len, prompts))  # repeated prompts reused their pages
     assert 0.5 < s["slot_occupancy"] <= 1.0
 
