@@ -8,6 +8,15 @@ computed from the declarations alone (``jax.eval_shape`` of the quantiser: nothi
 ``--compiled`` compiles (never runs) ``grad(loss)(adapters, base, batch)`` for one device from abstract
 shapes and prints XLA's argument and temp bytes per base format: what the quantised base saves at run
 time, and that no dequantised copy of the layers is kept for the backward pass.
+
+    python benchmarks/lora_memory.py --runs             # SFT and DPO at a 0.54B random model, LoRA vs full
+
+``--runs`` builds the real SFT and DPO algorithms (``jalign.algorithms``, one CPU device, f32, a random
+Llama-shaped model of ``--size``), each in a child process of its own so that its host RSS is its own, and
+runs a few train steps. Per run: trainable parameters, XLA's ``memory_analysis()`` of the compiled train step
+(arguments + outputs - aliased + temporaries: the device memory of the step, with the frozen base / the DPO
+reference among the arguments), the process's peak host RSS, and steps/s (on a shared machine: indicative
+only). Under LoRA the DPO reference is the base with the adapters off, so DPO+LoRA holds one copy of the model.
 """
 from __future__ import annotations
 
@@ -83,6 +92,104 @@ def compiled_step(name: str, cfg: ModelConfig, lcfg: LoRAConfig, batch: int, seq
         print(f"  {label:22s} {gib(m.argument_size_in_bytes)}  {gib(m.temp_size_in_bytes)}")
 
 
+# a Llama-shaped model of 0.54B parameters (vocab 32000, untied head) and a 0.13B one for quick checks
+SIZES = {
+    "0.5b": ["model.vocab_size=32000", "model.hidden=1024", "model.mlp=4608", "model.layers=28", "model.heads=16",
+             "model.kv_heads=4"],
+    "0.1b": ["model.vocab_size=32000", "model.hidden=512", "model.mlp=2048", "model.layers=16", "model.heads=8",
+             "model.kv_heads=4"],
+}
+DATA = {"sft": "builtin:addition:train", "dpo": "builtin:addition_pairs:train"}
+
+
+def one_run(algorithm: str, lora_rank: int, size: str, seq: int, batch: int, steps: int) -> dict:
+    """Build and run one algorithm in this process; returns its figures (see the module docstring)."""
+    import resource
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import jax
+
+    from jalign.algorithms import base
+    from jalign.algorithms.registry import resolve
+    from jalign.config import load_config
+    from jalign.roles import build_roles
+    from sharding import make_mesh, make_rules, use_rules
+
+    root = Path(__file__).resolve().parent.parent
+    out = Path(tempfile.mkdtemp(prefix=f"lora_memory_{algorithm}_"))
+    overrides = [*SIZES[size], "model.init_from=null", "model.hf_path=null", "model.max_seq_len=" + str(max(seq, 64)),
+                 f"data.train={DATA[algorithm]}", "data.eval=null", f"data.seq_len={seq}", f"train.global_batch={batch}",
+                 f"train.steps={steps}", "train.eval_every=0", "train.progress=false", "train.tensorboard=false",
+                 "optim.warmup_steps=0", f"train.out_dir={out}"]
+    if algorithm == "dpo":
+        overrides.append("algorithm.reference=live")
+    if lora_rank:
+        overrides += [f"model.lora.rank={lora_rank}", f"model.lora.alpha={2 * lora_rank}"]
+    cfg = load_config(root / "configs" / f"{algorithm}_tiny.yaml", overrides)
+    mesh = make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
+    rt = base.Runtime(cfg=cfg, mesh=mesh, rules=make_rules(), run_dir=out, log=lambda *_: None)
+    algo = resolve(algorithm)(rt)
+    with use_rules(mesh, rt.rules):
+        roles = build_roles(cfg, algo.role_specs(), mesh, rt.rules, log=lambda *_: None)
+        state = algo.init_state(roles)
+        algo.start(state, roles)
+        it = algo.train_batches()
+        batches = [next(it) for _ in range(steps)]
+        t0 = time.perf_counter()
+        args = (state, algo.step_inputs(roles), algo.global_batch(algo.prepare_batch(batches[0], "train")))
+        m = algo._train_step.lower(*args).compile().memory_analysis()
+        compile_s = time.perf_counter() - t0
+        times = []
+        for b in batches:
+            t = time.perf_counter()
+            state, metrics = algo.step(state, roles, b)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - t)
+    device = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    frozen = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(roles.params))
+    return {"algorithm": algorithm, "lora": lora_rank, "trainable": sum(x.size for x in jax.tree.leaves(state.params)),
+            "frozen_bytes": frozen, "arguments": m.argument_size_in_bytes, "temp": m.temp_size_in_bytes,
+            "device": device, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "steps_per_s": (len(times) - 1) / sum(times[1:]) if len(times) > 1 else float("nan"),
+            "compile_s": compile_s, "loss": float(jax.device_get(metrics["loss"]))}
+
+
+def runs(a) -> None:
+    """Each configuration in a child process (its own peak RSS), then one table."""
+    import json
+    import subprocess
+    import sys
+
+    rows = []
+    for algorithm in ("sft", "dpo"):
+        for rank in (0, a.rank):
+            cmd = [sys.executable, __file__, "--one", f"{algorithm},{rank}", "--size", a.size, "--seq", str(a.seq),
+                   "--batch", str(a.batch), "--steps", str(a.steps)]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode:
+                print(f"{algorithm} lora={rank}: failed\n{res.stderr[-3000:]}", file=sys.stderr)
+                continue
+            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+            print(f"  done: {algorithm} lora={rank}", file=sys.stderr, flush=True)
+    print(f"\nmodel {a.size} (f32, 1 CPU device), batch {a.batch} x {a.seq} tokens (DPO: {a.batch} pairs); "
+          "steps/s on a shared machine: indicative only")
+    print("| run | trainable params | frozen roles | step device memory (args / temp) | peak host RSS | steps/s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        name = f"{r['algorithm'].upper()} " + (f"LoRA r={r['lora']}" if r["lora"] else "full")
+        print(f"| {name} | {r['trainable']:,} | {gib(r['frozen_bytes']).strip()} | {gib(r['device']).strip()} "
+              f"({gib(r['arguments']).strip()} / {gib(r['temp']).strip()}) | {gib(r['rss']).strip()} | "
+              f"{r['steps_per_s']:.3f} |")
+    full = {r["algorithm"]: r for r in rows if not r["lora"]}
+    for r in rows:
+        if r["lora"] and r["algorithm"] in full:
+            f = full[r["algorithm"]]
+            print(f"{r['algorithm'].upper()}: LoRA / full = device {r['device'] / f['device']:.3f}, host RSS "
+                  f"{r['rss'] / f['rss']:.3f}, trainable {r['trainable'] / f['trainable']:.5f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rank", type=int, default=16)
@@ -90,7 +197,21 @@ def main() -> None:
     ap.add_argument("--targets", default="all-linear", help="all-linear or a comma list of q,k,v,o,gate,up,down")
     ap.add_argument("--compiled", action="store_true", help="also compile a LoRA gradient step per base format")
     ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--runs", action="store_true", help="SFT and DPO, LoRA vs full, at --size (child processes)")
+    ap.add_argument("--size", default="0.5b", choices=sorted(SIZES))
+    ap.add_argument("--batch", type=int, default=2, help="--runs: rows per step (DPO: pairs)")
+    ap.add_argument("--steps", type=int, default=3, help="--runs: steps per run (the first one compiles)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # "ALGORITHM,RANK": one run, a JSON line on stdout
     a = ap.parse_args()
+    if a.one:
+        import json
+
+        algorithm, rank = a.one.split(",")
+        print(json.dumps(one_run(algorithm, int(rank), a.size, a.seq, a.batch, a.steps)))
+        return
+    if a.runs:
+        runs(a)
+        return
     targets = a.targets if a.targets == "all-linear" else a.targets.split(",")
     lcfg = LoRAConfig(rank=a.rank, alpha=a.alpha, targets=targets)
     for name, cfg in CONFIGS.items():
