@@ -9,7 +9,8 @@ computed from the declarations alone (``jax.eval_shape`` of the quantiser: nothi
 shapes and prints XLA's argument and temp bytes per base format: what the quantised base saves at run
 time, and that no dequantised copy of the layers is kept for the backward pass.
 
-    python benchmarks/lora_memory.py --runs             # SFT and DPO at a 0.54B random model, LoRA vs full
+    python benchmarks/lora_memory.py --runs --seq 64    # SFT and DPO at a 0.54B random model, LoRA vs full
+    python benchmarks/lora_memory.py --runs --seq 64 --execute lora   # full fine-tuning compiled, not run
 
 ``--runs`` builds the real SFT and DPO algorithms (``jalign.algorithms``, one CPU device, f32, a random
 Llama-shaped model of ``--size``), each in a child process of its own so that its host RSS is its own, and
@@ -102,8 +103,26 @@ SIZES = {
 DATA = {"sft": "builtin:addition:train", "dpo": "builtin:addition_pairs:train"}
 
 
-def one_run(algorithm: str, lora_rank: int, size: str, seq: int, batch: int, steps: int) -> dict:
-    """Build and run one algorithm in this process; returns its figures (see the module docstring)."""
+def _config(algorithm: str, lora_rank: int, size: str, seq: int, batch: int, steps: int, out):
+    from pathlib import Path
+
+    from jalign.config import load_config
+
+    root = Path(__file__).resolve().parent.parent
+    overrides = [*SIZES[size], "model.init_from=null", "model.hf_path=null", f"model.max_seq_len={max(seq, 64)}",
+                 f"data.train={DATA[algorithm]}", "data.eval=null", f"data.seq_len={seq}", f"train.global_batch={batch}",
+                 f"train.steps={steps}", "train.eval_every=0", "train.progress=false", "train.tensorboard=false",
+                 "optim.warmup_steps=0", f"train.out_dir={out}"]
+    if algorithm == "dpo":
+        overrides.append("algorithm.reference=live")  # the reference model inside the step (LoRA: the base)
+    if lora_rank:
+        overrides += [f"model.lora.rank={lora_rank}", f"model.lora.alpha={2 * lora_rank}"]
+    return load_config(root / "configs" / f"{algorithm}_tiny.yaml", overrides)
+
+
+def one_run(algorithm: str, lora_rank: int, size: str, seq: int, batch: int, steps: int, execute: bool) -> dict:
+    """One configuration in this process: the train step compiled from abstract shapes (its memory_analysis;
+    nothing allocated), then, with ``execute``, the real run of ``steps`` steps (peak RSS, steps/s)."""
     import resource
     import tempfile
     import time
@@ -113,47 +132,44 @@ def one_run(algorithm: str, lora_rank: int, size: str, seq: int, batch: int, ste
 
     from jalign.algorithms import base
     from jalign.algorithms.registry import resolve
-    from jalign.config import load_config
     from jalign.roles import build_roles
     from sharding import make_mesh, make_rules, use_rules
 
-    root = Path(__file__).resolve().parent.parent
     out = Path(tempfile.mkdtemp(prefix=f"lora_memory_{algorithm}_"))
-    overrides = [*SIZES[size], "model.init_from=null", "model.hf_path=null", "model.max_seq_len=" + str(max(seq, 64)),
-                 f"data.train={DATA[algorithm]}", "data.eval=null", f"data.seq_len={seq}", f"train.global_batch={batch}",
-                 f"train.steps={steps}", "train.eval_every=0", "train.progress=false", "train.tensorboard=false",
-                 "optim.warmup_steps=0", f"train.out_dir={out}"]
-    if algorithm == "dpo":
-        overrides.append("algorithm.reference=live")
-    if lora_rank:
-        overrides += [f"model.lora.rank={lora_rank}", f"model.lora.alpha={2 * lora_rank}"]
-    cfg = load_config(root / "configs" / f"{algorithm}_tiny.yaml", overrides)
+    cfg = _config(algorithm, lora_rank, size, seq, batch, steps, out)
     mesh = make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
-    rt = base.Runtime(cfg=cfg, mesh=mesh, rules=make_rules(), run_dir=out, log=lambda *_: None)
-    algo = resolve(algorithm)(rt)
-    with use_rules(mesh, rt.rules):
-        roles = build_roles(cfg, algo.role_specs(), mesh, rt.rules, log=lambda *_: None)
-        state = algo.init_state(roles)
-        algo.start(state, roles)
-        it = algo.train_batches()
-        batches = [next(it) for _ in range(steps)]
-        t0 = time.perf_counter()
-        args = (state, algo.step_inputs(roles), algo.global_batch(algo.prepare_batch(batches[0], "train")))
-        m = algo._train_step.lower(*args).compile().memory_analysis()
-        compile_s = time.perf_counter() - t0
-        times = []
-        for b in batches:
-            t = time.perf_counter()
-            state, metrics = algo.step(state, roles, b)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - t)
-    device = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-    frozen = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(roles.params))
-    return {"algorithm": algorithm, "lora": lora_rank, "trainable": sum(x.size for x in jax.tree.leaves(state.params)),
-            "frozen_bytes": frozen, "arguments": m.argument_size_in_bytes, "temp": m.temp_size_in_bytes,
-            "device": device, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "steps_per_s": (len(times) - 1) / sum(times[1:]) if len(times) > 1 else float("nan"),
-            "compile_s": compile_s, "loss": float(jax.device_get(metrics["loss"]))}
+    rules = make_rules()
+    abstract = resolve(algorithm)(base.Runtime(cfg=cfg, mesh=mesh, rules=rules, run_dir=out, log=lambda *_: None,
+                                               abstract=True))
+    t0 = time.perf_counter()
+    with use_rules(mesh, rules):
+        prog = abstract.programs()["train_step"]
+        m = prog.fn.lower(*prog.resolve_args({})).compile().memory_analysis()
+        roles, _, _ = abstract.abstract_roles()
+        trainable = sum(x.size for x in jax.tree.leaves(abstract.abstract_state().params))
+    row = {"algorithm": algorithm, "lora": lora_rank, "trainable": trainable,
+           "frozen_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(roles)),
+           "arguments": m.argument_size_in_bytes, "temp": m.temp_size_in_bytes,
+           "device": m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes,
+           "compile_s": time.perf_counter() - t0, "executed": execute}
+    if execute:
+        algo = resolve(algorithm)(base.Runtime(cfg=cfg, mesh=mesh, rules=rules, run_dir=out, log=lambda *_: None))
+        with use_rules(mesh, rules):
+            roles = build_roles(cfg, algo.role_specs(), mesh, rules, log=lambda *_: None)
+            state = algo.init_state(roles)
+            algo.start(state, roles)
+            it = algo.train_batches()
+            times = []
+            for _ in range(steps):  # the first step compiles
+                b = next(it)
+                t = time.perf_counter()
+                state, metrics = algo.step(state, roles, b)
+                jax.block_until_ready(metrics)
+                times.append(time.perf_counter() - t)
+        row.update(steps_per_s=(len(times) - 1) / sum(times[1:]) if len(times) > 1 else float("nan"),
+                   loss=float(jax.device_get(metrics["loss"])))
+    row["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return row
 
 
 def runs(a) -> None:
@@ -165,29 +181,34 @@ def runs(a) -> None:
     rows = []
     for algorithm in ("sft", "dpo"):
         for rank in (0, a.rank):
-            cmd = [sys.executable, __file__, "--one", f"{algorithm},{rank}", "--size", a.size, "--seq", str(a.seq),
-                   "--batch", str(a.batch), "--steps", str(a.steps)]
+            execute = a.execute == "all" or (a.execute == "lora" and rank > 0)
+            cmd = [sys.executable, __file__, "--one", f"{algorithm},{rank},{int(execute)}", "--size", a.size,
+                   "--seq", str(a.seq), "--batch", str(a.batch), "--steps", str(a.steps)]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode:
                 print(f"{algorithm} lora={rank}: failed\n{res.stderr[-3000:]}", file=sys.stderr)
                 continue
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
             print(f"  done: {algorithm} lora={rank}", file=sys.stderr, flush=True)
-    print(f"\nmodel {a.size} (f32, 1 CPU device), batch {a.batch} x {a.seq} tokens (DPO: {a.batch} pairs); "
-          "steps/s on a shared machine: indicative only")
+    n = max((r["trainable"] for r in rows if not r["lora"]), default=0)
+    print(f"\nmodel {a.size} ({n / 1e9:.3f}B parameters, f32, 1 CPU device), batch {a.batch} x {a.seq} tokens "
+          f"(DPO: {a.batch} pairs); device memory: memory_analysis() of the compiled train step (arguments + outputs "
+          "- aliased + temporaries); steps/s on a shared machine: indicative only")
     print("| run | trainable params | frozen roles | step device memory (args / temp) | peak host RSS | steps/s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         name = f"{r['algorithm'].upper()} " + (f"LoRA r={r['lora']}" if r["lora"] else "full")
+        rss = gib(r["rss"]).strip() + ("" if r["executed"] else " (compile only, not run)")
+        sps = f"{r['steps_per_s']:.3f}" if r["executed"] else "-"
         print(f"| {name} | {r['trainable']:,} | {gib(r['frozen_bytes']).strip()} | {gib(r['device']).strip()} "
-              f"({gib(r['arguments']).strip()} / {gib(r['temp']).strip()}) | {gib(r['rss']).strip()} | "
-              f"{r['steps_per_s']:.3f} |")
+              f"({gib(r['arguments']).strip()} / {gib(r['temp']).strip()}) | {rss} | {sps} |")
     full = {r["algorithm"]: r for r in rows if not r["lora"]}
     for r in rows:
         if r["lora"] and r["algorithm"] in full:
             f = full[r["algorithm"]]
-            print(f"{r['algorithm'].upper()}: LoRA / full = device {r['device'] / f['device']:.3f}, host RSS "
-                  f"{r['rss'] / f['rss']:.3f}, trainable {r['trainable'] / f['trainable']:.5f}")
+            rss = f", host RSS {r['rss'] / f['rss']:.3f}" if f["executed"] and r["executed"] else ""
+            print(f"{r['algorithm'].upper()}: LoRA / full = step device memory {r['device'] / f['device']:.3f}{rss}, "
+                  f"trainable {r['trainable'] / f['trainable']:.5f}")
 
 
 def main() -> None:
@@ -201,13 +222,16 @@ def main() -> None:
     ap.add_argument("--size", default="0.5b", choices=sorted(SIZES))
     ap.add_argument("--batch", type=int, default=2, help="--runs: rows per step (DPO: pairs)")
     ap.add_argument("--steps", type=int, default=3, help="--runs: steps per run (the first one compiles)")
-    ap.add_argument("--one", help=argparse.SUPPRESS)  # "ALGORITHM,RANK": one run, a JSON line on stdout
+    ap.add_argument("--execute", default="all", choices=["all", "lora", "none"],
+                    help="--runs: which runs also execute (RSS, steps/s); the others only compile (full fine-tuning "
+                         "of DPO at 0.5B in f32 needs ~15 GiB of host memory)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # "ALGORITHM,RANK,EXECUTE": one run, a JSON line on stdout
     a = ap.parse_args()
     if a.one:
         import json
 
-        algorithm, rank = a.one.split(",")
-        print(json.dumps(one_run(algorithm, int(rank), a.size, a.seq, a.batch, a.steps)))
+        algorithm, rank, execute = a.one.split(",")
+        print(json.dumps(one_run(algorithm, int(rank), a.size, a.seq, a.batch, a.steps, bool(int(execute)))))
         return
     if a.runs:
         runs(a)
