@@ -373,10 +373,8 @@ def test_configuration_errors_name_the_key(teacher_dir):
         (SPIN, ["algorithm.name=spin", "data.train=builtin:addition:train:64", "algorithm.num_rollouts_per_prompt=2"],
          "SPIN pairs each gold response with one generation"),
         (OnPolicyDistillation, ["algorithm.name=opd"], "needs a teacher: set roles.teacher"),
-        (RejectionSampling, ["algorithm.name=rs", "algorithm.reward_fn=exact_match", "model.lora.rank=4"],
-         "model.lora: algorithm.name=rs trains the full model"),
-        (SPIN, ["algorithm.name=spin", "data.train=builtin:addition:train:64", "model.lora.rank=4"],
-         "model.lora: algorithm.name=spin trains the full model"),
+        (SPIN, ["algorithm.name=spin", "data.train=builtin:addition:train:64", "model.quantize_base=nf4"],
+         "model.quantize_base stores a frozen base quantised: it needs model.lora"),
         (OnPolicyDistillation, ["algorithm.name=opd", f"roles.teacher=run:{teacher_dir}", "algorithm.sampler=teacher"],
          "with algorithm.sampler=teacher use loss: jsd"),
     ]

@@ -207,7 +207,7 @@ class CAISupervised(GenTrainAlgorithm):
         self.critic_gen_cfg = dataclasses.replace(self.critic_cfg, init_from=None, hf_path=None)
         self.generation_eval = self.generation_eval_for(reward=False)
 
-    def role_specs(self):
+    def frozen_roles(self):
         return {"critic": RoleSpec(what="critic")}
 
     def critic_sample(self, critic, ids: list, max_new: int, key) -> tuple[list[str], np.ndarray]:
@@ -321,7 +321,7 @@ class CAIFeedback(OnlineDPO):
         self.judge_cfg = check_role_vocab(self.cfg, "judge") or self.cfg.model
         self.judge = Judge(self, self.prompts, self.a.choices)
 
-    def role_specs(self):
+    def frozen_roles(self):
         specs = {"judge": RoleSpec(what="judge")}
         if self.a.reference == "start":
             specs["reference"] = RoleSpec(what="reference model (the starting policy)")

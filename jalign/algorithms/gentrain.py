@@ -18,6 +18,15 @@ bit-identical copy in buffers of its own, never in an optimizer, never trained. 
 step the snapshot is also written to ``RUN_DIR/iterates`` (itself a run directory: ``run:RUN_DIR/iterates@t``
 loads iterate t anywhere), so that a run resumed in the middle of a round rebuilds the same role with the one
 loader; round 0's iterate is the starting policy, rebuilt from its own source.
+
+LoRA (``model.lora``, :class:`jalign.algorithms.trainable.Trainable`): the trained params are the adapters over
+the frozen ``base`` role, and the policy (sampling, the loss, evaluation) is that base with the adapters applied
+(``rollout.experience.sample`` of the base with the adapters, as in RL). The adapters start at B = 0, so the
+starting policy *is* the base: a role that means "the start policy" (``policy-init``: RS's and online DPO's
+reference, CAI's default critic and judge) is the base role itself, the same buffers, never a second copy.
+An iterate role (SPIN's opponent, online DPO's previous-iterate reference, a round's generator) is a snapshot
+of the adapters only, applied over the same base; the iterate store then holds adapters only, like the
+run's checkpoints; export writes the merged model and the PEFT adapter (``OUT_DIR/adapter``).
 """
 from __future__ import annotations
 
@@ -32,12 +41,13 @@ import numpy as np
 
 from jalign.algorithms.base import (Algorithm, field_sharding, initial_policy_params, make_train_step,
                                     require_mesh_context, state_rng)
+from jalign.algorithms.trainable import BASE, Trainable
 from jalign.config import ConfigError
 from jalign.config_values import VALUE_RANGES, _AT_LEAST_1, _NON_NEGATIVE, _POSITIVE, _PROBABILITY
 from jalign.models import params as params_lib
 from jalign.models import transformer as tfm
 from jalign.models.heads import sequence_scores
-from jalign.roles import snapshot
+from jalign.roles import POLICY_INIT, role_source, snapshot
 from jalign.rollout import experience as xp
 from jalign.state import TrainedModel
 
@@ -230,21 +240,18 @@ class GenTrainAlgorithm(Algorithm):
     def __init__(self, rt):
         super().__init__(rt)
         cfg = self.cfg
-        if cfg.model.lora is not None:
-            # the rounds' snapshots, the iterate store and the frozen roles all copy full policy params; LoRA
-            # (adapters over a base role, jalign.algorithms.trainable) is not wired through them yet
-            raise ConfigError(f"{cfg.source or '<config>'}: model.lora: algorithm.name={self.a.name} trains the full "
-                              "model (generate-then-train does not support LoRA adapters yet); drop model.lora")
         rounds = (getattr(self.a, self.rounds_key) if self.rounds_key else None) or cfg.train.steps  # None: online
         self.sizes = check_sizes(cfg, rt.mesh, self.rows_per_prompt, rounds, self.rounds_key or "")
-        self.decls = tfm.declare_params(cfg.model)
+        self.trainable = Trainable(cfg.model, tfm.declare_params(cfg.model))
+        self.decls = self.trainable.decls  # every parameter, or (LoRA) the adapters
         self.gen_cfg = dataclasses.replace(cfg.model, init_from=None, hf_path=None)
         self.trained = TrainedModel(self.decls, cfg.optim, cfg.train.steps, rt.mesh, rt.rules,
                                     params_lib.DTYPES[cfg.model.param_dtype])
         self.store = IterateStore(rt, self.decls)
         self._host_step, self._round = 0, None
         self.load_data()
-        self._train_step = make_train_step(self.loss, self.normalizers, self.trained)
+        dropout = self.trainable.is_lora and cfg.model.lora.dropout > 0
+        self._train_step = make_train_step(self._trained_loss, self.normalizers, self.trained, with_rng=dropout)
 
     # ---- data -----------------------------------------------------------------------------------
     def load_data(self):
@@ -285,9 +292,38 @@ class GenTrainAlgorithm(Algorithm):
     def train_batches(self):
         return self.train_iter
 
+    # ---- roles ----------------------------------------------------------------------------------
+    def frozen_roles(self) -> dict:
+        """The frozen models this algorithm reads (name -> RoleSpec); see :meth:`role_specs`."""
+        return {}
+
+    def role_specs(self):
+        """:meth:`frozen_roles` and, under LoRA, the frozen base, without the roles that are the base itself."""
+        aliases = self.base_aliases()
+        return {**self.trainable.role_specs(), **{n: s for n, s in self.frozen_roles().items() if n not in aliases}}
+
+    def base_aliases(self) -> tuple:
+        """Under LoRA, the roles that are the starting policy (source ``policy-init``, given or by default): the
+        adapters start at B = 0, so that policy is exactly the base; these roles are the base role's buffers."""
+        if not self.trainable.is_lora:
+            return ()
+        return tuple(n for n, spec in self.frozen_roles().items() if role_source(self.cfg, n, spec)[1] == POLICY_INIT)
+
+    def base_roles(self, roles) -> Optional[dict]:
+        """What the policy's forward params need besides the trained ones: the base under LoRA, else nothing."""
+        return roles.on_device([BASE]) if self.trainable.is_lora else None
+
+    def forward_params(self, params, roles):
+        """Trained params -> the params the model runs: themselves, or (LoRA) the base with them applied."""
+        return self.trainable.forward_params(params, self.base_roles(roles))
+
     # ---- state ----------------------------------------------------------------------------------
+    def start_params(self, role: str = "policy"):
+        """The trained params the run starts from (LoRA: fresh adapters, B = 0), from their sources."""
+        return self.trainable.init_params(self.rt, lambda decls: initial_policy_params(self.rt, decls, role=role))
+
     def init_state(self, roles):
-        return self.trained.new_state(initial_policy_params(self.rt, self.decls), state_rng(self.cfg.train.seed))
+        return self.trained.new_state(self.start_params(), state_rng(self.cfg.train.seed))
 
     def abstract_state(self):
         return self.trained.abstract_state()
@@ -296,7 +332,24 @@ class GenTrainAlgorithm(Algorithm):
         self._host_step = int(jax.device_get(state.step))
         self._round = None
         self._trim_rollout_log()
+        for name in self.base_aliases():  # the same arrays as the base: no copy
+            roles.set(name, roles[BASE], roles.config(BASE))
         self.begin_round(state, roles)
+
+    def policy(self, state, roles):
+        """(params, config) of the trained policy (generation-based evaluation): under LoRA base + adapters."""
+        return self.forward_params(state.params, roles), self.cfg.model
+
+    def export(self, state, roles, out_dir):
+        """A Hugging Face directory of the policy (under LoRA merged, and the PEFT adapter in ``OUT_DIR/adapter``)."""
+        from pathlib import Path
+
+        from jalign.models.hf_io import save_hf
+
+        save_hf(self.trainable.merged(state.params, self.base_roles(roles)), self.cfg.model, out_dir,
+                tokenizer_dir=self.tokenizer_dir(), special_ids=self.special_token_ids())
+        if self.trainable.is_lora:
+            self.trainable.export_adapter(state.params, str(Path(out_dir) / "adapter"), self.cfg.model.hf_path)
 
     def _trim_rollout_log(self) -> None:
         """A resumed run samples the steps after its checkpoint again: drop what an earlier attempt logged of them."""
@@ -324,22 +377,24 @@ class GenTrainAlgorithm(Algorithm):
         if not names or self._round == t:
             return
         if s % spr == 0:
-            frozen = snapshot(state.params)
+            frozen = snapshot(state.params)  # under LoRA: the adapters only
             if spr > 1 and t > 0:
                 self.store.save(t, frozen)
         elif t == 0:
-            frozen = initial_policy_params(self.rt, self.decls, role="round 0 iterate")
+            frozen = self.start_params(role="round 0 iterate")
         else:
             frozen = self.store.load(t)
+        frozen = self.forward_params(frozen, roles)  # LoRA: the snapshot applied over the (shared) base
         for n in names:
             roles.set(n, frozen, self.cfg.model)
         self._round = t
 
     def generator(self, state, roles):
-        """(params, model config) that sample this step's responses."""
+        """(params, model config) that sample this step's responses (under LoRA the base with the adapters
+        applied: ``rollout.experience.sample`` runs them as the RL rollouts do)."""
         if "generator" in self.iterate_roles():
             return roles["generator"], self.gen_cfg
-        return state.params, self.gen_cfg
+        return self.forward_params(state.params, roles), self.gen_cfg
 
     # ---- one step -------------------------------------------------------------------------------
     def rollout_key(self, step: int):
@@ -398,7 +453,13 @@ class GenTrainAlgorithm(Algorithm):
 
     def update(self, state, roles, train_batch: dict):
         """One optimizer update on a prepared batch [accum, micro, ...]."""
-        return self._train_step(state, roles.on_device(self.step_roles) if self.step_roles else {}, train_batch)
+        names = [*self.step_roles, *self.trainable.role_specs()]
+        return self._train_step(state, roles.on_device(names) if names else {}, train_batch)
+
+    def _trained_loss(self, params, mb, norms, roles):
+        """``loss`` on the model's forward params (under LoRA: the base with the trained adapters, LoRA dropout
+        keyed by ``norms["rng"]``)."""
+        return self.loss(self.trainable.forward_params(params, roles, norms.get("rng")), mb, norms, roles)
 
     def to_train_batch(self, rows: dict) -> dict:
         """Inside a jitted preparation: training rows [R, ...] -> the update's [accum, micro, ...] batch."""

@@ -133,7 +133,7 @@ class OnlineDPO(GenTrainAlgorithm):
     def setup_ranker(self) -> None:
         self.setup_reward()
 
-    def role_specs(self):
+    def frozen_roles(self):
         specs = {"reward": RoleSpec(source=None, lm_head=False, score_outputs=-1, what="reward model")}
         if self.a.reference == "start":
             specs["reference"] = RoleSpec(what="reference model (the starting policy)")

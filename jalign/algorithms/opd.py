@@ -70,7 +70,7 @@ class OnPolicyDistillation(GenTrainAlgorithm):
         self._prepare = jax.jit(self._prepare_impl)
         self.generation_eval = self.generation_eval_for(reward=False, kl_role="teacher")
 
-    def role_specs(self):
+    def frozen_roles(self):
         return {"teacher": RoleSpec(source=None, what="teacher")}
 
     def generator(self, state, roles):

@@ -90,7 +90,7 @@ class RejectionSampling(GenTrainAlgorithm):
         self._prepare = jax.jit(self._prepare_impl)
         self.generation_eval = self.generation_eval_for()
 
-    def role_specs(self):
+    def frozen_roles(self):
         return {"reference": RoleSpec(what="starting policy (the KL to the start)"),
                 "reward": RoleSpec(source=None, lm_head=False, score_outputs=-1, what="reward model")}
 

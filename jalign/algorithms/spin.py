@@ -12,7 +12,8 @@ with y the gold response and pi_t the opponent (whose log-probs of both sides ar
 built). Gold and generation are one pair [P, 2, T] built on device in the rollout layout (side 0 gold, 1 the
 opponent's). A generation identical to the gold response carries nothing to learn and is masked out
 (``identical_fraction``). ``data.train`` is SFT data (``{"prompt","response"}`` or conversations); the response
-block holds the longest gold response (and ``max_new_tokens`` for the generation).
+block holds the longest gold response (and ``max_new_tokens`` for the generation). Under ``model.lora`` the
+opponent is the frozen base with a snapshot of the previous iterate's adapters (``jalign.algorithms.gentrain``).
 """
 from __future__ import annotations
 
