@@ -149,8 +149,9 @@ def _count(tree) -> int:
 
 
 def _device_bytes(tree, device) -> int:
+    """Bytes of the tree's arrays on ``device``, each array once (roles that alias the LoRA base share it)."""
     total = 0
-    for x in jax.tree.leaves(tree):
+    for x in {id(leaf): leaf for leaf in jax.tree.leaves(tree)}.values():
         for shard in getattr(x, "addressable_shards", ()):
             if shard.device == device:
                 total += shard.data.nbytes
