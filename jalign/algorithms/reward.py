@@ -10,6 +10,9 @@
 
 The model starts from the policy's source (``model.init_from`` / ``model.hf_path``): trunk copied, the score
 head (which an SFT policy lacks) freshly initialised.
+
+Pairwise data may be packed (``data.pack_pairs``: whole pairs share rows, each side scored at the last token of
+its segment, ``jalign.algorithms.packed_pairs``); regression rows are not.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jalign.algorithms.base import SupervisedAlgorithm
-from jalign.algorithms.packed_pairs import packed_pair_scores, pair_view
+from jalign.algorithms.packed_pairs import PackedPairs, packed_pair_scores, pair_view
 from jalign.algorithms.registry import register
 from jalign.config import ConfigError
 from jalign.data import fields
@@ -63,7 +66,7 @@ def pair_valid(batch: dict) -> jax.Array:
 
 # ---- the algorithm ------------------------------------------------------------------------------
 @register("reward", config=RewardConfig)
-class RewardModel(SupervisedAlgorithm):
+class RewardModel(PackedPairs, SupervisedAlgorithm):
     lm_head = False
     allow_fresh = ("score", "score_bias")
 
@@ -73,6 +76,9 @@ class RewardModel(SupervisedAlgorithm):
         if self.pairwise and a.num_attributes != 1:
             raise ConfigError(f"algorithm.loss={a.loss} trains one scalar reward: set algorithm.num_attributes=1 "
                               f"(got {a.num_attributes}); multi-attribute models use loss: regression")
+        if not self.pairwise and rt.cfg.data.pack_pairs:
+            raise ConfigError(f"{rt.cfg.source or '<config>'}: data.pack_pairs=true packs preference pairs, but "
+                              "algorithm.loss=regression reads one scored sequence per row; remove data.pack_pairs")
         super().__init__(rt)
 
     def declare(self):
@@ -84,7 +90,7 @@ class RewardModel(SupervisedAlgorithm):
         return ScoredData(self.cfg, self.tokenizer, num_attributes=self.a.num_attributes, log=self.rt.log)
 
     def batch_fields(self):
-        return fields.pair_fields("score") if self.pairwise else fields.scored_fields()
+        return self.pack_fields(fields.pair_fields("score")) if self.pairwise else fields.scored_fields()
 
     def eval_examples(self):
         return []  # a reward model does not generate
