@@ -132,9 +132,10 @@ class DataConfig:
     fields: dict[str, str] = field(default_factory=dict)
     seq_len: int = 64  # tokens per row (packed or padded)
     packing: bool = True  # several SFT examples per row (segment ids keep them apart)
-    # several whole preference pairs (reward, dpo) or KTO rows per row, segment ids keeping every sequence
-    # apart: a row of 2 * seq_len tokens (the positions of one unpacked pair) holds as many as fit, and
-    # train.global_batch counts these rows; the losses normalise by the pairs each batch holds
+    # several whole preference pairs (reward, dpo), KTO rows or scored sequences (reward, loss: regression)
+    # per row, segment ids keeping every sequence apart: a row of 2 * seq_len tokens (the positions of one
+    # unpacked pair) holds as many as fit, and train.global_batch counts these rows; the losses normalise by
+    # the pairs (examples) each batch holds
     pack_pairs: bool = False
     pack_max_pairs: int = 16  # with pack_pairs: the most pairs one packed row holds
     overlong: Literal["truncate", "drop"] = "truncate"  # what happens to an example longer than seq_len

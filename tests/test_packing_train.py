@@ -1,6 +1,6 @@
 """Training on packed pairs (``data.pack_pairs``): two jitted train steps of DPO (packed: its reference
-precomputed, joined per pair slot), SimPO (reference-free), the pairwise reward model and KTO (under LoRA: the
-reference is the base with the adapters off) on packed rows, on a data x sequence mesh (ring attention) with
+precomputed, joined per pair slot), SimPO (reference-free), the pairwise and the attribute-regression reward
+models and KTO (under LoRA: the reference is the base with the adapters off) on packed rows, on a data x sequence mesh (ring attention) with
 gradient accumulation, equal the steps on the same pairs unpacked on one device (loss, metrics, updated params);
 packed eval equals unpacked eval; a packed DPO run resumed equals the uninterrupted run; the config errors where
 packing cannot apply.
@@ -40,6 +40,9 @@ CASES = {  # config, overrides of both runs
     "simpo": ("configs/dpo_tiny.yaml", PAIRS + ["algorithm.loss=simpo", "algorithm.sft_weight=0.3"]),  # no reference
     "reward": ("configs/rm_tiny.yaml", PAIRS),
     "kto_lora": ("configs/kto_tiny.yaml", UNPAIRED + LORA + ["algorithm.undesirable_weight=1.5"]),  # ref: the base
+    "regression": ("configs/rm_tiny.yaml", ["data.train=builtin:addition_steer_rm:train:64",  # one-sided rows
+                                            "data.eval=builtin:addition_steer_rm:eval:12", "algorithm.loss=regression",
+                                            "algorithm.num_attributes=2"]),
 }
 # the packed run only: DPO's reference log-probs precomputed (stored per pair, joined per pair slot) against the
 # unpacked run's live reference
@@ -87,7 +90,7 @@ def steps(algo, batch, n=2):
 
 COMPARED = ("loss", "preference_loss", "sft_loss", "accuracy", "policy_accuracy", "margin_mean", "rewards_chosen_mean",
             "reward_chosen_mean", "reward_rejected_mean", "reward_std", "kl", "rewards_desirable", "num_tokens",
-            "num_pairs", "num_seqs")
+            "num_pairs", "num_seqs", "mae", "mae_attr_0", "mae_attr_1", "num_values")
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -159,8 +162,6 @@ def test_packed_dpo_run_resumed_equals_uninterrupted(tmp_path):
 
 @pytest.mark.parametrize("config, extra, match", [
     ("configs/sft_tiny.yaml", [], r"data.pack_pairs=true but algorithm.name=sft does not take packed pair rows"),
-    ("configs/rm_tiny.yaml", ["algorithm.loss=regression", "algorithm.num_attributes=2"],
-     r"data.pack_pairs=true packs preference pairs, but algorithm.loss=regression"),
 ])
 def test_algorithms_that_cannot_take_packed_rows_say_so(tmp_path, config, extra, match):
     cfg = load_config(ROOT / config, TINY + ["data.pack_pairs=true", f"train.out_dir={tmp_path}", *extra])

@@ -66,7 +66,8 @@ def packed_pair_scores(params, view: dict, cfg) -> jnp.ndarray:
 
 class PackedPairs:
     """What a two-sided supervised algorithm (pairwise reward model, the DPO family, KTO) needs to train on packed
-    pair rows when ``data.pack_pairs`` is on; put it before :class:`SupervisedAlgorithm` in the bases.
+    pair rows when ``data.pack_pairs`` is on; put it before :class:`SupervisedAlgorithm` in the bases. (The
+    regression reward model's one-sided scored rows pack the same way, one segment per example.)
 
     Rows of ``2 * data.seq_len`` tokens (``jalign.config.packed_pair_len``) hold up to ``data.pack_max_pairs``
     whole pairs each (``jalign.data.packing.pack_pairs``), ``train.global_batch`` of them per step; the train
