@@ -23,7 +23,7 @@ from jalign.evaluation import reduce_eval
 from jalign.metrics import read_metrics
 from jalign.trainer import train
 from sharding import make_mesh, make_rules, use_rules
-from helpers import assert_trees_close, roles_for
+from helpers import roles_for
 
 ROOT = Path(__file__).parent.parent
 TINY = [
@@ -47,6 +47,9 @@ CASES = {  # config, overrides of both runs
 # the packed run only: DPO's reference log-probs precomputed (stored per pair, joined per pair slot) against the
 # unpacked run's live reference
 PACKED_ONLY = {"dpo": ["algorithm.reference=precomputed"]}
+# the packed run's mesh: DPO's on data 2 x sequence 2 (ring attention over the packed rows), the others on one
+# device (the compile of a sharded step costs more CI time than it adds here)
+PACKED_MESH = {"dpo": (2, 1, 1, 2)}
 N_PAIRS = 10  # pairs in the compared optimizer batch
 
 
@@ -57,6 +60,17 @@ def make_algo(tmp_path, case, *extra, shape=(1, 1, 1, 1)):
     rt = base.Runtime(cfg=cfg, mesh=mesh, rules=make_rules(), run_dir=Path(tmp_path), log=lambda *a: None)
     with use_rules(mesh, rt.rules):
         return resolve(cfg.algorithm.name)(rt)
+
+
+def assert_params_close(actual, expected, rtol=1e-4, floor=1e-2):
+    """Each tensor within rtol of the expected tensor's scale (max |x|, at least ``floor``: a tensor whose update
+    is 0 exactly in one layout, e.g. a reward model's score bias, which the Bradley-Terry loss cannot see, gets
+    float noise of ~1e-7 in the other)."""
+    def check(a, b):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.abs(a - b).max() <= rtol * max(np.abs(b).max(), floor), (np.abs(a - b).max(), np.abs(b).max())
+
+    jax.tree.map(check, actual, expected)
 
 
 def stack(rows):
@@ -99,10 +113,10 @@ def test_packed_train_step_equals_unpacked(tmp_path, case):
     unpacked, packed = same_pairs(unpacked_algo, N_PAIRS, 4)
     R = packed["tokens"].shape[0]
     assert R < N_PAIRS and packed["valid"].sum() == N_PAIRS  # several pairs per row, every pair once
-    # packed: data 2 x sequence 2 (ring attention over the packed rows), 2 accumulation steps (the normalisers
-    # count pairs over the whole optimizer batch)
+    # packed: 2 accumulation steps (the normalisers count pairs over the whole optimizer batch)
     packed_algo = make_algo(tmp_path / "p", case, "data.pack_pairs=true", f"train.global_batch={R}",
-                            f"train.micro_batch={R // 2}", *PACKED_ONLY.get(case, []), shape=(2, 1, 1, 2))
+                            f"train.micro_batch={R // 2}", *PACKED_ONLY.get(case, []),
+                            shape=PACKED_MESH.get(case, (1, 1, 1, 1)))
     assert packed_algo.fields["tokens"] == ("batch", "seq") and packed_algo.fields["valid"] == ("batch", None)
     mu, pu, _, _ = steps(unpacked_algo, unpacked)
     mp, pp, _, _ = steps(packed_algo, packed)
@@ -117,7 +131,7 @@ def test_packed_train_step_equals_unpacked(tmp_path, case):
                 np.testing.assert_allclose(mp[s][k], mu[s][k], rtol=2e-5, atol=1e-6, err_msg=f"step {s + 1}: {k}")
         np.testing.assert_allclose(mp[s]["grad_norm"], mu[s]["grad_norm"], rtol=1e-4)
     assert mu[0]["skipped"] == mp[0]["skipped"] == 0 and mu[0]["grad_norm"] > 0
-    assert_trees_close(pp, pu, rtol=1e-4)  # the updated params after two steps
+    assert_params_close(pp, pu)  # the updated params after two steps
 
 
 def test_packed_eval_equals_unpacked_and_covers_every_pair(tmp_path):
@@ -139,7 +153,7 @@ def test_packed_eval_equals_unpacked_and_covers_every_pair(tmp_path):
 def run_cfg(out_dir, *extra):
     path, overrides = CASES["dpo"]
     return load_config(ROOT / path, TINY + overrides + [
-        "data.pack_pairs=true", "train.global_batch=8", "mesh.data=4", "mesh.fsdp=2", "train.steps=4",
+        "data.pack_pairs=true", "train.global_batch=8", "mesh.data=8", "train.steps=4",
         "train.checkpoint_every=2",
         "train.eval_every=0", f"train.out_dir={out_dir}", *extra])
 
