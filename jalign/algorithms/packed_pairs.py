@@ -96,6 +96,9 @@ class PackedPairs:
         from jalign.data.pipeline import TRAIN_PREFETCH, make_packed_pair_iterator
 
         d, data = self.cfg.data, self.data
+        self.rt.log(f"data: pairs packed into rows of {packed_pair_len(d)} tokens (2 * data.seq_len), at most "
+                    f"{d.pack_max_pairs} per row (data.pack_max_pairs); train.global_batch={self.cfg.train.global_batch} "
+                    "such rows per step")
         return make_packed_pair_iterator(
             data.train_records, data.make_row, seq_len=packed_pair_len(d), batch_rows_per_process=data.rows,
             max_pairs=d.pack_max_pairs, shuffle=d.shuffle, seed=d.seed, process_index=data.process_index,
