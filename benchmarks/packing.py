@@ -1,19 +1,31 @@
-"""Padding waste of preference pairs, one pair per [2, T] row against packed rows (``pack_pairs``), on a
-long-tailed length mix.
+"""Packing preference pairs (``data.pack_pairs``): padding waste and DPO step throughput, one pair per [2, T] row
+against packed rows (``pack_pairs``), on a long-tailed length mix.
 
     python benchmarks/packing.py [--pairs 2000] [--side-len 1024] [--packed-len 2048] [--max-pairs 16]
+                                 [--scale 0.25] [--step-rows 8] [--steps 3] [--rounds 2] [--no-throughput]
 
 Each side's length (prompt + response) is drawn log-normally and clipped to [32, side-len] (median ~150
-tokens, a long tail to side-len, like chat preference data). Printed: the padding fraction of both layouts,
-positions computed per pair, and the model FLOPs per pair of the tiny-llama (``compare.py``'s model) for each
-layout, with attention counted over the full row as the dense XLA path computes it (the matmul part is what a
-segment-aware kernel would also pay). No timing: these are counts.
+tokens, a long tail to side-len, like chat preference data).
+
+1. Counts (no timing): the padding fraction of both layouts, positions computed per pair, and the model FLOPs
+   per pair of the tiny-llama (``compare.py``'s model) for each layout, with attention counted over the full
+   row as the dense XLA path computes it (the matmul part is what a segment-aware kernel would also pay).
+2. Throughput: pairs/s of a jitted DPO train step (live reference, the tiny-llama of ``benchmarks/dpo.py``, 1
+   device) on the same length mix scaled by ``--scale`` (lengths in [32, 1024] x scale) so that a step takes
+   seconds on a CPU: unpacked, ``--step-rows`` pairs of [2, T] rows per step (T = 1024 x scale); packed,
+   ``--step-rows`` rows of 2T tokens (the same positions per step) holding up to ``--max-pairs`` whole pairs
+   each. Rounds alternate the two layouts (``--steps`` steps each after a compile step), so a load change on a
+   shared machine hits both; pairs/s = pairs trained / wall time, with the process CPU time beside it.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import numpy as np
 
@@ -22,9 +34,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 
-def lengths(n: int, cap: int, seed: int = 0) -> np.ndarray:
+def lengths(n: int, cap: int, seed: int = 0, scale: float = 1.0) -> np.ndarray:
     r = np.random.default_rng(seed)
-    return np.clip(np.round(r.lognormal(np.log(150), 0.9, size=(n, 2))), 32, cap).astype(int)
+    raw = r.lognormal(np.log(150), 0.9, size=(n, 2)) * scale
+    return np.clip(np.round(raw), max(2, round(32 * scale)), cap).astype(int)
 
 
 def pair_rows(lens: np.ndarray, T: int):
@@ -40,22 +53,13 @@ def pair_rows(lens: np.ndarray, T: int):
         yield row
 
 
-def main(argv=None) -> None:
+def padding_counts(a) -> None:
     import grain
 
     from jalign.data.packing import pack_pairs, padding_fraction
 
     from _workloads import forward_flops_per_token, matmul_params
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--pairs", type=int, default=2000)
-    ap.add_argument("--side-len", type=int, default=1024)
-    ap.add_argument("--packed-len", type=int, default=2048)
-    ap.add_argument("--max-pairs", type=int, default=16)
-    ap.add_argument("--bins", type=int, default=8)
-    a = ap.parse_args(argv)
-    if a.packed_len < 2 * a.side_len:
-        ap.error("--packed-len must hold the longest pair: at least 2 x --side-len")
     lens = lengths(a.pairs, a.side_len)
     rows = list(pair_rows(lens, a.side_len))
     ds = grain.MapDataset.source(rows).to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
@@ -76,6 +80,128 @@ def main(argv=None) -> None:
         total = forward_flops_per_token(T) * positions
         print(f"  tiny-llama forward per pair, {name}: {total / 1e9:.2f} GFLOP (matmuls {mm * positions / 1e9:.2f}, "
               f"dense attention over {T}-token rows {(total - mm * positions) / 1e9:.2f})")
+
+
+# ---- throughput -------------------------------------------------------------------------------------
+def dpo_records(lens: np.ndarray, vocab: int, seed: int = 0) -> list[dict]:
+    """Preference records (``jalign.data.preference.tokenize_pairs``' layout) with the given side lengths: a
+    shared prompt of half the shorter side, random response ids, loss on the responses."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, (a, b) in enumerate(lens):
+        p = max(1, min(a, b) // 2)
+        prompt = rng.integers(3, vocab, p)
+        rec = {"index": i, "chosen_reward": 1.0, "rejected_reward": 0.0}
+        for side, n in (("chosen", a), ("rejected", b)):
+            ids = np.concatenate([prompt, rng.integers(3, vocab, n + 1 - p)]).astype(np.int32)  # n tokens after the shift
+            rec[side] = (ids, np.asarray([0] * p + [1] * (n + 1 - p), np.float32))
+        out.append(rec)
+    return out
+
+
+def dpo_algo(T: int, rows: int, packed: bool, max_pairs: int, run_dir: str):
+    from jalign.algorithms import base
+    from jalign.algorithms.dpo import DPO
+    from jalign.config import load_config
+    from sharding import make_mesh, make_rules
+
+    from dpo import MODEL
+
+    import jax
+
+    cfg = load_config(None, MODEL + [
+        "algorithm.name=dpo", "algorithm.reference=live", "eval.prompts=0", "data.train=builtin:addition_pairs:train:64",
+        "data.eval=null", f"data.seq_len={T}", f"data.pack_pairs={str(packed).lower()}",
+        f"data.pack_max_pairs={max_pairs}", f"train.global_batch={rows}", f"train.out_dir={run_dir}", "mesh.data=1"])
+    mesh = make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
+    rt = base.Runtime(cfg=cfg, mesh=mesh, rules=make_rules(), run_dir=Path(run_dir), log=lambda *_: None)
+    return rt, DPO(rt)
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def throughput(a) -> None:
+    import jax
+
+    from jalign.data.packing import padding_fraction
+    from jalign.data.pipeline import make_packed_pair_iterator
+    from jalign.data.preference import pair_row
+    from jalign.roles import build_roles
+    from sharding import use_rules
+
+    T = round(1024 * a.scale)
+    lens = lengths(4000, T, seed=1, scale=a.scale)
+    records = dpo_records(lens, 8192)
+    layouts = {}
+    for name, packed in (("unpacked", False), ("packed", True)):
+        rt, algo = dpo_algo(T, a.step_rows, packed, a.max_pairs, tempfile.mkdtemp(prefix=f"jalign_bench_pack_{name}_"))
+        if packed:
+            it = make_packed_pair_iterator(records, lambda r: pair_row(r, T, "lm"), seq_len=2 * T,
+                                           batch_rows_per_process=a.step_rows, max_pairs=a.max_pairs, shuffle=True,
+                                           seed=0)
+        else:
+            order = np.random.default_rng(0).permutation(len(records))
+            it = iter([{k: np.stack([pair_row(records[j], T, "lm")[k] for j in order[i:i + a.step_rows]])
+                        for k in pair_row(records[0], T, "lm")}
+                       for i in range(0, a.step_rows * (a.steps * a.rounds + 1), a.step_rows)])
+        with use_rules(rt.mesh, rt.rules):
+            roles = build_roles(rt.cfg, algo.role_specs(), rt.mesh, rt.rules, log=lambda *_: None)
+            state = algo.init_state(roles)
+            t = time.perf_counter()
+            state, m = algo.step(state, roles, next(it))
+            jax.block_until_ready(m)
+        layouts[name] = dict(rt=rt, algo=algo, it=it, roles=roles, state=state, compile=time.perf_counter() - t,
+                             wall=0.0, cpu=0.0, pairs=0, steps=0, pad=[])
+    for _ in range(a.rounds):
+        for name, L in layouts.items():
+            with use_rules(L["rt"].mesh, L["rt"].rules):
+                batches = [next(L["it"]) for _ in range(a.steps)]
+                t, c = time.perf_counter(), cpu_seconds()
+                for b in batches:
+                    L["state"], m = L["algo"].step(L["state"], L["roles"], b)
+                jax.block_until_ready(m)
+                L["wall"] += time.perf_counter() - t
+                L["cpu"] += cpu_seconds() - c
+            L["pairs"] += int(sum(b["valid"].sum() for b in batches))
+            L["steps"] += a.steps
+            L["pad"] += [padding_fraction(b["segment_ids"]) for b in batches]
+    print(f"\nDPO train step (live reference), tiny-llama {MODEL_NOTE}, 1 device of {jax.device_count()}; side lengths "
+          f"{lens.min()}-{lens.max()} (median {int(np.median(lens))}, p90 {int(np.percentile(lens, 90))}; the mix "
+          f"above x {a.scale}), {a.rounds} alternated rounds of {a.steps} steps per layout:")
+    for name, L in layouts.items():
+        shape = f"{a.step_rows} x [2, {T}]" if name == "unpacked" else f"{a.step_rows} x [{2 * T}] (<= {a.max_pairs} pairs/row)"
+        print(f"  {name:8s} {shape}: {L['pairs'] / L['steps']:.1f} pairs/step, padding {np.mean(L['pad']):.1%}, "
+              f"step {L['wall'] / L['steps']:.2f} s, {L['pairs'] / L['wall']:.2f} pairs/s "
+              f"({L['pairs'] / L['cpu']:.2f} pairs per CPU-s), first step {L['compile']:.1f} s")
+    u, p = layouts["unpacked"], layouts["packed"]
+    print(f"  packed / unpacked: {(p['pairs'] / p['wall']) / (u['pairs'] / u['wall']):.2f}x pairs/s "
+          f"({(p['pairs'] / p['cpu']) / (u['pairs'] / u['cpu']):.2f}x per CPU-s)")
+
+
+MODEL_NOTE = "(vocab 8192, hidden 256, 4 layers, f32)"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pairs", type=int, default=2000)
+    ap.add_argument("--side-len", type=int, default=1024)
+    ap.add_argument("--packed-len", type=int, default=2048)
+    ap.add_argument("--max-pairs", type=int, default=16)
+    ap.add_argument("--bins", type=int, default=8)
+    ap.add_argument("--scale", type=float, default=0.25, help="throughput: the length mix scaled by this")
+    ap.add_argument("--step-rows", type=int, default=8, help="throughput: rows per step (pairs when unpacked)")
+    ap.add_argument("--steps", type=int, default=3, help="throughput: timed steps per round and layout")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--no-throughput", action="store_true", help="only the counts")
+    a = ap.parse_args(argv)
+    if a.packed_len < 2 * a.side_len:
+        ap.error("--packed-len must hold the longest pair: at least 2 x --side-len")
+    padding_counts(a)
+    if not a.no_throughput:
+        throughput(a)
 
 
 if __name__ == "__main__":

@@ -132,6 +132,12 @@ class DataConfig:
     fields: dict[str, str] = field(default_factory=dict)
     seq_len: int = 64  # tokens per row (packed or padded)
     packing: bool = True  # several SFT examples per row (segment ids keep them apart)
+    # several whole preference pairs (reward, dpo), KTO rows or scored sequences (reward, loss: regression)
+    # per row, segment ids keeping every sequence apart: a row of 2 * seq_len tokens (the positions of one
+    # unpacked pair) holds as many as fit, and train.global_batch counts these rows; the losses normalise by
+    # the pairs (examples) each batch holds
+    pack_pairs: bool = False
+    pack_max_pairs: int = 16  # with pack_pairs: the most pairs one packed row holds
     overlong: Literal["truncate", "drop"] = "truncate"  # what happens to an example longer than seq_len
     # "auto" (the tokenizer's own template if it has one, "tiny" for the byte tokenizer, else "none"),
     # "tiny", "none", "hf" (from the tokenizer's config) or a jinja file; see jalign.data.chat
@@ -603,6 +609,10 @@ def validate_static(cfg: Config, where: Optional[_Where] = None) -> None:
     if m.hf_path is None and cfg.data.seq_len > m.max_seq_len:  # with hf_path, checked once config.json is read
         raise ConfigError(f"{where(('data', 'seq_len'))}: {cfg.data.seq_len} exceeds model.max_seq_len="
                           f"{m.max_seq_len}")
+    if m.hf_path is None and cfg.data.pack_pairs and packed_pair_len(cfg.data) > m.max_seq_len:
+        raise ConfigError(f"{where(('data', 'pack_pairs'))}: packed pair rows are 2 * data.seq_len = "
+                          f"{packed_pair_len(cfg.data)} tokens, more than model.max_seq_len={m.max_seq_len}; "
+                          "halve data.seq_len or leave data.pack_pairs off")
     for key in MESH_AXES:
         v = getattr(cfg.mesh, key)
         if v == 0 or v < -1:
@@ -638,7 +648,14 @@ def eval_sources(d: DataConfig) -> dict[Optional[str], DataSourceConfig]:
     return {name: DataSourceConfig(source=x) if isinstance(x, str) else x for name, x in d.eval.items()}
 
 
+def packed_pair_len(d: DataConfig) -> int:
+    """Tokens per packed pair row (``data.pack_pairs``): both sides of the longest pair fit."""
+    return 2 * d.seq_len
+
+
 def _validate_data(d: DataConfig, where: _Where) -> None:
+    if d.pack_max_pairs < 1:
+        raise ConfigError(f"{where(('data', 'pack_max_pairs'))}: must be >= 1, got {d.pack_max_pairs}")
     if isinstance(d.train, list):
         if not d.train:
             raise ConfigError(f"{where(('data', 'train'))}: an empty mixture; give at least one source")
@@ -694,6 +711,11 @@ def validate_for_devices(cfg: Config, num_devices: int) -> dict[str, int]:
     if cfg.data.seq_len > m.max_seq_len:
         origin = f" (max_position_embeddings of {m.hf_path}/config.json)" if m.hf_path else ""
         raise ConfigError(f"{src}: data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}{origin}")
+    if cfg.data.pack_pairs and packed_pair_len(cfg.data) > m.max_seq_len:
+        origin = f" (max_position_embeddings of {m.hf_path}/config.json)" if m.hf_path else ""
+        raise ConfigError(f"{src}: data.pack_pairs: packed pair rows are 2 * data.seq_len = {packed_pair_len(cfg.data)} "
+                          f"tokens, more than model.max_seq_len={m.max_seq_len}{origin}; halve data.seq_len or leave "
+                          "data.pack_pairs off")
     sp = sizes["sequence"]
     if sp > 1:
         # mesh.sequence > 1 runs ring attention (the model picks it from the mesh); its zigzag layout

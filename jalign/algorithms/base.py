@@ -192,11 +192,16 @@ class Algorithm:
     config_class: type = None
     role_names: tuple = ()
     generation_eval = None  # a jalign.evaluation.GenerationEval, or None
+    packs_pairs: bool = False  # takes packed pair rows (data.pack_pairs): jalign.algorithms.packed_pairs.PackedPairs
 
     def __init__(self, rt: Runtime):
         from jalign.data.tokenizer import check_vocab, load_tokenizer
 
         self.rt, self.cfg, self.a = rt, rt.cfg, rt.cfg.algorithm
+        if getattr(self.cfg.data, "pack_pairs", False) and not self.packs_pairs:
+            raise ConfigError(f"{self.cfg.source or '<config>'}: data.pack_pairs=true but algorithm.name={self.name} "
+                              "does not take packed pair rows (they are for reward, dpo and kto); remove "
+                              "data.pack_pairs (SFT-style rows pack with data.packing)")
         if rt.abstract and rt.tokenizer is None:
             from jalign.abstract import abstract_tokenizer
 

@@ -22,6 +22,10 @@ in one forward pass (``[b, 2, T] -> [2b, T]``). The reference is either
   batch by example index; the reference role is then released. Means (``length_normalize``) are sums /
   response tokens in both modes, so the two give the same loss.
 
+With ``data.pack_pairs``, whole pairs share rows of ``2 * data.seq_len`` tokens (segment ids keep every sequence
+apart; ``jalign.algorithms.packed_pairs``): the loss reads per-sequence sums per segment and normalises by the
+pairs the batch holds, so every loss above and every metric keeps its per-pair meaning.
+
 Loss (``algorithm.loss``) = preference loss over valid pairs + ``sft_weight`` * token-mean NLL of the chosen
 responses. Metrics (NeMo-Aligner names): loss, preference_loss, sft_loss, accuracy, rewards_chosen_mean,
 rewards_rejected_mean, margin_mean, policy_accuracy.
@@ -36,13 +40,13 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jalign.algorithms.base import SupervisedAlgorithm, policy_token_logps
-from jalign.algorithms.packed_pairs import pair_view, packed_pair_logps
+from jalign.algorithms.packed_pairs import PackedPairs, pair_view, packed_pair_logps
 from jalign.algorithms.registry import register
 from jalign.algorithms.reward import flatten_pairs, pair_valid, unstack_pairs
 from jalign.data import fields
 from jalign.data.columns import PrecomputedColumns
 from jalign.data.preference import PairData, records_fingerprint
-from jalign.algorithms.precompute import fill_reference_columns, reference_pass_programs
+from jalign.algorithms.precompute import fill_reference_columns, join_columns, reference_pass_programs
 from jalign.config import ConfigError
 from jalign.config_values import VALUE_RANGES, _NON_NEGATIVE
 from jalign.losses import (apo_down_loss, apo_zero_loss, bco_pair_loss, cpo_loss, dpo_loss, dpo_sft_term, ipo_loss,
@@ -123,7 +127,7 @@ def pair_sequence_logps(params, mb, cfg):
 
 
 @register("dpo", config=DPOConfig)
-class DPO(SupervisedAlgorithm):
+class DPO(PackedPairs, SupervisedAlgorithm):
     role_names = ("reference",)
     metric_counts = {"sft_loss": "num_chosen_tokens"}
 
@@ -158,7 +162,7 @@ class DPO(SupervisedAlgorithm):
 
     def batch_fields(self):
         extra = {"ref_logps": ("batch", None)} if self.precomputed else {}
-        return fields.with_columns(fields.pair_fields("lm"), extra)
+        return self.pack_fields(fields.with_columns(fields.pair_fields("lm"), extra))  # data.pack_pairs: packed
 
     # -- math --
     def _reference_logps(self, mb, roles):
@@ -254,7 +258,7 @@ class DPO(SupervisedAlgorithm):
             fill_reference_columns(self, roles, fields.pair_fields("lm"))
 
     def prepare_batch(self, host_batch, split):
-        return self.columns.join(host_batch, split) if self.precomputed else host_batch
+        return join_columns(self.columns, host_batch, split) if self.precomputed else host_batch
 
     # -- the run's programs (jalign plan) --
     def batch_trailing_dims(self):  # [B, 2, T] pair sides, [B, 2] per-side columns

@@ -16,6 +16,9 @@ The reference is ``live`` (a forward pass of the ``reference`` role in the step)
 log-prob sums of every completion and KL row are computed once at the start into ``RUN_DIR/reference_logps``
 (``jalign.data.columns``), then the reference is released (and on a rerun over the same data not loaded).
 
+With ``data.pack_pairs`` the [2, T] records (completion and KL row) are packed like preference pairs
+(``jalign.algorithms.packed_pairs``); the sums are read per segment, the counts stay per example.
+
 Metrics: loss, kl (z0), rewards_desirable / rewards_undesirable (beta * log-ratio, summed over that label /
 all), desirable_fraction, accuracy (desirable above z0, undesirable below), num_seqs.
 """
@@ -29,8 +32,8 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jalign.algorithms.base import SupervisedAlgorithm, policy_token_logps
-from jalign.algorithms.packed_pairs import packed_pair_logps, pair_view
-from jalign.algorithms.precompute import fill_reference_columns, reference_pass_programs
+from jalign.algorithms.packed_pairs import PackedPairs, packed_pair_logps, pair_view
+from jalign.algorithms.precompute import fill_reference_columns, join_columns, reference_pass_programs
 from jalign.algorithms.registry import register
 from jalign.config_values import VALUE_RANGES, _NON_NEGATIVE, _POSITIVE
 from jalign.data import fields
@@ -75,7 +78,7 @@ def side_sums(params, mb, i: int, cfg):
 
 
 @register("kto", config=KTOConfig)
-class KTO(SupervisedAlgorithm):
+class KTO(PackedPairs, SupervisedAlgorithm):
     role_names = ("reference",)
     total_metrics = SupervisedAlgorithm.total_metrics + ("num_seqs",)
 
@@ -100,7 +103,7 @@ class KTO(SupervisedAlgorithm):
 
     def batch_fields(self):
         extra = {"ref_logps": ("batch", None)} if self.precomputed else {}
-        return fields.with_columns(fields.unpaired_fields(), extra)
+        return self.pack_fields(fields.with_columns(fields.unpaired_fields(), extra))  # data.pack_pairs: packed
 
     # -- math --
     def _reference(self, mb, roles, i: int):
@@ -162,7 +165,7 @@ class KTO(SupervisedAlgorithm):
             fill_reference_columns(self, roles, fields.unpaired_fields())
 
     def prepare_batch(self, host_batch, split):
-        return self.columns.join(host_batch, split) if self.precomputed else host_batch
+        return join_columns(self.columns, host_batch, split) if self.precomputed else host_batch
 
     # -- the run's programs (jalign plan) --
     def batch_trailing_dims(self):

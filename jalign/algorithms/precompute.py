@@ -31,26 +31,47 @@ def data_splits(data) -> dict:
 
 def fill_reference_columns(algo, roles, placed_fields) -> None:
     """``fill_columns`` for a precomputed reference: the ``reference`` role, or under LoRA without one the
-    frozen base with the adapters off (which stays: it trains)."""
+    frozen base with the adapters off (which stays: it trains). The pass runs over unpacked rows
+    (``algo.data.ordered``) placed with ``placed_fields`` also when training packs pairs (``data.pack_pairs``):
+    the values are per pair, joined into packed batches per pair slot (:func:`join_columns`)."""
+    from jalign.algorithms.base import to_global_batch
+
     ref = None
     if "reference" not in roles and algo.trainable.is_lora:
         ref = algo.trainable.reference(roles.on_device(["base"]))
     fill_columns(algo, roles, "reference", algo.columns, algo._ref_step, placed_fields, what="reference log-probs",
-                 params=ref)
+                 params=ref,
+                 place=lambda b: to_global_batch(b, placed_fields, algo.rt.mesh, algo.rt.rules, 1))
 
 
-def fill_columns(algo, roles, role: str, columns, program, placed_fields, *, what: str = "", params=None) -> None:
+def join_columns(columns, batch: dict, split: str) -> dict:
+    """``columns.join`` for flat batches (``index`` [B]) and packed pair batches (``index`` [B, K]: each pair
+    slot gets its pair's values, [B, K, ...]; empty slots read row 0 and are masked by ``valid``)."""
+    index = np.asarray(batch["index"])
+    if index.ndim == 1:
+        return columns.join(batch, split)
+    flat = columns.join({"index": index.reshape(-1)}, split)
+    out = dict(batch)
+    for name in columns.columns:
+        out[name] = flat[name].reshape(index.shape + flat[name].shape[1:])
+    return out
+
+
+def fill_columns(algo, roles, role: str, columns, program, placed_fields, *, what: str = "", params=None,
+                 place=None) -> None:
     """Compute (or reuse) ``columns`` with the frozen ``role``, then release it (see the module docstring).
 
-    ``placed_fields``: the batch keys the program reads (placed with their declared axes, accumulation 1).
-    When the role is absent the columns were found ready before it was built: nothing to do. ``params``
-    (optional) stand in for the role (under LoRA: the frozen base, which stays: it trains)."""
+    ``placed_fields``: the batch keys the program reads (placed with their declared axes, accumulation 1;
+    ``place(batch)`` does the placing, default ``algo.global_batch``). When the role is absent the columns were
+    found ready before it was built: nothing to do. ``params`` (optional) stand in for the role (under LoRA: the
+    frozen base, which stays: it trains)."""
+    place = place or (lambda b: algo.global_batch(b, accum=1))
     if role in roles or params is not None:
         params = roles.on_device([role])[role] if params is None else params
 
         def fn(batch):
             placed = {k: v for k, v in batch.items() if k in placed_fields}
-            values, index, valid = jax.device_get(program(params, algo.global_batch(placed, accum=1)))
+            values, index, valid = jax.device_get(program(params, place(placed)))
             return {k: np.asarray(v) for k, v in values.items()}, index, valid
 
         splits = data_splits(algo.data)

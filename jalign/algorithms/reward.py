@@ -10,6 +10,9 @@
 
 The model starts from the policy's source (``model.init_from`` / ``model.hf_path``): trunk copied, the score
 head (which an SFT policy lacks) freshly initialised.
+
+Both may be packed (``data.pack_pairs``, ``jalign.algorithms.packed_pairs``): whole pairs, or scored sequences,
+share rows, each sequence scored at the last token of its segment.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jalign.algorithms.base import SupervisedAlgorithm
-from jalign.algorithms.packed_pairs import packed_pair_scores, pair_view
+from jalign.algorithms.packed_pairs import PackedPairs, is_packed, packed_pair_scores, pair_view
 from jalign.algorithms.registry import register
 from jalign.config import ConfigError
 from jalign.data import fields
@@ -28,7 +31,7 @@ from jalign.data.preference import PairData, ScoredData
 from jalign.losses import bt_loss, bt_margin_loss, bt_scaled_loss, regression_loss
 from jalign.losses.ops import safe_divide
 from jalign.models import transformer as tfm
-from jalign.models.heads import sequence_scores
+from jalign.models.heads import packed_segment_scores, segment_sums, sequence_scores
 
 PAIR_LOSSES = ("bt", "bt_margin", "bt_scaled")
 PAIR_LOSS_FNS = {"bt": bt_loss, "bt_margin": bt_margin_loss, "bt_scaled": bt_scaled_loss}
@@ -63,7 +66,7 @@ def pair_valid(batch: dict) -> jax.Array:
 
 # ---- the algorithm ------------------------------------------------------------------------------
 @register("reward", config=RewardConfig)
-class RewardModel(SupervisedAlgorithm):
+class RewardModel(PackedPairs, SupervisedAlgorithm):
     lm_head = False
     allow_fresh = ("score", "score_bias")
 
@@ -84,7 +87,12 @@ class RewardModel(SupervisedAlgorithm):
         return ScoredData(self.cfg, self.tokenizer, num_attributes=self.a.num_attributes, log=self.rt.log)
 
     def batch_fields(self):
-        return fields.pair_fields("score") if self.pairwise else fields.scored_fields()
+        return self.pack_fields(fields.pair_fields("score") if self.pairwise else fields.scored_fields())
+
+    def batch_trailing_dims(self):  # jalign plan: the 2 sides of a pair, the attributes of a scored row
+        if self.pairwise:
+            return {k: (2,) for k, axes in fields.pair_fields("score").items() if None in axes}
+        return {"attributes": (self.a.num_attributes,), "attribute_mask": (self.a.num_attributes,)}
 
     def eval_examples(self):
         return []  # a reward model does not generate
@@ -125,10 +133,18 @@ class RewardModel(SupervisedAlgorithm):
         return mb["attributes"], mb["attribute_mask"] * mb["valid"][..., None]
 
     def _regression_loss(self, params, mb, norms):
-        pred = sequence_scores(params, mb["tokens"], mb["positions"], mb["segment_ids"], self.cfg.model)
         target, mask = self._attr(mb)
+        if is_packed(mb):  # rows [R, T] of K scored sequences (segment k+1), tables [R, K, A]
+            K, A = mb["valid"].shape[-1], target.shape[-1]
+            pred = packed_segment_scores(params, mb["tokens"], mb["positions"], mb["segment_ids"], self.cfg.model, K)
+            pred, target, mask = pred.reshape(-1, A), target.reshape(-1, A), mask.reshape(-1, A)
+            counts = segment_sums(mb["loss_mask"], mb["segment_ids"], K)  # [R, K]
+            num_tokens = jnp.sum(mb["valid"] * counts)
+        else:
+            pred = sequence_scores(params, mb["tokens"], mb["positions"], mb["segment_ids"], self.cfg.model)
+            num_tokens = jnp.sum(mb["valid"][:, None] * mb["loss_mask"])
         loss, m = regression_loss(pred, target, mask, norms["num_values"], norms["num_values_per_attr"])
-        m["num_tokens"] = jnp.sum(mb["valid"][:, None] * mb["loss_mask"])
+        m["num_tokens"] = num_tokens
         return loss, m
 
     # -- metrics --

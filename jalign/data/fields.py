@@ -64,3 +64,18 @@ def packed_pair_fields(mode: str, value_fields: dict) -> dict:
     out = {k: ROW for k in seq}
     out.update({k: ("batch", None) + tuple(axes) for k, axes in value_fields.items()})
     return out
+
+
+def packed_from_pair_fields(pair_fields_: dict) -> dict:
+    """The packed twin of a kind's fields (``pair_fields``, ``unpaired_fields``, ``scored_fields`` plus any
+    precomputed per-pair columns): every [B, 2, T] (or [B, T]) field becomes a row [B, T] (``ROW``), every
+    per-pair field [B, ...] a table [B, K, ...] (``("batch", None, ...)``, K pairs per row)."""
+    out = {}
+    for k, axes in pair_fields_.items():
+        if tuple(axes) in (PAIR_ROW, ROW):  # a one-sided kind's rows (scored_fields) pack like SFT rows
+            out[k] = ROW
+        elif axes and axes[0] == "batch":
+            out[k] = ("batch", None) + tuple(axes[1:])
+        else:
+            raise ValueError(f"batch field {k!r} {axes}: not a per-pair field (no leading batch axis): cannot pack")
+    return out

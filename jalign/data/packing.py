@@ -124,18 +124,26 @@ def pack(ds, seq_len: int, num_bins: int):
 # other (attention masks by segment) and a pair is never split between rows. Per-pair fields (``index``,
 # ``valid``, ``rewards``, ...) become tables [max_pairs, ...] per row, zero (``valid`` 0) where a row has
 # fewer pairs. The losses read per-sequence sums / last-token scores per segment
-# (``jalign.models.heads.segment_sums``).
+# (``jalign.models.heads.segment_sums``). One-sided rows (sequence fields [T], e.g. a regression reward model's
+# scored rows) pack the same way with one segment per example: example k of a row is segment k+1.
 PAIR_SEQ_FIELDS = ("tokens", "targets", "loss_mask")
+
+
+def num_sides(row: dict) -> int:
+    """2 for a two-sided row (sequence fields [2, T]), 1 for a one-sided one ([T])."""
+    return 2 if np.ndim(row["segment_ids"]) == 2 else 1
 
 
 def pair_to_flat(row: dict) -> dict[str, np.ndarray]:
     """A two-sided row (sequence fields [2, T], per-pair fields) as one flat record: each side cut to its
     length, side 0 then side 1, a ``side`` marker per token and the per-pair fields repeated per token (so
-    they travel through grain's packer with the tokens)."""
-    n = [int(np.sum(row["segment_ids"][s] > 0)) for s in (0, 1)]
-    flat = {k: np.concatenate([row[k][0, :n[0]], row[k][1, :n[1]]]) for k in PAIR_SEQ_FIELDS if k in row}
-    total = n[0] + n[1]
-    flat["side"] = np.repeat(np.asarray([0, 1], np.int32), n)
+    they travel through grain's packer with the tokens). A one-sided row ([T]) is cut to its length, side 0."""
+    sides = num_sides(row)
+    seq = {k: row[k] if sides == 2 else row[k][None] for k in PAIR_SEQ_FIELDS + ("segment_ids",) if k in row}
+    n = [int(np.sum(seq["segment_ids"][s] > 0)) for s in range(sides)]
+    flat = {k: np.concatenate([seq[k][s, :n[s]] for s in range(sides)]) for k in PAIR_SEQ_FIELDS if k in row}
+    total = sum(n)
+    flat["side"] = np.repeat(np.arange(sides, dtype=np.int32), n)
     for k in pair_value_fields(row):
         v = np.asarray(row[k])
         flat["pair." + k] = np.broadcast_to(v, (total,) + v.shape).copy()
@@ -147,12 +155,12 @@ def pair_value_fields(row: dict) -> list[str]:
     return [k for k in row if k not in PAIR_SEQ_FIELDS + ("positions", "segment_ids") and not k.startswith("pair.")]
 
 
-def split_packed_pairs(row: dict, max_pairs: int, value_fields: Sequence[str]) -> dict[str, np.ndarray]:
-    """grain's packed flat records -> a packed pair row: segment ids 2k+1 / 2k+2, positions restarting per side,
-    per-pair tables [max_pairs, ...]."""
+def split_packed_pairs(row: dict, max_pairs: int, value_fields: Sequence[str], sides: int = 2) -> dict[str, np.ndarray]:
+    """grain's packed flat records -> a packed pair row: segment ids 2k+1 / 2k+2 (one-sided: k+1), positions
+    restarting per side, per-pair tables [max_pairs, ...]."""
     seg, side, pos = row["tokens_segment_ids"], row["side"], row["tokens_positions"]
     out = {k: row[k] for k in PAIR_SEQ_FIELDS if k in row}
-    out["segment_ids"] = np.where(seg > 0, 2 * (seg - 1) + 1 + side, 0).astype(np.int32)
+    out["segment_ids"] = np.where(seg > 0, sides * (seg - 1) + 1 + side, 0).astype(np.int32)
     side0_len = np.bincount(seg[(seg > 0) & (side == 0)], minlength=max_pairs + 1)
     out["positions"] = (pos - side * side0_len[seg]).astype(np.int32)
     first = {s: int(np.flatnonzero(seg == s)[0]) for s in np.unique(seg[seg > 0])}
@@ -169,12 +177,14 @@ def pack_pairs(ds, seq_len: int, num_bins: int, max_pairs: int, example_row: dic
     """Pack a grain ``IterDataset`` of two-sided rows (as ``jalign.data.preference.pair_row`` makes them) into
     packed pair rows of ``seq_len`` tokens holding at most ``max_pairs`` whole pairs (first fit over
     ``num_bins`` open rows, deterministic and checkpointable like :func:`pack`). Rows with ``valid`` 0 (filler)
-    are left out. ``example_row`` names the fields. A pair longer than ``seq_len`` is an error naming it."""
+    are left out. ``example_row`` names the fields (one-sided rows [T] pack one segment per example). A pair
+    longer than ``seq_len`` is an error naming it."""
     import grain
 
     if max_pairs < 1:
         raise ValueError(f"max_pairs must be >= 1, got {max_pairs}")
     value_fields = pair_value_fields(example_row)
+    sides = num_sides(example_row)
 
     def flat(row):
         f = pair_to_flat(row)
@@ -188,7 +198,7 @@ def pack_pairs(ds, seq_len: int, num_bins: int, max_pairs: int, example_row: dic
     lengths.update({"pair." + k: seq_len for k in value_fields})
     packed = grain.experimental.FirstFitPackIterDataset(flats, length_struct=lengths, num_packing_bins=num_bins,
                                                         shuffle_bins=False, max_sequences_per_bin=max_pairs)
-    return packed.map(lambda r: split_packed_pairs(r, max_pairs, value_fields))
+    return packed.map(lambda r: split_packed_pairs(r, max_pairs, value_fields, sides))
 
 
 def padding_fraction(segment_ids: np.ndarray) -> float:

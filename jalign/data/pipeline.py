@@ -126,6 +126,43 @@ def make_packed_pair_iterator(records: Sequence[dict], make_row, *, seq_len: int
     return batch_stream(rows, batch_rows_per_process, prefetch)
 
 
+def _packed_pair_shard(records: Sequence[dict], make_row, seq_len: int, max_pairs: int, process_index: int,
+                       process_count: int, packing_bins: int) -> list:
+    import grain
+
+    from jalign.data.packing import pack_pairs
+
+    shard = grain.MapDataset.source(list(records))[process_index::process_count]
+    if not len(shard):
+        return []
+    example = make_row(records[0])
+    return list(pack_pairs(shard.map(make_row).to_iter_dataset(read_options()), seq_len, packing_bins, max_pairs,
+                           example))
+
+
+def make_packed_pair_eval_iterator(records: Sequence[dict], make_row, *, seq_len: int, batch_rows_per_process: int,
+                                   max_pairs: int, process_index: int = 0, process_count: int = 1,
+                                   packing_bins: Optional[int] = None):
+    """One ordered pass over ``records`` as packed pair batches (like :func:`make_packed_pair_iterator`, no
+    shuffle, no repeat); every process yields the same number of batches, the last ones filled with empty rows
+    (segment ids 0, ``valid`` 0 in every pair slot), so summed eval metrics cover every pair exactly once."""
+    import grain
+
+    if batch_rows_per_process < 1 or not 0 <= process_index < process_count:
+        raise ValueError("bad batch_rows_per_process / process_index / process_count")
+    if not records:
+        raise DataError("no eval examples (an empty eval set, or every example was dropped: see data.seq_len)")
+    bins = packing_bins or batch_rows_per_process
+    # each process packs every shard (cheap for eval-sized data, deterministic) to agree on the batch count
+    shards = [_packed_pair_shard(records, make_row, seq_len, max_pairs, p, process_count, bins)
+              for p in range(process_count)]
+    num_batches = max(math.ceil(len(s) / batch_rows_per_process) for s in shards)
+    rows = shards[process_index]
+    template = next(s[0] for s in shards if s)
+    rows = rows + [empty_like(template)] * (num_batches * batch_rows_per_process - len(rows))
+    return iter(grain.MapDataset.source(rows).batch(batch_rows_per_process).to_iter_dataset(read_options()))
+
+
 def _shard_rows(records: Sequence[dict], seq_len: int, packing: bool, process_index: int,
                 process_count: int, packing_bins: int) -> list:
     import grain
