@@ -122,22 +122,15 @@ def test_70b_dpo_plans_on_64_simulated_devices_from_shapes_only(tmp_path):
 
 @pytest.mark.parametrize("config,extra", [
     ("kto_tiny", ["algorithm.reference=precomputed"]),
-    ("steerlm_tiny", []),
     ("dpo_tiny", ["model.lora.rank=4", "algorithm.reference=precomputed"]),
     ("dpo_tiny", ["algorithm.loss=simpo"]),
     ("sft_tiny", ["model.lora.rank=4"]),
-    ("grpo_tiny", []),
-    ("ppo_tiny", []),
-])
+])  # the shipped configs as they are: test_every_shipped_tiny_config_gets_a_verdict
 def test_algorithms_of_main_give_their_programs(config, extra):
     arch = ["model.vocab_size=384", "model.hidden=32", "model.mlp=64", "model.layers=1", "model.heads=4",
             "model.kv_heads=2", "model.tokenizer=byte", "eval.prompts=0", "data.seq_len=16"]
     plan = plan_config(load_config(ROOT / f"configs/{config}.yaml", arch + extra), knobs=False)
     names = [p.name for p in plan.programs]
-    if config in ("grpo_tiny", "ppo_tiny"):  # the engine's rollout, scoring with the frozen roles, the update
-        assert names[:4] == ["rollout_prefill", "rollout", "score", "update"], names
-        assert "role:reference" in plan.persistent and ("role:reward" in plan.persistent) == (config == "ppo_tiny")
-        return
     assert "train_step" in names
     if "algorithm.reference=precomputed" in extra:
         assert names[0] == "reference_logps"
@@ -248,8 +241,12 @@ def test_every_shipped_tiny_config_gets_a_verdict(name):
     assert plan.fits is True and plan.peak > 0
     assert "fits" in format_plan(plan)
     names = [p.name for p in plan.programs]
-    step = "update" if cfg.algorithm.name in ("ppo", "grpo", "rloo", "dapo", "gspo", "reinforce_pp") else "train_step"
-    assert step in names, names
+    if cfg.algorithm.name in ("ppo", "grpo", "rloo", "dapo", "gspo", "reinforce_pp"):
+        # the engine's rollout, scoring with the frozen roles, the update
+        assert names[:4] == ["rollout_prefill", "rollout", "score", "update"], names
+        assert "role:reference" in plan.persistent and ("role:reward" in plan.persistent) == (name == "ppo_tiny")
+    else:
+        assert "train_step" in names, names
     if name in GENTRAIN:  # generate-then-train: the engine's rollout, the preparation, the update
         assert names[:4] == ["rollout_prefill", "rollout", "prepare", "train_step"], names
         snapshot = GENTRAIN[name]  # rs_tiny: rounds of 10 steps; spin_tiny: the opponent
