@@ -10,7 +10,9 @@ What abstract mode assumes where the real run would read data (each is a bound, 
 estimate of what the data can ask for): batches are ``train.global_batch`` / ``train.micro_batch`` rows of
 ``data.seq_len`` tokens (what the data pipeline always produces: fixed shapes); RL prompts and the held-out
 prompts of the generation-based evaluation are ``data.seq_len - max_new_tokens`` tokens long (the longest a
-prompt may be before its answer no longer fits a row).
+prompt may be before its answer no longer fits a row), all of them distinct (the samples of one prompt share
+its pages in the rollout engine, different prompts do not), and every generation runs to its longest length
+(the widest decode window of the engine).
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ class Program:
     note: str = ""
     rules: Optional[dict] = None  # the logical-axis rules it is traced under (default: the run's)
     sampler: Optional["SamplerRequest"] = None  # a generation: what it samples (the engine plans it, see below)
+    slots: int = 0  # an engine program: its slots (all shards)
 
     def resolve_args(self, outputs: dict) -> tuple:
         return self.args(outputs) if callable(self.args) else self.args
@@ -412,10 +415,10 @@ def engine_programs(name: str, req: SamplerRequest, rollout, *, uses=("params",)
     pool = f"{S} slots ({lay.slots} per shard), a pool of {lay.pages} pages x {lay.page_size} tokens per shard"
     progs_out = {
         f"{name}_prefill": Program(progs.refill_fn, (state, req.params, adm, prefill), uses=uses, rules=rules,
-                                   note=f"engine: {pool}; {R} prefill rows x {lay.chunk} per shard"),
+                                   note=f"engine: {pool}; {R} prefill rows x {lay.chunk} per shard", slots=S),
         name: Program(progs.decode_fn(width), (state, req.params, scalar(i32), scalar(jnp.bool_)), uses=uses,
                       rules=rules, note=f"engine: {pool}; decode over {width * lay.page_size} positions"
-                      + (f" ({note})" if note else ""))}
+                      + (f" ({note})" if note else ""), slots=S)}
     B, N, P = device_rows(req.batch, mesh, rules), max(req.new_len, req.max_new_tokens), req.prompt_len
     layout = {"tokens": a((B, N), i32), "logprobs": a((B, N), f32), "logprobs_tempered": a((B, N), f32),
               "lengths": a((B,), i32), "ended_with_eos": a((B,), jnp.bool_), "prompt_tokens": a((B, P), i32),

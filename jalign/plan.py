@@ -9,6 +9,11 @@ here). A program's *phase peak* adds every buffer of the run that stays on the d
 one of its arguments (the optimizer state during the rollout, a reward model during the update, ...); the
 run's peak is the largest phase peak, and the verdict compares it with ``--device-memory``.
 
+Generation is planned as the sampler the run uses: under ``rollout.engine`` (the default) the engine's largest
+refill and widest decode, each holding its page pools and slot tables (``rollout.slots`` sequences;
+``abstract.engine_programs``), else the static-batch sampler with a KV cache for every row. Generate-then-train
+algorithms are planned by ``jalign.plan_gentrain``.
+
 Depth: layers run in a ``lax.scan``, so every per-layer term (stacked weights, their optimizer state, the
 residuals a scan keeps for the backward pass, the KV cache) is linear in the number of layers and nothing else
 is. A model deeper than 4 layers is compiled with 2 and with 4 layers and each figure extrapolated linearly to
@@ -56,6 +61,7 @@ class ProgramMemory:
     compile_s: float = 0.0
     resident: float = 0.0  # persistent buffers on the devices that are not arguments
     gathered_per_step: float = 0.0  # rollout under the training layout: weights all-gathered per decode step
+    slots: int = 0  # the rollout engine's slots (its programs only)
 
     @property
     def total(self) -> float:
@@ -261,7 +267,8 @@ def compile_programs(algo, log: Callable[[str], None] = lambda *_: None,
                             outputs=m.output_size_in_bytes - host_out,
                             aliased=max(m.alias_size_in_bytes - host_out, 0), temporaries=m.temp_size_in_bytes,
                             host=host_in + host_out, uses=tuple(prog.uses), releases=tuple(prog.releases),
-                            plan_only=prog.plan_only, note=prog.note, compile_s=time.perf_counter() - t0)
+                            plan_only=prog.plan_only, note=prog.note, compile_s=time.perf_counter() - t0,
+                            slots=prog.slots)
         out.append(mem)
         log(f"  {name}: {mem.total / GiB:.3f} GiB per device ({mem.compile_s:.1f} s)")
     return out
@@ -398,7 +405,7 @@ def _rollout_on_fsdp(plan: Plan) -> bool:
 def candidate_knobs(cfg: Config, plan: Plan) -> list[list[str]]:
     """Single changes that lower per-device memory, each a list of ``key=value`` overrides: a smaller micro
     batch, a stronger remat policy, a larger fsdp size (from data), the optimizer state or a frozen role in
-    host memory, the DPO reference precomputed."""
+    host memory, the DPO reference precomputed, fewer rollout engine slots."""
     out = []
     t, a, m = cfg.train, cfg.algorithm, plan.mesh
     dp = m["data"] * m["fsdp"]
@@ -423,6 +430,12 @@ def candidate_knobs(cfg: Config, plan: Plan) -> list[list[str]]:
             out.append([f"roles.{name}.offload=true"])
     if getattr(a, "reference", None) == "live":
         out.append(["algorithm.reference=precomputed"])
+    engine = [p for p in plan.programs if p.slots and p.name.startswith("rollout")]
+    if engine:  # fewer concurrent sequences: a smaller page pool and smaller decode batches
+        slots = engine[0].slots
+        while slots // 2 >= dp and (slots // 2) % dp == 0:
+            slots //= 2
+            out.append([f"rollout.slots={slots}"])
     return out
 
 

@@ -213,6 +213,10 @@ def test_engine_plan_equals_the_real_engines_compiled_programs(tmp_path, monkeyp
     params = plan.persistent["params"]["device"]
     assert planned["decode"].arguments >= pool + params and planned["decode"].aliased >= pool
     assert lay.num_slots == 16 and lay.dp == 8  # 4 prompts x 4 samples, every row in a slot
+    from jalign.plan import candidate_knobs  # fewer slots is a memory knob (one slot per shard at least)
+
+    assert [k for k in candidate_knobs(load_config(GRPO_TINY, overrides), plan) if k[0].startswith("rollout.")] == \
+        [["rollout.slots=8"]]
 
 
 # ---- every shipped config ----------------------------------------------------------------------
