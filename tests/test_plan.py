@@ -1,7 +1,10 @@
 """jalign plan against reality: the plan's per-device figures of a tiny run equal what the real run's compiled
-train step reports and what its state really occupies on each device; a config that does not fit is refused
-with knobs that, re-planned, do fit; a 70B config plans (reduced depth, abstract only) on 64 simulated devices;
-``jalign train --dry-run`` writes nothing; an algorithm the plan does not cover is one message naming it."""
+train step reports and what its state really occupies on each device; the rollout engine's planned refill and
+decode equal what the real engine compiled on a real rollout; a config that does not fit is refused with knobs
+that, re-planned, do fit; the real-size configs (Llama-3-8B SFT/DPO/GRPO on 8, Qwen2.5-7B PPO on 16, Llama-3-70B
+DPO on 64 simulated devices; reduced depth, abstract only) fit 80 GB with the resident bytes their parameter
+counts give; ``jalign train --dry-run`` writes nothing; every shipped tiny config gets a verdict, or one message
+naming what the plan cannot size."""
 import copy
 import json
 import os
