@@ -95,32 +95,47 @@ def _prepare_args(algo, roles: dict):
     _refuse(algo, f"{type(algo).__name__}: its preparation program is not known to jalign.plan_gentrain")
 
 
+class _Roles(dict):
+    """The abstract roles as the algorithm's methods read them (``roles[name]``, ``roles.on_device(names)``)."""
+
+    def on_device(self, names) -> dict:
+        return {n: self[n] for n in names}
+
+
 def programs(algo) -> dict:
-    """rollout, prepare, train_step (+ its update phase) and the generation-based evaluation of ``algo``."""
+    """rollout, prepare, train_step (+ its update phase) and the generation-based evaluation of ``algo``.
+
+    Under LoRA (``algo.trainable``) the roles that are the starting policy are the base's own buffers
+    (``base_aliases``) and an iterate is its adapter snapshot applied over the base (``forward_params``)."""
     from jalign.abstract import Program, generate_program, generation_eval_programs, sampler_output, state_uses
 
     a, s, rt = algo.a, algo.sizes, algo.rt
     roles, configs, _ = algo.abstract_roles()
-    state = algo.abstract_state()
-    iterates = iterate_roles(algo, state)
-    roles = {**roles, **iterates}
+    roles, state = _Roles(roles), algo.abstract_state()
+    for alias in getattr(algo, "base_aliases", tuple)():
+        roles[alias], configs[alias] = roles["base"], configs.get("base", algo.cfg.model)
+    forward = getattr(algo, "forward_params", None)
+    iterates = {n: forward(t, roles) if forward else t for n, t in iterate_roles(algo, state).items()}
+    roles.update(iterates)
     configs = {**configs, **{n: algo.cfg.model for n in iterates}}
+    trainable = tuple(getattr(getattr(algo, "trainable", None), "role_specs", dict)())  # LoRA: the base
     prepare_args, prepare_roles = _prepare_args(algo, roles)
     gen_params, gen_cfg = algo.generator(state, roles)
-    gen_use = "params" if gen_params is state.params else next(
-        f"role:{n}" for n, t in roles.items() if t is gen_params)
+    gen_use = next((f"role:{n}" for n, t in roles.items() if t is gen_params), "params")
+    gen_uses = (gen_use,) + tuple(f"role:{n}" for n in trainable if f"role:{n}" != gen_use)  # LoRA: + the base
     progs = {"rollout": generate_program(
         gen_params, gen_cfg, rt.mesh, rt.rules, batch=s.rollout, prompt_len=algo.P, new_len=algo.N, top_k=a.top_k,
-        top_p=a.top_p, num_end_ids=len(algo.tokenizer.eos_ids) or 1, uses=(gen_use,), max_new_tokens=a.max_new_tokens,
+        top_p=a.top_p, num_end_ids=len(algo.tokenizer.eos_ids) or 1, uses=gen_uses, max_new_tokens=a.max_new_tokens,
         num_samples=s.per_prompt, note=f"{s.prompts} prompts x {s.per_prompt} samples, {algo.P} + {algo.N} slots")}
     progs["prepare"] = Program(algo._prepare, lambda outs: prepare_args(sampler_output(outs, "rollout", progs["rollout"])),
                                uses=tuple(f"role:{n}" for n in prepare_roles),
                                note=f"{s.rollout} sampled rows -> {s.rows} training rows")
-    step_roles = {n: roles[n] for n in algo.step_roles if n in roles}
+    step_roles = {n: roles[n] for n in (*algo.step_roles, *trainable) if n in roles}  # as ``update``
     progs["train_step"] = Program(algo._train_step, lambda outs: (state, step_roles, outs["prepare"][0]),
                                   uses=state_uses(state) + tuple(f"role:{n}" for n in step_roles),
                                   note=f"{s.accum} x {s.micro} rows x {algo.P + algo.N}")
     progs.update(algo.trained.update_phase_programs("train_step/update"))
     if algo.generation_eval is not None:
-        progs.update(generation_eval_programs(algo.generation_eval, state.params, algo.cfg.model, roles, configs))
+        params, mcfg = algo.policy(state, roles)  # under LoRA: the base with the adapters applied
+        progs.update(generation_eval_programs(algo.generation_eval, params, mcfg, roles, configs))
     return progs
