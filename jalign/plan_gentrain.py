@@ -16,6 +16,8 @@ the generated texts, whose lengths no config key bounds.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -137,5 +139,6 @@ def programs(algo) -> dict:
     progs.update(algo.trained.update_phase_programs("train_step/update"))
     if algo.generation_eval is not None:
         params, mcfg = algo.policy(state, roles)  # under LoRA: the base with the adapters applied
-        progs.update(generation_eval_programs(algo.generation_eval, params, mcfg, roles, configs))
+        for name, prog in generation_eval_programs(algo.generation_eval, params, mcfg, roles, configs).items():
+            progs[name] = dataclasses.replace(prog, uses=tuple(prog.uses) + tuple(f"role:{n}" for n in trainable))
     return progs
