@@ -373,8 +373,8 @@ def _rows_array(mesh, rules, shape, dtype):
     """An abstract host-fed engine input as ``programs.device_put_tree`` places it (rows over "batch")."""
     from jalign.rollout.programs import array_sharding
 
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=array_sharding(mesh, rules, ("batch",) + (None,) * (len(shape) - 1),
-                                                                      shape))
+    axes = ("batch",) + (None,) * (len(shape) - 1)
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=array_sharding(mesh, rules, axes, shape))
 
 
 def engine_programs(name: str, req: SamplerRequest, rollout, *, uses=("params",), note: str = "",

@@ -40,7 +40,8 @@ def notes(algo) -> list:
     out = []
     names = algo.iterate_roles()
     if names:
-        out.append(f"the round's {', '.join(names)}: a snapshot of the policy, planned as a resident copy of its params")
+        out.append(f"the round's {', '.join(names)}: a snapshot of the policy, planned as a resident copy of its "
+                   "params")
     if getattr(algo, "rule", None) is not None:
         out.append(f"algorithm.reward_fn={algo.a.reward_fn}: scored on the host between the rollout and the "
                    "preparation (no device program)")
@@ -129,7 +130,8 @@ def programs(algo) -> dict:
         gen_params, gen_cfg, rt.mesh, rt.rules, batch=s.rollout, prompt_len=algo.P, new_len=algo.N, top_k=a.top_k,
         top_p=a.top_p, num_end_ids=len(algo.tokenizer.eos_ids) or 1, uses=gen_uses, max_new_tokens=a.max_new_tokens,
         num_samples=s.per_prompt, note=f"{s.prompts} prompts x {s.per_prompt} samples, {algo.P} + {algo.N} slots")}
-    progs["prepare"] = Program(algo._prepare, lambda outs: prepare_args(sampler_output(outs, "rollout", progs["rollout"])),
+    progs["prepare"] = Program(algo._prepare,
+                               lambda outs: prepare_args(sampler_output(outs, "rollout", progs["rollout"])),
                                uses=tuple(f"role:{n}" for n in prepare_roles),
                                note=f"{s.rollout} sampled rows -> {s.rows} training rows")
     step_roles = {n: roles[n] for n in (*algo.step_roles, *trainable) if n in roles}  # as ``update``

@@ -240,8 +240,8 @@ def test_every_shipped_tiny_config_gets_a_verdict(name):
             plan_config(cfg, device_memory=80 * GiB, knobs=False)
         return
     if cfg.algorithm.name == "reward" and not _sizes_its_extra_axes("reward"):  # a pair's 2 sides: not given
-        with pytest.raises(ConfigError, match=r"rm_tiny.yaml: algorithm.name=reward: batch field .* the size of its axis "
-                                              r"None is not given.*jalign plan cannot size"):
+        with pytest.raises(ConfigError, match=r"rm_tiny.yaml: algorithm.name=reward: batch field .* the size of its "
+                                              r"axis None is not given.*jalign plan cannot size"):
             plan_config(cfg, device_memory=80 * GiB, knobs=False)
         return
     plan = plan_config(cfg, device_memory=80 * GiB, knobs=False)
