@@ -10,7 +10,9 @@ What abstract mode assumes where the real run would read data (each is a bound, 
 estimate of what the data can ask for): batches are ``train.global_batch`` / ``train.micro_batch`` rows of
 ``data.seq_len`` tokens (what the data pipeline always produces: fixed shapes); RL prompts and the held-out
 prompts of the generation-based evaluation are ``data.seq_len - max_new_tokens`` tokens long (the longest a
-prompt may be before its answer no longer fits a row).
+prompt may be before its answer no longer fits a row), all of them distinct (the samples of one prompt share
+its pages in the rollout engine, different prompts do not), and every generation runs to its longest length
+(the widest decode window of the engine).
 """
 from __future__ import annotations
 
@@ -46,6 +48,8 @@ class Program:
     plan_only: bool = False
     note: str = ""
     rules: Optional[dict] = None  # the logical-axis rules it is traced under (default: the run's)
+    sampler: Optional["SamplerRequest"] = None  # a generation: what it samples (the engine plans it, see below)
+    slots: int = 0  # an engine program: its slots (all shards)
 
     def resolve_args(self, outputs: dict) -> tuple:
         return self.args(outputs) if callable(self.args) else self.args
@@ -101,6 +105,11 @@ class AbstractData:
         n = getattr(cfg.algorithm, "num_attributes", 1)
         self.attribute_names = [f"attribute_{i}" for i in range(n)]
 
+    @property
+    def longest(self) -> int:
+        """The longest example a split may hold: a whole row."""
+        return self.cfg.data.seq_len
+
     def eval_examples(self) -> list:
         """Held-out prompts of the longest length, for the shapes of the generation-based evaluation."""
         if not self.cfg.data.eval or self.cfg.eval.prompts <= 0:
@@ -140,8 +149,10 @@ def abstract_batch(fields: dict, mesh, rules, accum: int, rows: int, seq_len: in
         shape = [accum]
         for ax in axes:
             if ax not in ("batch", "seq") and not extra:
-                raise ValueError(f"batch field {name!r} {axes}: the size of its axis {ax!r} is not given "
-                                 "(the algorithm's batch_trailing_dims)")
+                from jalign.config import ConfigError
+
+                raise ConfigError(f"batch field {name!r} {axes}: the size of its axis {ax!r} is not given (the "
+                                  "algorithm's batch_trailing_dims); jalign plan cannot size this run")
             shape.append(rows if ax == "batch" else seq_len if ax == "seq" else extra.pop(0))
         int_like = name in INT_FIELDS or any(name.endswith("_" + f) for f in INT_FIELDS)
         out[name] = jax.ShapeDtypeStruct(tuple(shape), jnp.int32 if int_like else jnp.float32,
@@ -270,11 +281,44 @@ def per_process_bytes(tree, devices_per_process: int) -> dict:
 
 
 # ---- generation programs -------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SamplerRequest:
+    """What one generation call of a run samples (``rollout.experience.sample``): ``batch`` rows, ``num_samples``
+    consecutive rows per prompt, prompts of ``prompt_len`` tokens (the prompt block), up to ``max_new_tokens``
+    new tokens in a response block of ``new_len``."""
+
+    params: Any
+    cfg: Any
+    mesh: Any
+    rules: Any
+    batch: int
+    prompt_len: int
+    new_len: int
+    max_new_tokens: int
+    num_samples: int = 1
+    top_k: int = 0
+    top_p: float = 1.0
+    num_end_ids: int = 1
+
+
+def batch_parallel(mesh, rules) -> int:
+    """The data-parallel size: devices the logical "batch" axis is split over."""
+    from sharding.rules import logical_to_spec
+
+    spec = logical_to_spec(("batch",), rules)[0]
+    n = 1
+    for a in (spec if isinstance(spec, tuple) else (spec,)) if spec else ():
+        n *= mesh.shape[a]
+    return n
+
+
 def generate_program(params, cfg, mesh, rules, *, batch: int, prompt_len: int, new_len: int, top_k: int = 0,
-                     top_p: float = 1.0, num_end_ids: int = 1, uses=("params",), note: str = "") -> Program:
+                     top_p: float = 1.0, num_end_ids: int = 1, uses=("params",), note: str = "",
+                     max_new_tokens: Optional[int] = None, num_samples: int = 1) -> Program:
     """The jitted sampler ``jalign.generate`` runs for ``batch`` prompts of ``prompt_len`` tokens and ``new_len``
     response slots (KV cache of ``prompt_len + new_len``), with its abstract arguments as ``generate`` places
-    them (prompt block batch-sharded when the batch divides the data-parallel size)."""
+    them (prompt block batch-sharded when the batch divides the data-parallel size). Under ``rollout.engine``
+    the plan replaces it by the engine's programs for the same request (:func:`engine_programs`)."""
     from jax.sharding import PartitionSpec
 
     from jalign import generate as gen
@@ -282,10 +326,7 @@ def generate_program(params, cfg, mesh, rules, *, batch: int, prompt_len: int, n
 
     fn = gen._compiled(cfg, mesh, rules, new_len=new_len, top_k=int(top_k), use_top_p=top_p < 1.0)
     spec = logical_to_spec(("batch",), rules)
-    dp = 1
-    for a in (spec[0] if isinstance(spec[0], tuple) else (spec[0],)) if spec[0] else ():
-        dp *= mesh.shape[a]
-    sharding = NamedSharding(mesh, spec if batch % dp == 0 else PartitionSpec())
+    sharding = NamedSharding(mesh, spec if batch % batch_parallel(mesh, rules) == 0 else PartitionSpec())
     block = lambda dtype, *shape: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
     prompt = (block(jnp.int32, batch, prompt_len), block(jnp.int32, batch, prompt_len),
               block(jnp.int32, batch, prompt_len), block(jnp.int32, batch), block(jnp.bool_, batch))
@@ -294,15 +335,109 @@ def generate_program(params, cfg, mesh, rules, *, batch: int, prompt_len: int, n
     ends = jax.ShapeDtypeStruct((gen._pow2(num_end_ids, 4),), jnp.int32)
     args = (params, *prompt, key, scalar(jnp.float32), scalar(jnp.float32), scalar(jnp.int32), scalar(jnp.int32),
             scalar(jnp.bool_), ends, scalar(jnp.int32))
-    return Program(fn, args, uses=uses, note=note, rules=rules)
+    request = SamplerRequest(params, cfg, mesh, rules, batch, prompt_len, new_len,
+                             new_len if max_new_tokens is None else max_new_tokens, num_samples, int(top_k),
+                             float(top_p), num_end_ids)
+    return Program(fn, args, uses=uses, note=note, rules=rules, sampler=request)
+
+
+def layout_key(name: str) -> str:
+    """Where a generation's output layout is kept among the outputs when the engine plans it."""
+    return f"{name}:layout"
 
 
 def sampler_output(outputs: dict, name: str, program: Program) -> dict:
-    """What ``generate(return_device=True)`` returns for the program ``name``: its outputs plus the prompt
-    block it was given (the rollout layout ``jalign.rollout.experience.rollout_rows`` reads)."""
+    """What ``rollout.experience.sample`` returns for the generation ``name``: the static sampler's outputs plus
+    the prompt block it was given, or, when the engine was planned, the engine's layout (the same keys: the
+    rollout layout ``jalign.rollout.experience.rollout_rows`` reads)."""
+    if layout_key(name) in outputs:
+        return outputs[layout_key(name)]
     args = program.resolve_args(outputs)
     return dict(outputs[name], prompt_tokens=args[1], prompt_positions=args[2], prompt_segment_ids=args[3],
                 prompt_lengths=args[4])
+
+
+# ---- the rollout engine's programs ---------------------------------------------------------------
+def engine_requests(req: SamplerRequest) -> list:
+    """The requests ``rollout.experience.sample`` hands the engine for ``req``: one per row, the ``num_samples``
+    rows of a prompt with the same prompt (they share its pages), different prompts otherwise."""
+    from jalign.rollout.engine import Request
+
+    V, K = req.cfg.vocab_size, max(req.num_samples, 1)
+    ends = tuple(range(req.num_end_ids))  # only how many there are fixes a shape
+    return [Request(prompt=[(b // K) % V] * req.prompt_len, max_new_tokens=req.max_new_tokens, top_k=req.top_k,
+                    top_p=req.top_p, end_ids=ends, stream=b) for b in range(req.batch)]
+
+
+def _rows_array(mesh, rules, shape, dtype):
+    """An abstract host-fed engine input as ``programs.device_put_tree`` places it (rows over "batch")."""
+    from jalign.rollout.programs import array_sharding
+
+    axes = ("batch",) + (None,) * (len(shape) - 1)
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=array_sharding(mesh, rules, axes, shape))
+
+
+def engine_programs(name: str, req: SamplerRequest, rollout, *, uses=("params",), note: str = "",
+                    split_layers: Optional[bool] = None) -> tuple[dict, dict]:
+    """The programs the rollout engine (``rollout.engine``, ``jalign.rollout``) runs for ``req``: its largest
+    refill (admission + chunked prefill into the page pool) as ``NAME_prefill`` and its widest decode as
+    ``NAME``, each with the engine's device state (the page pools ``[DP, L, KV, pages, page_size, hd]``, the
+    slot tables and logits) as its donated argument, with the slots, pool and call shapes ``Engine.run``
+    would pick for these requests (``Engine.largest_calls``); and the layout the sampler returns (what the
+    programs after it read). ``split_layers``: the engine's own default when None (on for CPU devices)."""
+    from jalign.config import ConfigError
+    from jalign.rollout import programs as rp
+    from jalign.rollout.adapter import default_slots, device_rows
+    from jalign.rollout.engine import Engine
+
+    mesh, rules, cfg = req.mesh, req.rules, req.cfg
+    slots = rollout.slots or default_slots(req.batch, batch_parallel(mesh, rules))
+    try:
+        eng = Engine(None, cfg, slots=slots, page_size=rollout.page_size, steps_per_call=rollout.steps_per_call,
+                     prefix_sharing=rollout.prefix_sharing, sampler=rollout.sampler, mesh=mesh, rules=rules,
+                     split_layers=split_layers)
+        lay, R, width = eng.largest_calls(engine_requests(req))
+    except ValueError as e:
+        raise ConfigError(f"rollout (slots={slots}, page_size={rollout.page_size}): {e}") from None
+    progs = rp.programs(cfg, lay, mesh, rules)
+    state = with_shardings(rp.state_shapes(lay, cfg), progs.state_sharding)
+    S, E, rows = lay.num_slots, lay.end_width, lay.dp * R
+    a = lambda shape, dtype: _rows_array(mesh, rules, shape, dtype)  # noqa: E731
+    i32, f32 = jnp.int32, jnp.float32
+    adm = {"admit": a((S,), jnp.bool_), "table": a((S, lay.max_pages), i32), "length": a((S,), i32),
+           "temperature": a((S,), f32), "greedy": a((S,), jnp.bool_), "top_k": a((S,), i32), "top_p": a((S,), f32),
+           "min_new": a((S,), i32), "max_new": a((S,), i32), "ends": a((S, E), i32),
+           "key": a((S,) + tuple(lay.key_shape), jnp.uint32), "stream": a((S,), i32)}
+    prefill = {"tokens": a((rows, lay.chunk), i32), "positions": a((rows, lay.chunk), i32),
+               "valid": a((rows, lay.chunk), jnp.bool_), "table": a((rows, lay.prompt_pages), i32),
+               "target": a((rows,), i32), "last": a((rows,), i32)}
+    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)  # noqa: E731
+    pool = f"{S} slots ({lay.slots} per shard), a pool of {lay.pages} pages x {lay.page_size} tokens per shard"
+    progs_out = {
+        f"{name}_prefill": Program(progs.refill_fn, (state, req.params, adm, prefill), uses=uses, rules=rules,
+                                   note=f"engine: {pool}; {R} prefill rows x {lay.chunk} per shard", slots=S),
+        name: Program(progs.decode_fn(width), (state, req.params, scalar(i32), scalar(jnp.bool_)), uses=uses,
+                      rules=rules, note=f"engine: {pool}; decode over {width * lay.page_size} positions"
+                      + (f" ({note})" if note else ""), slots=S)}
+    B, N, P = device_rows(req.batch, mesh, rules), max(req.new_len, req.max_new_tokens), req.prompt_len
+    layout = {"tokens": a((B, N), i32), "logprobs": a((B, N), f32), "logprobs_tempered": a((B, N), f32),
+              "lengths": a((B,), i32), "ended_with_eos": a((B,), jnp.bool_), "prompt_tokens": a((B, P), i32),
+              "prompt_positions": a((B, P), i32), "prompt_segment_ids": a((B, P), i32), "prompt_lengths": a((B,), i32)}
+    return progs_out, layout
+
+
+def expand_generations(programs: dict, rollout, split_layers: Optional[bool] = None) -> tuple[dict, dict]:
+    """``programs`` with every generation (a program with a ``sampler`` request) replaced by the engine's
+    programs when ``rollout.engine`` is on; and the engine layouts to seed the outputs with."""
+    out, layouts = {}, {}
+    for name, p in programs.items():
+        if p.sampler is None or not rollout.engine:
+            out[name] = p
+            continue
+        progs, layouts[layout_key(name)] = engine_programs(name, p.sampler, rollout, uses=p.uses, note=p.note,
+                                                           split_layers=split_layers)
+        out.update(progs)
+    return out, layouts
 
 
 def generation_eval_programs(geval, params, cfg, roles: dict, configs: dict, prefix: str = "eval") -> dict:
@@ -311,6 +446,7 @@ def generation_eval_programs(geval, params, cfg, roles: dict, configs: dict, pre
     rt = geval.rt
     gen = generate_program(params, cfg, rt.mesh, rt.rules, batch=geval.chunk, prompt_len=geval.P, new_len=geval.N,
                            num_end_ids=len(getattr(geval.tokenizer, "eos_ids", ())) or 1,
+                           max_new_tokens=rt.cfg.eval.max_new_tokens,
                            note=f"{geval.chunk} held-out prompts x {geval.P} + {geval.N} slots")
     progs = {f"{prefix}_generate": gen}
     ref = roles.get(geval.kl_role) if geval.kl_role else None

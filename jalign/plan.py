@@ -9,6 +9,11 @@ here). A program's *phase peak* adds every buffer of the run that stays on the d
 one of its arguments (the optimizer state during the rollout, a reward model during the update, ...); the
 run's peak is the largest phase peak, and the verdict compares it with ``--device-memory``.
 
+Generation is planned as the sampler the run uses: under ``rollout.engine`` (the default) the engine's largest
+refill and widest decode, each holding its page pools and slot tables (``rollout.slots`` sequences;
+``abstract.engine_programs``), else the static-batch sampler with a KV cache for every row. Generate-then-train
+algorithms are planned by ``jalign.plan_gentrain``.
+
 Depth: layers run in a ``lax.scan``, so every per-layer term (stacked weights, their optimizer state, the
 residuals a scan keeps for the backward pass, the KV cache) is linear in the number of layers and nothing else
 is. A model deeper than 4 layers is compiled with 2 and with 4 layers and each figure extrapolated linearly to
@@ -56,6 +61,7 @@ class ProgramMemory:
     compile_s: float = 0.0
     resident: float = 0.0  # persistent buffers on the devices that are not arguments
     gathered_per_step: float = 0.0  # rollout under the training layout: weights all-gathered per decode step
+    slots: int = 0  # the rollout engine's slots (its programs only)
 
     @property
     def total(self) -> float:
@@ -210,13 +216,44 @@ def _build(cfg: Config, prompt_len: Optional[int] = None):
 
 
 # ---- compiling ---------------------------------------------------------------------------------
-def compile_programs(algo, log: Callable[[str], None] = lambda *_: None) -> list[ProgramMemory]:
-    """Compile every program of ``algo`` (in run order, each fed the abstract outputs of those before it)."""
+def algorithm_programs(algo) -> dict:
+    """``algo.programs()``; a generate-then-train algorithm that does not list its own is planned by
+    ``jalign.plan_gentrain`` (its generation, scoring/preparation and update)."""
+    from jalign.algorithms.base import NotPlanned
+
+    try:
+        return algo.programs()
+    except NotPlanned:
+        from jalign import plan_gentrain
+
+        if not plan_gentrain.covers(algo):
+            raise
+        return plan_gentrain.programs(algo)
+
+
+def run_programs(algo, split_layers: Optional[bool] = None) -> tuple[dict, dict]:
+    """The programs the run executes, generations as the sampler the config selects (``rollout.engine``: the
+    engine's refill and decode), and the outputs to seed the chain with (the engine's output layouts)."""
     from sharding.rules import use_rules
 
-    rt, outputs, out = algo.rt, {}, []
-    with use_rules(rt.mesh, rt.rules):
-        programs = algo.programs()
+    where = f"{algo.cfg.source or '<config>'}: algorithm.name={algo.cfg.algorithm.name}"
+    with use_rules(algo.rt.mesh, algo.rt.rules):
+        try:
+            return ab.expand_generations(algorithm_programs(algo), algo.cfg.rollout, split_layers)
+        except ConfigError as e:
+            if str(e).startswith(where):
+                raise
+            raise ConfigError(f"{where}: {e}") from None
+
+
+def compile_programs(algo, log: Callable[[str], None] = lambda *_: None,
+                     split_layers: Optional[bool] = False) -> list[ProgramMemory]:
+    """Compile every program of ``algo`` (in run order, each fed the abstract outputs of those before it).
+    ``split_layers``: the engine's per-call layer split (False: as on an accelerator; None: this backend's)."""
+    from sharding.rules import use_rules
+
+    rt, out = algo.rt, []
+    programs, outputs = run_programs(algo, split_layers)
     for name, prog in programs.items():
         t0 = time.perf_counter()
         with use_rules(rt.mesh, prog.rules if prog.rules is not None else rt.rules):
@@ -230,15 +267,19 @@ def compile_programs(algo, log: Callable[[str], None] = lambda *_: None) -> list
                             outputs=m.output_size_in_bytes - host_out,
                             aliased=max(m.alias_size_in_bytes - host_out, 0), temporaries=m.temp_size_in_bytes,
                             host=host_in + host_out, uses=tuple(prog.uses), releases=tuple(prog.releases),
-                            plan_only=prog.plan_only, note=prog.note, compile_s=time.perf_counter() - t0)
+                            plan_only=prog.plan_only, note=prog.note, compile_s=time.perf_counter() - t0,
+                            slots=prog.slots)
         out.append(mem)
         log(f"  {name}: {mem.total / GiB:.3f} GiB per device ({mem.compile_s:.1f} s)")
     return out
 
 
 def _persistent(algo) -> dict:
+    from jalign import plan_gentrain
+
     roles, _, offloaded = algo.abstract_roles()
-    return ab.persistent_buffers(algo.abstract_state(), roles, offloaded)
+    state = algo.abstract_state()
+    return ab.persistent_buffers(state, {**roles, **plan_gentrain.iterate_roles(algo, state)}, offloaded)
 
 
 def _phase_peaks(programs: list, persistent: dict) -> None:
@@ -283,7 +324,8 @@ def _rollout_traffic(algo, programs: list) -> None:
     """Under the training layout with fsdp > 1: bytes of weights each decode step all-gathers, per device."""
     from jalign.rollout.layout import RolloutLayout, gathered_per_step
 
-    if not hasattr(algo, "rollout") or algo.rollout.active or algo.rt.mesh.shape["fsdp"] == 1:
+    layout = getattr(algo, "rollout", None)
+    if not isinstance(layout, RolloutLayout) or layout.active or algo.rt.mesh.shape["fsdp"] == 1:
         return
     tensor = RolloutLayout("tensor", algo.decls, algo.cfg.model, algo.rt.mesh, algo.rt.rules)
     params = algo.abstract_state().params
@@ -296,18 +338,20 @@ def _rollout_traffic(algo, programs: list) -> None:
 # ---- the plan ----------------------------------------------------------------------------------
 def plan_config(cfg: Config, *, overrides: tuple = (), device_memory: Optional[float] = None,
                 host_memory: Optional[float] = None, devices_per_process: Optional[int] = None, layers: str = "auto",
-                prompt_len: Optional[int] = None, knobs: bool = True, log: Callable[[str], None] = lambda *_: None) -> Plan:
+                prompt_len: Optional[int] = None, knobs: bool = True, accelerator: bool = True,
+                log: Callable[[str], None] = lambda *_: None) -> Plan:
     """The plan of ``cfg`` on this process's devices (``--devices`` simulates them); memories in bytes.
 
     ``overrides``: the ``key=value`` overrides that made ``cfg`` from ``cfg.source`` (knobs are tried by
     re-loading the file with more of them). When the run does not fit, :func:`search_knobs` re-plans it with
     each memory knob; when it fits and generates on fsdp-sharded weights, the tensor-only rollout layout is
-    planned too."""
+    planned too. ``accelerator``: plan the programs an accelerator runs (False: what this CPU backend runs,
+    e.g. the rollout engine's per-call copy of the layer weights)."""
     t0 = time.perf_counter()
     n = jax.device_count()
     k = devices_per_process or (8 if n % 8 == 0 else n)
     ctx = dict(overrides=list(overrides), device_memory=device_memory, host_memory=host_memory, k=k, layers=layers,
-               prompt_len=prompt_len, log=log)
+               prompt_len=prompt_len, log=log, split_layers=False if accelerator else None)
     with tempfile.TemporaryDirectory(prefix="jalign-plan-") as tmp:
         plan = _plan_sources(_Sources(copy.deepcopy(cfg), Path(tmp)), cfg, ctx)
     if knobs and cfg.source:
@@ -331,23 +375,26 @@ def _plan_sources(sources: _Sources, cfg: Config, ctx: dict) -> Plan:
     if reduced:
         la, lb = REDUCED
         log(f"compiling at {la} and {lb} layers (extrapolated to {depth}):")
-        a = compile_programs(_build(sources.config(la), pl)[1], log)
-        b = compile_programs(_build(sources.config(lb), pl)[1], log)
+        a = compile_programs(_build(sources.config(la), pl)[1], log, ctx["split_layers"])
+        b = compile_programs(_build(sources.config(lb), pl)[1], log, ctx["split_layers"])
         programs = _extrapolate(a, b, la, lb, depth)
     else:
         log(f"compiling at the full depth ({depth} layers):")
-        programs = compile_programs(algo, log)
+        programs = compile_programs(algo, log, ctx["split_layers"])
     _phase_peaks(programs, persistent)
     _rollout_traffic(algo, programs)
     persistent_bytes = {name: ab.per_device_bytes(tree) for name, tree in persistent.items()}
-    notes = list(sources.notes)
-    if cfg.rollout.engine and any(p.name in ("rollout", "eval_generate") for p in programs):
-        notes.append("generation is planned as the static-batch sampler (rollout.engine=false: a KV cache for every "
-                     "row); the engine's paged pool (rollout.slots sequences at a time) is not planned")
+    notes = list(sources.notes) + _gentrain_notes(algo)
     return Plan(config=cfg.source or "<config>", algorithm=cfg.algorithm.name, mesh=sizes, devices=jax.device_count(),
                 layers=depth, planned_layers=REDUCED if reduced else None, programs=programs,
                 persistent=persistent_bytes, host=_host_side(algo, persistent, ctx["k"]),
                 device_memory=ctx["device_memory"], host_memory=ctx["host_memory"], notes=notes)
+
+
+def _gentrain_notes(algo) -> list:
+    from jalign import plan_gentrain
+
+    return plan_gentrain.notes(algo) if plan_gentrain.covers(algo) else []
 
 
 def _rollout_on_fsdp(plan: Plan) -> bool:
@@ -358,7 +405,7 @@ def _rollout_on_fsdp(plan: Plan) -> bool:
 def candidate_knobs(cfg: Config, plan: Plan) -> list[list[str]]:
     """Single changes that lower per-device memory, each a list of ``key=value`` overrides: a smaller micro
     batch, a stronger remat policy, a larger fsdp size (from data), the optimizer state or a frozen role in
-    host memory, the DPO reference precomputed."""
+    host memory, the DPO reference precomputed, fewer rollout engine slots."""
     out = []
     t, a, m = cfg.train, cfg.algorithm, plan.mesh
     dp = m["data"] * m["fsdp"]
@@ -383,6 +430,12 @@ def candidate_knobs(cfg: Config, plan: Plan) -> list[list[str]]:
             out.append([f"roles.{name}.offload=true"])
     if getattr(a, "reference", None) == "live":
         out.append(["algorithm.reference=precomputed"])
+    engine = [p for p in plan.programs if p.slots and p.name.startswith("rollout")]
+    if engine:  # fewer concurrent sequences: a smaller page pool and smaller decode batches
+        slots = engine[0].slots
+        while slots // 2 >= dp and (slots // 2) % dp == 0:
+            slots //= 2
+            out.append([f"rollout.slots={slots}"])
     return out
 
 
@@ -494,9 +547,10 @@ def format_plan(plan: Plan) -> str:
 
 def _hint(plan: Plan) -> str:
     name = plan.peak_program.name
-    if name in ("rollout", "score"):
+    if name in ("rollout", "rollout_prefill", "score", "prepare"):
         return ("the rollout batch (train.global_batch x algorithm.num_rollouts_per_prompt rows) is generated and "
-                "scored in one pass: fewer prompts per step or shorter rows (data.seq_len, algorithm.max_new_tokens)")
+                "scored in one pass: fewer prompts per step, fewer concurrent sequences in the engine (rollout.slots) "
+                "or shorter rows (data.seq_len, algorithm.max_new_tokens)")
     if name.startswith("eval"):
         return "evaluation runs train.global_batch rows (eval.prompts held-out prompts) in one pass: fewer of them"
     return "more devices (mesh.fsdp / mesh.tensor) or shorter rows (data.seq_len)"
@@ -522,14 +576,15 @@ def _parser():
     return p
 
 
-def run(cfg: Config, args, overrides=(), devices_per_process=None) -> int:
+def run(cfg: Config, args, overrides=(), devices_per_process=None, accelerator: bool = True) -> int:
     """Plan, print (process 0), write JSON; exit status 0 if it fits (or no memory was given), else 4."""
     main = jax.process_index() == 0
     log = (lambda m: print(m, flush=True)) if main else (lambda *_: None)
     gib = lambda x: None if x is None else x * GiB  # noqa: E731
     plan = plan_config(cfg, overrides=tuple(overrides), device_memory=gib(args.device_memory),
                        host_memory=gib(args.host_memory), devices_per_process=devices_per_process or args.devices_per_host,
-                       layers=args.layers, prompt_len=args.prompt_len, knobs=not args.no_knobs, log=log)
+                       layers=args.layers, prompt_len=args.prompt_len, knobs=not args.no_knobs,
+                       accelerator=accelerator, log=log)
     if main:
         print(format_plan(plan))
         if plan.fits is False:
@@ -560,4 +615,5 @@ def dry_run(cfg: Config, overrides, device_memory: Optional[float], knobs: bool 
         device_memory = stats.get("bytes_limit", 0) / GiB or None
     args = _parser().parse_args([cfg.source or "-"])
     args.device_memory, args.no_knobs = device_memory, not knobs
-    return run(cfg, args, overrides, devices_per_process=jax.local_device_count())
+    return run(cfg, args, overrides, devices_per_process=jax.local_device_count(),
+               accelerator=jax.default_backend() != "cpu")

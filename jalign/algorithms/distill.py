@@ -96,11 +96,11 @@ class Distill(SupervisedAlgorithm):
         k, width = self.a.top_k, self.data.longest
         self.columns = PrecomputedColumns(
             rt.run_dir / STORE_DIR, {"teacher_ids": ((width, k), "int32"), "teacher_logps": ((width, k), "float32")},
-            self._fingerprint()) if self.precomputed else None
+            self._fingerprint()) if self.precomputed and not rt.abstract else None
         self._topk_step = jax.jit(self._teacher_columns, out_shardings=NamedSharding(rt.mesh, PartitionSpec()))
 
     def role_specs(self):
-        if self.precomputed and self.columns.ready():
+        if self.precomputed and self.columns is not None and self.columns.ready():
             return {}  # the stored top-k stands in for the teacher: it is not even loaded
         return {"teacher": RoleSpec(source=None, what="teacher")}
 
@@ -110,6 +110,25 @@ class Distill(SupervisedAlgorithm):
     def batch_fields(self):
         # index / valid: the unpacked rows of the precompute pass
         return {**fields.distill_fields(self.precomputed), "index": fields.PER_ROW, "valid": fields.PER_ROW}
+
+    def batch_trailing_dims(self):  # the stored top-k columns [B, T, K]
+        return {k: (self.a.top_k,) for k in ("teacher_ids", "teacher_logps")} if self.precomputed else {}
+
+    def programs(self):
+        """The supervised programs, preceded (``teacher: precomputed``) by the teacher's one top-k pass over the
+        data (``start``: ``fill_columns`` with ``_topk_step``), after which the teacher is released."""
+        from jalign.abstract import Program
+
+        progs = super().programs()
+        if not self.precomputed:
+            return progs
+        roles, _, _ = self.abstract_roles()
+        rows = self.cfg.train.global_batch
+        placed = {**fields.SFT_FIELDS, "index": fields.PER_ROW, "valid": fields.PER_ROW}
+        first = Program(self._topk_step, (roles["teacher"], self.abstract_batch(1, rows, placed)),
+                        uses=("role:teacher",), releases=("role:teacher",),
+                        note=f"{rows} rows x {self.cfg.data.seq_len}, top-{self.a.top_k}, once per run")
+        return {"teacher_topk": first, **progs}
 
     # -- math --
     def _topk(self, teacher, rows):

@@ -603,6 +603,7 @@ class RLAlgorithm(Algorithm):
         progs["rollout"] = generate_program(
             gen_params, self.gen_cfg, rt.mesh, self.rollout.rules, batch=s.rollout, prompt_len=self.P, new_len=self.N,
             top_k=a.top_k, top_p=a.top_p, num_end_ids=len(self.tokenizer.eos_ids) or 1, uses=("params",),
+            max_new_tokens=a.max_new_tokens, num_samples=s.per_prompt,
             note=f"{s.prompts} prompts x {s.per_prompt} samples, {self.P} + {self.N} slots")
         critic = state.extra["critic"]["params"] if self.has_critic else None
         score_roles = {n: roles[n] for n in (self.reference_role, *self.trainable.role_specs(), *sorted(self.rm_cfgs))

@@ -88,6 +88,11 @@ def global_rows(local: np.ndarray, rows: np.ndarray, total: int, sharding: Named
     return jax.make_array_from_callback((total,) + local.shape[1:], sharding, piece)
 
 
+def default_slots(n_rows: int, dp: int) -> int:
+    """The engine's slots when ``rollout.slots`` is not set: every row in a slot, up to 64 per shard."""
+    return dp * min(1 << (max(-(-n_rows // dp), 1) - 1).bit_length(), 64)
+
+
 def generate(params, cfg: ModelConfig, prompt_ids, *, max_new_tokens: int, min_new_tokens: int = 0,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
              eos_ids: Sequence[int] = (), stop_ids: Sequence[int] = (), pad_id: int = 0, rng=0, prompt_mask=None,
@@ -120,8 +125,8 @@ def generate(params, cfg: ModelConfig, prompt_ids, *, max_new_tokens: int, min_n
     rows = served_rows(n, mesh, rules, total=B)
     if engine is None:
         dp = 1 if mesh is None else _dp(mesh, rules)
-        if slots is None:  # every row in a slot up to 64 per shard
-            slots = dp * min(1 << (max(-(-n // dp), 1) - 1).bit_length(), 64)
+        if slots is None:
+            slots = default_slots(n, dp)
         engine = Engine(params, cfg, slots=slots, page_size=page_size, steps_per_call=steps_per_call,
                         prefix_sharing=prefix_sharing, sampler=sampler, mesh=mesh, rules=rules, **engine_kwargs)
     key = jax.random.key(rng) if isinstance(rng, (int, np.integer)) else rng

@@ -231,6 +231,22 @@ class Engine:
                            end_width=_pow2(ends, 4), key_shape=tuple(_key_data(0).shape),
                            split_layers=self.split_layers, sampler=self.sampler)
 
+    def largest_calls(self, requests: Sequence[Request]) -> tuple[prog.Layout, int, int]:
+        """What ``run(requests)`` compiles at most, without running anything (``jalign plan``): its Layout,
+        the prefill rows per shard of its largest refill call (the first admission, every slot free) and the
+        widest page window a decode call reads (a slot about to end its longest request)."""
+        requests = list(requests)
+        self._validate(requests)
+        lay = self._layout(requests)
+        shards = {d: _Shard(d, lay.slots, lay.pages) for d in self.local_shards}
+        remaining = collections.Counter(tuple(map(int, q.prompt)) for q in requests)
+        _, rows = self._admit(requests, collections.deque(range(len(requests))), remaining, shards, lay)
+        n_rows = max((len(v) for v in rows.values()), default=0)
+        longest = max((len(q.prompt) + q.max_new_tokens for q in requests), default=1)
+        quantum = -(-128 // lay.page_size)  # as _width
+        width = min(-(-(-(-longest // lay.page_size)) // quantum) * quantum, lay.max_pages)
+        return lay, min(_pow2(n_rows, 4), _pow2(self.prefill_rows)), width
+
     # ---- the loop -----------------------------------------------------------------------------
     def run(self, requests: Sequence[Request]) -> list[Result]:
         """Serve ``requests`` (this process's own); returns their results in request order."""

@@ -230,7 +230,18 @@ class Programs:
         with self._ctx():
             return self._refill(state, params, adm, rows)
 
+    @property
+    def refill_fn(self):
+        """The jitted refill (trace it under ``use_rules(mesh, rules)``)."""
+        return self._refill
+
     def decode(self, state, params, n_steps: int, exit_on_free: bool, width: int):
+        fn = self.decode_fn(width)
+        with self._ctx():
+            return fn(state, params, jnp.int32(n_steps), jnp.bool_(exit_on_free))
+
+    def decode_fn(self, width: int):
+        """The jitted decode reading ``width`` page-table columns (one compile per width)."""
         fn = self._decode.get(width)
         if fn is None:
             kw = {}
@@ -242,8 +253,7 @@ class Programs:
                 kw["out_shardings"] = (self.state_sharding, outs, NamedSharding(self.mesh, PartitionSpec()))
             fn = self._decode[width] = jax.jit(partial(_decode_impl, cfg=self.cfg, lay=self.lay, width=width),
                                                donate_argnums=(0,), **kw)
-        with self._ctx():
-            return fn(state, params, jnp.int32(n_steps), jnp.bool_(exit_on_free))
+        return fn
 
     def cache_size(self) -> int:
         return self._init._cache_size() + self._refill._cache_size() + sum(
