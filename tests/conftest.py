@@ -22,3 +22,9 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # resume test); the persistent compilation cache turns those repeat compiles into cache hits.
 jax.config.update("jax_compilation_cache_dir", os.environ.get("JALIGN_TEST_JAX_CACHE", "/tmp/jalign-test-jax-cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The end-to-end runs (marked ``slow``) first: with ``-n 2`` each starts while the other worker still has
+    short tests to take, instead of one of them running alone at the end of the suite."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: otherwise collection order

@@ -149,6 +149,7 @@ def test_start_policy_roles_and_iterates_give_the_base_and_the_snapshot_adapters
                      "opd": "no frozen role of the policy (its one role is the teacher)"}[name])
 
 
+@pytest.mark.slow
 def test_lora_rs_resume_inside_a_round_equals_uninterrupted_and_exports(tmp_path):
     # 4 steps in 2 rounds, stopped after step 3: the resumed run reloads round 1's adapters from RUN_DIR/iterates
     extra = [*LORA, *RULE, "data.train=builtin:addition_prompts:train", "data.eval=null", "train.global_batch=4",
