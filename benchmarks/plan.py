@@ -1,5 +1,5 @@
 """The plans of the shipped real-size configs (README table), each `jalign plan CONFIG --devices N --device-memory 80`
-in its own process on N simulated CPU devices, and optionally the reduced-depth extrapolation checked against a
+in its own process on N simulated CPU devices, and optionally the 2/4-layer extrapolation (``--layers auto``) checked against a
 full-depth compile of one config.
 
     python benchmarks/plan.py                          # every real-size config: per-program peaks per device
@@ -55,7 +55,7 @@ def main() -> None:
         print(row(name, *plan(name, n)), flush=True)
     if a.check_depth:
         n = CONFIGS[a.check_depth]
-        auto, _ = plan(a.check_depth, n)
+        auto, _ = plan(a.check_depth, n, "--layers", "auto")
         full, wall = plan(a.check_depth, n, "--layers", "full")
         for qa, qf in zip(auto["programs"], full["programs"]):
             print(f"{a.check_depth} {qa['name']}: extrapolated {qa['peak'] / GiB:.2f} GiB, full depth "
