@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import io
 import json
@@ -106,6 +107,7 @@ section depends on `algorithm.name`: one table per built-in algorithm below.
 
 
 # ---- reading the source -----------------------------------------------------------------------------
+@functools.cache  # once per class: parsing its module's source for each of ~500 fields took ~9 s
 def _comments(cls) -> dict[str, str]:
     """{field: meaning} from the comments next to the fields in the source of ``cls`` (not its bases)."""
     try:

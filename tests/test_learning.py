@@ -48,7 +48,7 @@ def greedy_answers_by_carry(params, cfg) -> dict:
 @pytest.mark.slow
 def test_tiny_sft_learns_the_no_carry_sums_early(tmp_path):
     overrides = [f"train.out_dir={tmp_path}", f"train.stop_after_steps={STEPS}", "train.eval_every=0",
-                 "train.progress=false", "train.tensorboard=false"]
+                 "train.log_every=50", "train.progress=false", "train.tensorboard=false"]  # a metrics row at 250
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, default flags, as a user runs it
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "jalign", "train", str(CONFIG), *overrides], env=env, cwd=REPO,
