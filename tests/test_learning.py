@@ -2,8 +2,7 @@
 a clear threshold on held-out prompts, run the way the README's main command runs it (`jalign train` in
 its own process on one CPU device, default XLA flags), so a change that puts the demo back on a knife edge
 (issue 11: SFT stuck on its loss plateau, every later stage inheriting the failure) fails here first. The
-8-device spread is measured by benchmarks/pipeline_seeds.py (the README's seed table); one device is also
-about twice as fast here as the suite's 8 simulated ones.
+8-device spread is measured by benchmarks/pipeline_seeds.py (the README's seed table).
 
 Scored independently of the trainer's own evaluation: greedy answers to every held-out prompt of the
 ``eval`` split, split by whether the sum has a carry out of the units, compared with Python's sums.
