@@ -302,14 +302,10 @@ class SamplerRequest:
 
 
 def batch_parallel(mesh, rules) -> int:
-    """The data-parallel size: devices the logical "batch" axis is split over."""
-    from sharding.rules import logical_to_spec
+    """The data-parallel size: devices the logical "batch" axis is split over (the engine adapter's own count)."""
+    from jalign.rollout.adapter import batch_parallel as engine_dp
 
-    spec = logical_to_spec(("batch",), rules)[0]
-    n = 1
-    for a in (spec if isinstance(spec, tuple) else (spec,)) if spec else ():
-        n *= mesh.shape[a]
-    return n
+    return engine_dp(mesh, rules)
 
 
 def generate_program(params, cfg, mesh, rules, *, batch: int, prompt_len: int, new_len: int, top_k: int = 0,

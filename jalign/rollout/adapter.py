@@ -34,7 +34,8 @@ from jalign.rollout.engine import Engine, Request
 from sharding.rules import DEFAULT_RULES
 
 
-def _dp(mesh, rules) -> int:
+def batch_parallel(mesh, rules) -> int:
+    """The data-parallel size: devices the logical "batch" axis is split over."""
     from sharding.rules import logical_to_spec
 
     spec = logical_to_spec(("batch",), rules)[0]
@@ -47,7 +48,7 @@ def _dp(mesh, rules) -> int:
 def device_rows(n_rows: int, mesh, rules=DEFAULT_RULES, batch_bucket: bool = False) -> int:
     """Rows of the device outputs: ``n_rows`` rounded up to the data-parallel size, or (``batch_bucket``)
     to a power of two times it, exactly like ``jalign.generate.generate``'s batch."""
-    dp = 1 if mesh is None else _dp(mesh, rules)
+    dp = 1 if mesh is None else batch_parallel(mesh, rules)
     n = 1 << (max(n_rows, 1) - 1).bit_length() if batch_bucket else n_rows
     return -(-n // dp) * dp
 
@@ -124,7 +125,7 @@ def generate(params, cfg: ModelConfig, prompt_ids, *, max_new_tokens: int, min_n
     B = device_rows(n, mesh, rules, batch_bucket)
     rows = served_rows(n, mesh, rules, total=B)
     if engine is None:
-        dp = 1 if mesh is None else _dp(mesh, rules)
+        dp = 1 if mesh is None else batch_parallel(mesh, rules)
         if slots is None:
             slots = default_slots(n, dp)
         engine = Engine(params, cfg, slots=slots, page_size=page_size, steps_per_call=steps_per_call,
