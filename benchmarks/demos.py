@@ -66,8 +66,11 @@ def finished(run: Path, steps: int) -> bool:
     return p.is_file() and any(json.loads(x).get("step") == steps for x in p.read_text().splitlines() if x.strip())
 
 
-def train(name: str, config: str, overrides: list, out: Path, steps: int, times: dict, log=print) -> Path:
+def train(name: str, config: str, overrides: list, out: Path, times: dict, log=print) -> Path:
+    from jalign.config import load_config
+
     run = out / name
+    steps = load_config(CONFIGS / config, overrides).train.steps
     if not finished(run, steps):
         log(f"  {name}: jalign train {config} ...")
         times[name] = round(jalign(["train", CONFIGS / config, f"train.out_dir={run}", *QUIET, *overrides],
@@ -82,25 +85,25 @@ def run_seed(pipe: Path, seed: int, out: Path, log=print) -> dict:
     seeds = [f"train.seed={seed}", f"data.seed={seed}"]
     sft = [f"model.init_from=run:{pipe / 'sft'}", *seeds]
     times: dict = {}
-    kto = train("kto", "kto_tiny.yaml", sft, out, 100, times, log)
+    kto = train("kto", "kto_tiny.yaml", sft, out, times, log)
     simpo = train("simpo", "dpo_tiny.yaml", [*sft, "algorithm.loss=simpo", "algorithm.beta=2.0",
-                                             "algorithm.gamma=1.0"], out, 100, times, log)
+                                             "algorithm.gamma=1.0"], out, times, log)
     orpo = train("orpo", "dpo_tiny.yaml", [*sft, "algorithm.loss=orpo", "algorithm.beta=0.1",
-                                           "algorithm.sft_weight=0"], out, 100, times, log)
+                                           "algorithm.sft_weight=0"], out, times, log)
     # SteerLM: regression RM -> annotate -> attribute-conditioned SFT
     rm = train("steer_rm", "rm_tiny.yaml", [*sft, "algorithm.loss=regression", "algorithm.num_attributes=2",
                                             "data.train=builtin:addition_steer_rm:feedback",
                                             "data.eval=builtin:addition_steer_rm:eval", "data.seq_len=48",
-                                            "train.steps=300"], out, 300, times, log)
+                                            "train.steps=300"], out, times, log)
     annotated = out / "steer_sft.jsonl"
     if not annotated.is_file():
         log("  annotate ...")
         times["annotate"] = round(jalign(["annotate", "--model", rm, "--input", "builtin:addition_steer_sloppy:train",
                                           "--output", annotated], out / "annotate.log"))
-    steer = train("steerlm", "steerlm_tiny.yaml", [*sft, f"data.train={annotated}"], out, 400, times, log)
+    steer = train("steerlm", "steerlm_tiny.yaml", [*sft, f"data.train={annotated}"], out, times, log)
     teacher = [f"roles.teacher=run:{pipe / 'dpo'}", *seeds]
-    kd = train("kd", "distill_tiny.yaml", teacher, out, 300, times, log)
-    kd_base = train("kd_baseline", "distill_tiny.yaml", [*teacher, "algorithm.kd_weight=0"], out, 300, times, log)
+    kd = train("kd", "distill_tiny.yaml", teacher, out, times, log)
+    kd_base = train("kd_baseline", "distill_tiny.yaml", [*teacher, "algorithm.kd_weight=0"], out, times, log)
 
     log("  evaluating SFT, DPO, KTO, SimPO, ORPO on the pipeline's held-out prompts ...")
     policies = {"SFT": pipe / "sft", "DPO": pipe / "dpo", "KTO": kto, "SimPO (+NLL)": simpo, "ORPO": orpo}
