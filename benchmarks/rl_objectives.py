@@ -2,11 +2,13 @@
 
     python benchmarks/rl_objectives.py --sft runs/sft_tiny --out runs/objectives [--seeds 0 1] [--steps 30]
         [--only ppo,grpo,...] [key=value ...]
+    python benchmarks/rl_objectives.py --sft 'runs/seeds/d1_s{seed}/sft' ...   # each seed's own SFT run
 
 Every run is ``jalign train configs/grpo_tiny.yaml`` (16 prompts x 8 samples per step, 2 epochs x 2 minibatches,
 lr 5e-5, rule reward exact_match, kl_coef 0.04, the same held-out evaluation) with one objective swapped in by
 config (``OBJECTIVES``), one subprocess per run, the objectives alternated within each seed so machine load
-hits them alike. Prints (and writes ``OUT/table.md``) the held-out greedy / sampled exact match and KL to the
+hits them alike. ``--sft`` with ``{seed}`` in it starts each seed from its own SFT run (e.g. the pipelines of
+benchmarks/pipeline_seeds.py); the evaluation is the pipeline's size (``eval.prompts=512``). Prints (and writes ``OUT/table.md``) the held-out greedy / sampled exact match and KL to the
 SFT policy (nats per sequence) before and after, the extra rollouts of dynamic sampling and the wall time of
 each run (start-up and compiles included). Figures only; no asserts.
 """
@@ -78,8 +80,13 @@ def table(results: dict, seeds: list) -> str:
         lines.append(f"| {label} | {cell([r['after']['greedy'] for r in ok])} | "
                      f"{cell([r['after']['sampled'] for r in ok])} | {cell([r['after']['kl'] for r in ok])} | "
                      f"{cell([r['extra_rollouts'] for r in ok], '{:.0f}')} | {cell([r['wall'] for r in ok], '{:.0f}')} |")
-    first = next(r for rs in results.values() for r in rs if not r.get("failed"))
-    lines.append(f"| SFT (before) | {first['before']['greedy']:.3f} | {first['before']['sampled']:.3f} | 0 | | |")
+    befores = {}
+    for rs in results.values():
+        for i, r in enumerate(rs):
+            if not r.get("failed"):
+                befores.setdefault(i, r["before"])
+    lines.append(f"| SFT (before) | {cell([b['greedy'] for b in befores.values()])} | "
+                 f"{cell([b['sampled'] for b in befores.values()])} | 0 | | |")
     lines.append("")
     lines.append(f"seeds {seeds}; mean (per seed) where several")
     return "\n".join(lines)
@@ -95,17 +102,17 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
     out = Path(a.out).absolute()
-    sft = Path(a.sft).absolute()
     chosen = {k: v for k, v in OBJECTIVES.items()
               if not a.only or k.split()[0].lower() in a.only.lower().split(",")}
     results = {k: [] for k in chosen}
     log = lambda s: print(s, flush=True)  # noqa: E731
-    common = [f"model.init_from=run:{sft}", f"train.steps={a.steps}", f"train.eval_every={a.steps}",
-              f"train.checkpoint_every={a.steps}"]
+    common = [f"train.steps={a.steps}", f"train.eval_every={a.steps}", f"train.checkpoint_every={a.steps}",
+              "eval.prompts=512"]
     for seed in a.seeds:
+        sft = Path(a.sft.format(seed=seed)).absolute()
         for label, ov in chosen.items():
             name = label.split()[0].lower().replace("+", "p")
-            results[label].append(run(label, [*common, *ov, f"train.seed={seed}", f"data.seed={seed}", *a.overrides],
+            results[label].append(run(label, [f"model.init_from=run:{sft}", *common, *ov, f"train.seed={seed}", f"data.seed={seed}", *a.overrides],
                                       out / f"{name}_s{seed}", log))
     text = table(results, a.seeds)
     print(text)

@@ -81,7 +81,10 @@ def stage_overrides(stage: str, out: Path, fast: bool, extra: Optional[dict] = N
 def evaluate_policies(out: Path, runs: dict[str, Path], config_dir: Path, fast: bool, log=print,
                       seed: Optional[int] = None) -> dict:
     """The same held-out evaluation for every policy (``jalign.evaluation.GenerationEval``): greedy and sampled
-    answers to the eval prompts, scored by the reward model, exact match, KL to the SFT policy."""
+    answers to the eval prompts, scored by the reward model, exact match, KL to the SFT policy.
+
+    ``runs``: label -> a jalign run directory, or a source string ``hf:DIR`` / ``run:DIR[@STEP]`` (a LoRA run's
+    checkpoints hold its adapters only: evaluate its ``train.export_hf`` directory)."""
     from jalign.config import load_config
     from jalign.models import load
     from jalign.models import params as params_lib
@@ -102,7 +105,8 @@ def evaluate_policies(out: Path, runs: dict[str, Path], config_dir: Path, fast: 
     with use_rules(rt.mesh, rt.rules):
         roles = build_roles(cfg, evaluator.role_specs(), rt.mesh, rt.rules, log=rt.log)
         for label, run in runs.items():
-            params = load.load_params(load.parse_source(f"run:{run}", where=label), evaluator.decls, mesh=rt.mesh,
+            spec = run if str(run).startswith(("hf:", "run:")) else f"run:{run}"  # a bare path is a jalign run
+            params = load.load_params(load.parse_source(spec, where=label), evaluator.decls, mesh=rt.mesh,
                                       rules=rt.rules, dtype=params_lib.DTYPES[cfg.model.param_dtype], log=rt.log)
             ev = evaluator.generation_eval(params, cfg.model, roles)
             nan = float("nan")
