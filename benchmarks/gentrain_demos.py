@@ -1,0 +1,134 @@
+"""The generate-then-train algorithms on the tiny task against their baselines, from each seed's finished tiny
+pipeline, scored by the pipeline's own held-out evaluation:
+
+    python benchmarks/gentrain_demos.py --pipelines 'runs/seeds/d1_s{seed}' --seeds 0,1,2 --out runs/gentrain
+
+Per seed S (``jalign pipeline --seed S --out DIR``: its SFT policy, reward model and DPO policy), one
+``jalign train`` subprocess per run (1 CPU device unless XLA_FLAGS says otherwise), ``train.seed``/``data.seed``
+= S, each from the seed's SFT run:
+
+- rejection sampling (``configs/rs_tiny.yaml``, best of 8 by the seed's reward model) against the same run with
+  ``select: random`` (SFT on unfiltered samples: the same generation and training compute);
+- online DPO (``configs/online_dpo_tiny.yaml``, pairs of on-policy samples ranked by the reward model) against
+  the pipeline's offline DPO (the same preference data's prompts, labelled pairs);
+- SPIN (``configs/spin_tiny.yaml``, gold answers against the previous iterate's generations) against plain SFT
+  continued on the same gold data, steps, batch and learning rate (``configs/sft_tiny.yaml`` with overrides);
+- on-policy distillation (``configs/opd_tiny.yaml``, reverse KL to the seed's DPO policy as the teacher, on the
+  student's own samples), whose baseline is the student before (SFT) and whose ceiling is the teacher (DPO).
+
+Every policy is scored by ``jalign.pipeline.evaluate_policies`` (512 held-out prompts, greedy and sampled exact
+match, reward-model score, KL to SFT). A finished run is not rerun. Writes OUT/gentrain.md and OUT/gentrain.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demos import CONFIGS, finished, jalign  # noqa: E402  (the same subprocess runner as the demonstrations)
+
+QUIET = ["train.progress=false", "train.tensorboard=false"]
+# SFT continued on SPIN's data with SPIN's optimisation (the baseline SPIN must beat)
+SFT_ON_GOLD = ["data.train=builtin:addition:feedback", "data.eval=builtin:addition:eval", "data.seq_len=16",
+               "data.packing=false", "train.steps=60", "train.global_batch=32", "train.eval_every=60",
+               "train.checkpoint_every=60", "optim.lr=1e-4", "optim.warmup_steps=10", "optim.weight_decay=0.0"]
+ROWS = ("SFT", "RS (best of 8, RM)", "RS baseline (random of 8)", "online DPO (RM-ranked pairs)",
+        "DPO (offline, pipeline)", "SPIN", "SFT on SPIN's gold data", "on-policy distillation (teacher DPO)")
+
+
+def runs_for(pipe: Path) -> dict:
+    """label -> (config, overrides) of the runs this script trains (the rest come from the pipeline)."""
+    rm, dpo = f"roles.reward=run:{pipe / 'rm'}", f"roles.teacher=run:{pipe / 'dpo'}"
+    return {"RS (best of 8, RM)": ("rs_tiny.yaml", [rm]),
+            "RS baseline (random of 8)": ("rs_tiny.yaml", [rm, "algorithm.select=random"]),
+            "online DPO (RM-ranked pairs)": ("online_dpo_tiny.yaml", [rm]),
+            "SPIN": ("spin_tiny.yaml", []),
+            "SFT on SPIN's gold data": ("sft_tiny.yaml", SFT_ON_GOLD),
+            "on-policy distillation (teacher DPO)": ("opd_tiny.yaml", [dpo])}
+
+
+def run_seed(pipe: Path, seed: int, out: Path, log=print) -> dict:
+    from jalign.config import load_config
+    from jalign.pipeline import evaluate_policies
+
+    base = [f"model.init_from=run:{pipe / 'sft'}", f"train.seed={seed}", f"data.seed={seed}", *QUIET]
+    policies = {"SFT": pipe / "sft", "DPO (offline, pipeline)": pipe / "dpo"}
+    walls = {}
+    for i, (label, (config, extra)) in enumerate(runs_for(pipe).items()):
+        run = out / f"run{i}"
+        overrides = [*base, *extra, f"train.out_dir={run}"]
+        if not finished(run, load_config(CONFIGS / config, overrides).train.steps):
+            log(f"  {label}: jalign train {config} ...")
+            walls[label] = round(jalign(["train", CONFIGS / config, *overrides], out / f"run{i}.log"))
+        policies[label] = run
+    log("  evaluating on the pipeline's held-out prompts ...")
+    ev = evaluate_policies(pipe, policies, CONFIGS, fast=False, log=lambda *_: None, seed=seed)
+    fig = {p: {k: ev[p][k] for k in ("exact_match", "sampled_exact_match", "greedy_reward", "kl")} for p in policies}
+    for p, w in walls.items():
+        fig[p]["wall"] = w
+    return fig
+
+
+def spread(xs: list, fmt: str = "{:.3f}") -> str:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "n/a"
+    if len(xs) == 1:
+        return fmt.format(xs[0])
+    return f"{fmt.format(statistics.mean(xs))} [{fmt.format(min(xs))}, {fmt.format(max(xs))}]"
+
+
+def table(figs: dict) -> str:
+    seeds = sorted(figs)
+    md = [f"Seeds {', '.join(map(str, seeds))}: mean [min, max].", "",
+          "| policy | greedy exact match | per seed | sampled exact match | greedy RM reward | KL to SFT | wall (s) |",
+          "|---|---|---|---|---|---|---|"]
+    for p in ROWS:
+        g = lambda k: [figs[s][p].get(k) for s in seeds]  # noqa: E731
+        em = g("exact_match")
+        md.append(f"| {p} | {spread(em)} | {' / '.join(f'{x:.3f}' for x in em)} | {spread(g('sampled_exact_match'))} | "
+                  f"{spread(g('greedy_reward'))} | {spread(g('kl'))} | {spread(g('wall'), '{:.0f}')} |")
+    pairs = (("RS (best of 8, RM)", "RS baseline (random of 8)"), ("online DPO (RM-ranked pairs)", "DPO (offline, pipeline)"),
+             ("SPIN", "SFT on SPIN's gold data"), ("on-policy distillation (teacher DPO)", "SFT"))
+    md += ["", "Gain in greedy exact match over the baseline, per seed: " + "; ".join(
+        f"{a} vs {b}: " + " / ".join(f"{figs[s][a]['exact_match'] - figs[s][b]['exact_match']:+.3f}" for s in seeds)
+        for a, b in pairs)]
+    return "\n".join(md) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pipelines", required=True, help="pipeline directory per seed, with {seed} in it")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    out = Path(a.out).absolute()
+    figs = {}
+    for s in [int(x) for x in a.seeds.split(",") if x.strip()]:
+        pipe = Path(a.pipelines.format(seed=s)).absolute()
+        if not (pipe / "results.json").is_file():
+            print(f"gentrain_demos: {pipe} is not a finished pipeline (no results.json); run `jalign pipeline "
+                  f"--seed {s} --out {pipe}` first")
+            return 2
+        done = out / f"s{s}" / "figures.json"
+        if done.is_file():
+            figs[s] = json.loads(done.read_text())
+            continue
+        print(f"seed {s} (pipeline {pipe}):", flush=True)
+        t0 = time.time()
+        figs[s] = run_seed(pipe, s, out / f"s{s}", log=lambda m: print(m, flush=True))
+        figs[s]["_total_s"] = round(time.time() - t0)
+        done.write_text(json.dumps(figs[s], indent=1))
+    md = table(figs)
+    (out / "gentrain.md").write_text(md)
+    (out / "gentrain.json").write_text(json.dumps({str(k): v for k, v in figs.items()}, indent=1))
+    print("\n" + md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
