@@ -247,6 +247,30 @@ def test_page_accounting_over_hundreds_of_refills(model):
     assert 0.5 < s["slot_occupancy"] <= 1.0
 
 
+def test_page_accounting_over_a_thousand_refills(model):
+    """Over a thousand refills (the issue asks for thousands; 1200 fit CI's budget): 1200 requests of 1-3 new
+    tokens (a third repeating the previous prompt, so prefix pages are shared and released all the time)
+    through 10 slots and a 20-page pool; the
+    accounting is checked after every step (which, after the last, means every page is back on the free list)
+    and each request gets between 1 and its own max_new tokens. Outputs are compared with the static sampler
+    in the 400-request test above; this one is only the accounting, at a count where a slow leak would show."""
+    _, _, cfg, params = model
+    rng = np.random.default_rng(1)
+    n = 1200
+    prompts = [rng.integers(3, 256, int(k)).tolist() for k in rng.integers(1, 13, n)]  # <= 4 pages of 4 with new
+    prompts = [prompts[i - 1] if i % 3 == 2 else prompts[i] for i in range(n)]
+    max_new = rng.integers(1, 4, n)
+    reqs = [Request(prompt=p, max_new_tokens=int(m), greedy=True, end_ids=(5, 7, 9, 11))
+            for p, m in zip(prompts, max_new)]
+    eng = Engine(params, cfg, slots=10, page_size=4, steps_per_call=4, pages_per_shard=20, prefill_rows=16,
+                 check_pages=True)
+    res = eng.run(reqs)
+    assert all(1 <= r.length <= m for r, m in zip(res, max_new))
+    s = eng.stats
+    assert s["refill_calls"] > 100 and s["generated"] == sum(r.length for r in res)
+    assert s["prefill_tokens"] < sum(map(len, prompts))
+
+
 def test_shared_prefix_samples_equal_unshared_and_adapter_convention(model):
     _, _, cfg, params = model
     prompts = [ALL[0] + ALL[5][:10], ALL[3][:25], ALL[5], [4, 4]]  # 17, 25, 17 and 2 tokens
