@@ -14,7 +14,11 @@ Per seed S (``jalign pipeline --seed S --out DIR``: its SFT policy, reward model
 - SPIN (``configs/spin_tiny.yaml``, gold answers against the previous iterate's generations) against plain SFT
   continued on the same gold data, steps, batch and learning rate (``configs/sft_tiny.yaml`` with overrides);
 - on-policy distillation (``configs/opd_tiny.yaml``, reverse KL to the seed's DPO policy as the teacher, on the
-  student's own samples), whose baseline is the student before (SFT) and whose ceiling is the teacher (DPO).
+  student's own samples), whose baseline is the student before (SFT) and whose ceiling is the teacher (DPO);
+- Constitutional AI: the tiny critic/judge (``configs/cai_critic_tiny.yaml``, SFT on generated critiques,
+  revisions and judgements), the supervised stage (``configs/cai_sl_tiny.yaml``: the policy answers red-team
+  carry prompts, the critic critiques and revises, SFT on the revisions) against the policy before (SFT), and
+  RL from AI feedback (``configs/cai_rlaif_tiny.yaml``: pairs judged by the critic, DPO) against the SL stage.
 
 Every policy is scored by ``jalign.pipeline.evaluate_policies`` (512 held-out prompts, greedy and sampled exact
 match, reward-model score, KL to SFT). A finished run is not rerun. Writes OUT/gentrain.md and OUT/gentrain.json.
@@ -37,18 +41,25 @@ SFT_ON_GOLD = ["data.train=builtin:addition:feedback", "data.eval=builtin:additi
                "data.packing=false", "train.steps=60", "train.global_batch=32", "train.eval_every=60",
                "train.checkpoint_every=60", "optim.lr=1e-4", "optim.warmup_steps=10", "optim.weight_decay=0.0"]
 ROWS = ("SFT", "RS (best of 8, RM)", "RS baseline (random of 8)", "online DPO (RM-ranked pairs)",
-        "DPO (offline, pipeline)", "SPIN", "SFT on SPIN's gold data", "on-policy distillation (teacher DPO)")
+        "DPO (offline, pipeline)", "SPIN", "SFT on SPIN's gold data", "on-policy distillation (teacher DPO)",
+        "CAI supervised (critique + revision)", "CAI RLAIF (judge-labelled DPO, from CAI SL)")
 
 
-def runs_for(pipe: Path) -> dict:
-    """label -> (config, overrides) of the runs this script trains (the rest come from the pipeline)."""
+def runs_for(pipe: Path, out: Path) -> dict:
+    """label -> (config, run directory, overrides) of the runs this script trains, in order (the rest come from
+    the pipeline). Labels starting with ``_`` are helper runs that are not evaluated (the CAI critic)."""
     rm, dpo = f"roles.reward=run:{pipe / 'rm'}", f"roles.teacher=run:{pipe / 'dpo'}"
-    return {"RS (best of 8, RM)": ("rs_tiny.yaml", [rm]),
-            "RS baseline (random of 8)": ("rs_tiny.yaml", [rm, "algorithm.select=random"]),
-            "online DPO (RM-ranked pairs)": ("online_dpo_tiny.yaml", [rm]),
-            "SPIN": ("spin_tiny.yaml", []),
-            "SFT on SPIN's gold data": ("sft_tiny.yaml", SFT_ON_GOLD),
-            "on-policy distillation (teacher DPO)": ("opd_tiny.yaml", [dpo])}
+    critic, cai_sl = out / "cai_critic", out / "cai_sl"
+    return {"RS (best of 8, RM)": ("rs_tiny.yaml", out / "rs", [rm]),
+            "RS baseline (random of 8)": ("rs_tiny.yaml", out / "rs_random", [rm, "algorithm.select=random"]),
+            "online DPO (RM-ranked pairs)": ("online_dpo_tiny.yaml", out / "online_dpo", [rm]),
+            "SPIN": ("spin_tiny.yaml", out / "spin", []),
+            "SFT on SPIN's gold data": ("sft_tiny.yaml", out / "sft_gold", SFT_ON_GOLD),
+            "on-policy distillation (teacher DPO)": ("opd_tiny.yaml", out / "opd", [dpo]),
+            "_critic": ("cai_critic_tiny.yaml", critic, []),
+            "CAI supervised (critique + revision)": ("cai_sl_tiny.yaml", cai_sl, [f"roles.critic=run:{critic}"]),
+            "CAI RLAIF (judge-labelled DPO, from CAI SL)": (
+                "cai_rlaif_tiny.yaml", out / "cai_rlaif", [f"model.init_from=run:{cai_sl}", f"roles.judge=run:{critic}"])}
 
 
 def run_seed(pipe: Path, seed: int, out: Path, log=print) -> dict:
@@ -58,18 +69,18 @@ def run_seed(pipe: Path, seed: int, out: Path, log=print) -> dict:
     base = [f"model.init_from=run:{pipe / 'sft'}", f"train.seed={seed}", f"data.seed={seed}", *QUIET]
     policies = {"SFT": pipe / "sft", "DPO (offline, pipeline)": pipe / "dpo"}
     walls = {}
-    for i, (label, (config, extra)) in enumerate(runs_for(pipe).items()):
-        run = out / f"run{i}"
-        overrides = [*base, *extra, f"train.out_dir={run}"]
+    for label, (config, run, extra) in runs_for(pipe, out).items():
+        overrides = [*base, *extra, f"train.out_dir={run}"]  # a later init_from (CAI RLAIF) wins over base's
         if not finished(run, load_config(CONFIGS / config, overrides).train.steps):
-            log(f"  {label}: jalign train {config} ...")
-            walls[label] = round(jalign(["train", CONFIGS / config, *overrides], out / f"run{i}.log"))
-        policies[label] = run
+            log(f"  {label.lstrip('_')}: jalign train {config} ...")
+            walls[label] = round(jalign(["train", CONFIGS / config, *overrides], out / f"{run.name}.log"))
+        if not label.startswith("_"):
+            policies[label] = run
     log("  evaluating on the pipeline's held-out prompts ...")
     ev = evaluate_policies(pipe, policies, CONFIGS, fast=False, log=lambda *_: None, seed=seed)
     fig = {p: {k: ev[p][k] for k in ("exact_match", "sampled_exact_match", "greedy_reward", "kl")} for p in policies}
     for p, w in walls.items():
-        fig[p]["wall"] = w
+        fig.setdefault(p, {})["wall"] = w
     return fig
 
 
@@ -93,7 +104,9 @@ def table(figs: dict) -> str:
         md.append(f"| {p} | {spread(em)} | {' / '.join(f'{x:.3f}' for x in em)} | {spread(g('sampled_exact_match'))} | "
                   f"{spread(g('greedy_reward'))} | {spread(g('kl'))} | {spread(g('wall'), '{:.0f}')} |")
     pairs = (("RS (best of 8, RM)", "RS baseline (random of 8)"), ("online DPO (RM-ranked pairs)", "DPO (offline, pipeline)"),
-             ("SPIN", "SFT on SPIN's gold data"), ("on-policy distillation (teacher DPO)", "SFT"))
+             ("SPIN", "SFT on SPIN's gold data"), ("on-policy distillation (teacher DPO)", "SFT"),
+             ("CAI supervised (critique + revision)", "SFT"),
+             ("CAI RLAIF (judge-labelled DPO, from CAI SL)", "CAI supervised (critique + revision)"))
     md += ["", "Gain in greedy exact match over the baseline, per seed: " + "; ".join(
         f"{a} vs {b}: " + " / ".join(f"{figs[s][a]['exact_match'] - figs[s][b]['exact_match']:+.3f}" for s in seeds)
         for a, b in pairs)]
