@@ -307,7 +307,7 @@ def test_resume_inside_a_round_equals_uninterrupted(rm_dir, tmp_path):
 
     extra = [f"roles.reward=run:{rm_dir}", "algorithm.reward_attributes=null",
              "data.train=builtin:addition_prompts:train:8",
-             "data.eval=null", "data.seq_len=48", "train.global_batch=2", "algorithm.num_rollouts_per_prompt=2",
+             "data.eval=null", "data.seq_len=48", "train.global_batch=4", "algorithm.num_rollouts_per_prompt=2",
              "algorithm.max_new_tokens=3", "algorithm.truncated_response=keep", "algorithm.steerlm2_iterations=2",
              "optim.lr=1e-2", "optim.warmup_steps=0", "train.eval_every=0",
              "algorithm.log_rollouts=true"]
