@@ -76,7 +76,7 @@ class SteerLM2Config(GenTrainConfig):
     reward_attributes: Optional[list[str]] = None  # names of the reward model's outputs (None: its run's data)
     attribute_sigma: float = 1.0  # spread of P(a | x, y) around the reward model's predictions
     max_value: int = 4  # attribute values are integers in [0, max_value]
-    truncated_response: Literal["drop", "keep"] = "drop"
+    truncated_response: Literal["drop", "keep"] = "drop"  # a response without EOS: out of its group (drop) or weighed
     eval_reward: Optional[str] = None  # a rule scored on every generated eval answer (an import path)
 
 
