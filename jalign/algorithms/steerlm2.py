@@ -332,7 +332,8 @@ class SteerLM2(GenTrainAlgorithm):
 
     def loss(self, params, mb, norms, roles):
         logps = policy_token_logps(params, mb, self.cfg.model)
-        return steerlm2_loss(logps, mb["mask"], mb["w"], mb["b"], mb["group_length"], norms["num_groups"])
+        loss, m = steerlm2_loss(logps, mb["mask"], mb["w"], mb["b"], mb["group_length"], norms["num_groups"])
+        return loss, {**m, "num_tokens": jnp.sum(mb["mask"])}  # summed over micro-batches: the step's tokens
 
     @staticmethod
     def normalizers(batch):
