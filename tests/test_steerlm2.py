@@ -150,11 +150,11 @@ def rm_dir(tmp_path_factory):
     return str(d)
 
 
-def runtime(overrides, mesh=None):
+def runtime(overrides, mesh=None, run_dir="/tmp/unused"):
     cfg = load_config(None, ["algorithm.name=steerlm2", *MODEL, *OPTIM, "data.train=builtin:addition_prompts:train:8",
                              "data.eval=null", "data.seq_len=48", "algorithm.max_new_tokens=3", *overrides])
     mesh = mesh or make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
-    return base.Runtime(cfg=cfg, mesh=mesh, rules=make_rules(), run_dir=Path("/tmp/unused"), log=lambda *_: None)
+    return base.Runtime(cfg=cfg, mesh=mesh, rules=make_rules(), run_dir=Path(run_dir), log=lambda *_: None)
 
 
 def right_padded(pairs):
@@ -185,12 +185,12 @@ def right_padded_logps(cfg, pairs):
     return jax.jit(fn)
 
 
-def test_one_step_gradient_is_the_numpy_weighted_log_likelihood(rm_dir):
+def test_one_step_gradient_is_the_numpy_weighted_log_likelihood(rm_dir, tmp_path):
     from jalign.data.chat import encode_prompt
 
     rt = runtime([f"roles.reward=run:{rm_dir}", TARGETS, "train.global_batch=2",
                   "algorithm.num_rollouts_per_prompt=3", "algorithm.truncated_response=keep",
-                  "rollout.engine=false"])  # the static sampler: its log-probs are the proposal as well
+                  "rollout.engine=false"], run_dir=tmp_path)  # the static sampler: its log-probs are the proposal too
     with use_rules(rt.mesh, rt.rules):
         algo = SteerLM2(rt)
         roles = roles_for(algo)
@@ -251,6 +251,8 @@ def test_one_step_gradient_is_the_numpy_weighted_log_likelihood(rm_dir):
     np.testing.assert_allclose(metrics["attribute_error"], err.mean(), rtol=1e-4)
     np.testing.assert_allclose(metrics["ess"], np.mean(1 / (w ** 2).sum(-1)), rtol=1e-4)
     np.testing.assert_allclose(metrics["kl_to_start"], 0.0, atol=1e-4)  # the generator is the start policy
+    # what `jalign generate --attributes` reads to render the string as training did
+    assert json.loads((tmp_path / "steerlm.json").read_text())["attributes"] == ["correctness", "verbosity"]
 
 
 def test_targets_and_conditioned_prompts_from_the_data(rm_dir, tmp_path):
@@ -305,7 +307,7 @@ def test_tiny_config_loads():
 def test_resume_inside_a_round_equals_uninterrupted(rm_dir, tmp_path):
     from test_seam import _assert_bitwise, _resume_pair
 
-    extra = [f"roles.reward=run:{rm_dir}", "algorithm.reward_attributes=null",
+    extra = [f"roles.reward=run:{rm_dir}", "roles.prior=policy-init", "algorithm.reward_attributes=null",
              "data.train=builtin:addition_prompts:train:8",
              "data.eval=null", "data.seq_len=48", "train.global_batch=4", "algorithm.num_rollouts_per_prompt=2",
              "algorithm.max_new_tokens=3", "algorithm.truncated_response=keep", "algorithm.steerlm2_iterations=2",

@@ -339,6 +339,26 @@ class SteerLM2(GenTrainAlgorithm):
     def normalizers(batch):
         return {"num_groups": jnp.sum(batch["group_share"])}
 
+    # ---- the attribute record (``jalign generate --attributes`` renders the string as training did) -----
+    def record(self) -> dict:
+        return {"attributes": list(self.order), "max_value": self.a.max_value,
+                "chat_template": self.cfg.data.chat_template}
+
+    def _write_record(self, directory) -> None:
+        from jalign.algorithms.steerlm import RECORD
+
+        if jax.process_index() == 0:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            (Path(directory) / RECORD).write_text(json.dumps(self.record()))
+
+    def start(self, state, roles):
+        super().start(state, roles)
+        self._write_record(self.rt.run_dir)
+
+    def export(self, state, roles, out_dir):
+        super().export(state, roles, out_dir)
+        self._write_record(out_dir)
+
     # ---- evaluation and plan --------------------------------------------------------------------
     def _generation_evals(self):
         from jalign.algorithms.steerlm import SteeredEvals, setting_name
