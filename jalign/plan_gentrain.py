@@ -1,5 +1,5 @@
-"""The programs of a generate-then-train run (``jalign.algorithms.gentrain``: rs, online_dpo, spin, opd) for
-``jalign plan``, built from the algorithm's own jitted functions and abstract arguments:
+"""The programs of a generate-then-train run (``jalign.algorithms.gentrain``: rs, online_dpo, spin, opd,
+steerlm2) for ``jalign plan``, built from the algorithm's own jitted functions and abstract arguments:
 
     rollout     the generator (the policy, the round's snapshot of it, or a teacher) samples K answers to each of
                 the P prompts (``rollout.experience.sample``; under ``rollout.engine`` the plan expands it into
@@ -70,6 +70,7 @@ def _prepare_args(algo, roles: dict):
     from jalign.algorithms.opd import OnPolicyDistillation
     from jalign.algorithms.rs import RejectionSampling
     from jalign.algorithms.spin import SPIN
+    from jalign.algorithms.steerlm2 import SteerLM2
 
     rule = getattr(algo, "rule", None)
     if isinstance(algo, CAISupervised):
@@ -92,6 +93,8 @@ def _prepare_args(algo, roles: dict):
         gold = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=field_sharding(  # noqa: E731
             mesh, rules, ("batch",) + (None,) * (len(shape) - 1), leading_accum=False))
         return (lambda out: (roles["opponent"], out, gold((P, N)), gold((P,)))), ["opponent"]
+    if isinstance(algo, SteerLM2):  # plain-prompt blocks and targets beside the rollout
+        return algo.plan_prepare_args(roles)
     if isinstance(algo, OnPolicyDistillation):
         teacher = algo.a.loss == "reverse_kl"
         return (lambda out: (roles["teacher"] if teacher else None, out)), (["teacher"] if teacher else [])

@@ -35,6 +35,7 @@ BUILTIN = {
     "opd": "jalign.algorithms.opd",
     "kto": "jalign.algorithms.kto",
     "steerlm": "jalign.algorithms.steerlm",
+    "steerlm2": "jalign.algorithms.steerlm2",
     "distill": "jalign.algorithms.distill",
 }
 _REGISTERED: dict[str, type] = {}

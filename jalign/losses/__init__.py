@@ -86,6 +86,7 @@ from jalign.losses.rl import (
     token_tis_weights,
 )
 from jalign.losses.sft import sft_loss
+from jalign.losses.steer import gaussian_attribute_logps, group_mean_length, steerlm2_loss, steerlm2_weights
 
 __all__ = [
     # ops
@@ -101,6 +102,8 @@ __all__ = [
     "spin_loss",
     # reference-free preference
     "orpo_loss", "simpo_loss", "cpo_loss",
+    # SteerLM 2.0
+    "gaussian_attribute_logps", "steerlm2_weights", "group_mean_length", "steerlm2_loss",
     # judge labels (RLAIF)
     "judge_preference",
     # distillation
