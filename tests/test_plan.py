@@ -229,7 +229,8 @@ ARCH = ["model.vocab_size=384", "model.hidden=32", "model.mlp=64", "model.layers
 # sft_tiny / grpo_tiny, not the programs
 SAME_PROGRAMS_AS_ANOTHER = {"cai_critic_tiny", "sft_math_tiny", "grpo_math_tiny"}
 SHIPPED = sorted(p.stem for p in (ROOT / "configs").glob("*_tiny.yaml") if p.stem not in SAME_PROGRAMS_AS_ANOTHER)
-GENTRAIN = {"rs_tiny": "generator", "online_dpo_tiny": None, "spin_tiny": "opponent", "opd_tiny": None}
+GENTRAIN = {"rs_tiny": "generator", "online_dpo_tiny": None, "spin_tiny": "opponent", "opd_tiny": None,
+            "steerlm2_tiny": "generator"}
 
 
 @pytest.mark.parametrize("name", SHIPPED)
