@@ -11,7 +11,9 @@ in its own subprocess (1 CPU device unless XLA_FLAGS says otherwise) with ``trai
 - ``simpo`` / ``orpo``: configs/dpo_tiny.yaml with ``algorithm.loss`` simpo (beta 2, gamma 1, + NLL) and orpo
   (lambda 0.1, its own NLL term): reference-free, no reference model is built;
 - ``steerlm``: the attribute regression RM on labelled data (correctness, verbosity), ``jalign annotate``
-  of the sloppy SFT data with it, then configs/steerlm_tiny.yaml, evaluated with chosen attribute values;
+  of the sloppy SFT data with it (the seed's order), then configs/steerlm_tiny.yaml, evaluated with chosen
+  attribute values; its figures also give the RM's held-out MAE per attribute and the annotation against the
+  ground truth (right/wrong final answer, terse/worked: ``annotation_histogram``);
 - ``kd``: configs/distill_tiny.yaml, a 2-layer student (half the teacher's depth) from scratch taught by the
   seed's 4-layer DPO policy (top-8 forward KL + NLL, 400 steps), and ``kd_baseline``: the same student, data
   and steps with ``kd_weight=0`` (plain SFT on the sloppy demonstrations).
@@ -37,7 +39,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 QUIET = ["train.progress=false", "train.tensorboard=false", "eval.prompts=512"]
-STEER_SETTINGS = ("correctness=4,verbosity=0", "correctness=0,verbosity=0", "correctness=4,verbosity=4")
+STEER_SETTINGS = ("correctness=4,verbosity=0", "correctness=0,verbosity=0", "correctness=4,verbosity=4",
+                  "correctness=0,verbosity=4")  # algorithm.eval_attributes of configs/steerlm_tiny.yaml
 
 
 def jalign(args: list, log_file: Path) -> float:
@@ -100,7 +103,7 @@ def run_seed(pipe: Path, seed: int, out: Path, log=print) -> dict:
     if not annotated.is_file():
         log("  annotate ...")
         times["annotate"] = round(jalign(["annotate", "--model", rm, "--input", "builtin:addition_steer_sloppy:train",
-                                          "--output", annotated], out / "annotate.log"))
+                                          "--output", annotated, "--seed", seed], out / "annotate.log"))
     steer = train("steerlm", "steerlm_tiny.yaml", [*sft, f"data.train={annotated}"], out, times, log)
     teacher = [f"roles.teacher=run:{pipe / 'dpo'}", *seeds]
     kd = train("kd", "distill_tiny.yaml", teacher, out, times, log)
@@ -110,18 +113,47 @@ def run_seed(pipe: Path, seed: int, out: Path, log=print) -> dict:
     policies = {"SFT": pipe / "sft", "DPO": pipe / "dpo", "KTO": kto, "SimPO (+NLL)": simpo, "ORPO": orpo}
     res = evaluate_policies(pipe, policies, CONFIGS, fast=False, log=lambda *_: None, seed=seed)
     fig = {p: {k: res[p][k] for k in ("exact_match", "sampled_exact_match", "greedy_reward", "kl")} for p in policies}
-    s = last_row(steer)
-    fig["steerlm"] = {}
-    for setting in STEER_SETTINGS:
-        prefix = "steer_" + setting.replace("=", "").replace(",", "_") + "/"  # steerlm.setting_name
-        keys = {k: v for k, v in s.items() if prefix in k}
-        fig["steerlm"][setting] = {"correct": _pick(keys, "greedy_reward"),
-                                   "length": _pick(keys, "greedy_response_length")}
+    fig.update(steer_figures(rm, annotated, steer))
     for name, run in (("kd", kd), ("kd_baseline", kd_base)):
         r = last_row(run)
         fig[name] = {"exact_match": r.get("eval/exact_match"), "kl_to_teacher": r.get("eval/kd_loss")}
     fig["_times"] = times
     return fig
+
+
+def steer_figures(rm: Path, annotated: Path, steer: Path) -> dict:
+    """SteerLM's figures: the attribute RM's held-out MAE per attribute, the annotation against the ground
+    truth, and per setting the steered policy's final-answer correctness and response length."""
+    r = last_row(rm)
+    fig = {"steer_rm": {k[len("eval/mae_"):]: v for k, v in r.items() if k.startswith("eval/mae_")},
+           "steer_annotation": annotation_histogram(annotated), "steerlm": {}}
+    s = last_row(steer)
+    for setting in STEER_SETTINGS:
+        prefix = "steer_" + setting.replace("=", "").replace(",", "_") + "/"  # steerlm.setting_name
+        keys = {k: v for k, v in s.items() if prefix in k}
+        fig["steerlm"][setting] = {"correct": _pick(keys, "greedy_reward"),
+                                   "length": _pick(keys, "greedy_response_length")}
+    return fig
+
+
+def annotation_histogram(path: Path) -> dict:
+    """``{attribute: {group: {annotated value: count}}}`` of an annotated tiny-task file against the ground truth
+    of ``jalign.data.tiny_steer.true_attributes``: correctness by right/wrong final answer and terse/worked
+    form (``"right worked"``, ...), verbosity by form (``"terse"``, ``"worked"``)."""
+    from jalign.data.tiny_steer import true_attributes
+
+    hist: dict = {}
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        truth = true_attributes(row["prompt"], row["response"])
+        form = "worked" if truth["verbosity"] > 0 else "terse"
+        groups = {"correctness": f"{'right' if truth['correctness'] > 0 else 'wrong'} {form}", "verbosity": form}
+        for name, value in row["attributes"].items():
+            cell = hist.setdefault(name, {}).setdefault(groups.get(name, str(truth.get(name))), {})
+            cell[str(value)] = cell.get(str(value), 0) + 1
+    return {n: {g: dict(sorted(c.items())) for g, c in sorted(h.items())} for n, h in hist.items()}
 
 
 def _pick(keys: dict, suffix: str):
@@ -151,14 +183,30 @@ def table(figs: dict) -> str:
     gains = {p: min(a - b for a, b in zip(g(p, "exact_match"), g("SFT", "exact_match"))) for p in ("KTO", "SimPO (+NLL)", "ORPO")}
     md += ["", "Worst-seed gain over SFT: " + ", ".join(f"{p} {v:+.3f}" for p, v in gains.items()), "",
            "| SteerLM, asked for | final answer right (greedy) | response length (tokens) |", "|---|---|---|"]
-    for setting in STEER_SETTINGS:
-        md.append(f"| `{setting}` | {spread(g('steerlm', setting, 'correct'))} | {spread(g('steerlm', setting, 'length'))} |")
+    md += steer_rows(g)
     md += ["", "| 2-layer student | greedy exact match | KL to the teacher (top-8) |", "|---|---|---|",
            f"| KD from the DPO policy | {spread(g('kd', 'exact_match'))} | {spread(g('kd', 'kl_to_teacher'))} |",
            f"| SFT on the same data (kd_weight=0) | {spread(g('kd_baseline', 'exact_match'))} | "
            f"{spread(g('kd_baseline', 'kl_to_teacher'))} |",
            f"| the teacher (4-layer DPO policy, pipeline evaluation) | {spread(g('DPO', 'exact_match'))} | 0 |"]
     return "\n".join(md) + "\n"
+
+
+def steer_rows(g) -> list:
+    """The SteerLM table rows after its header: each setting, then the unconditioned SFT policy on the same
+    held-out prompts (the pipeline's, plain prompts), then the attribute RM and its annotation."""
+    md = [f"| `{s}` | {spread(g('steerlm', s, 'correct'))} | {spread(g('steerlm', s, 'length'))} |"
+          for s in STEER_SETTINGS]
+    md.append(f"| the pipeline's SFT policy, no attributes | {spread(g('SFT', 'exact_match'))} | |")
+    maes = ", ".join(f"{a} {spread(g('steer_rm', a))}" for a in ("correctness", "verbosity"))
+    md += ["", f"Attribute RM, held-out MAE (0-4 scale): {maes}.", "",
+           "| annotated correctness of the sloppy SFT data (seed-wise counts) | 0 | 1 | 2 | 3 | 4 |",
+           "|---|---|---|---|---|---|"]
+    for group in ("right terse", "wrong terse", "right worked", "wrong worked"):
+        per_seed = [figs.get(group, {}) for figs in g("steer_annotation", "correctness")]
+        cells = [" / ".join(str(h.get(str(v), 0)) for h in per_seed) for v in range(5)]
+        md.append(f"| {group} | " + " | ".join(cells) + " |")
+    return md
 
 
 def _get(d, path):

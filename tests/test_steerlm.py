@@ -104,6 +104,27 @@ def test_tiny_task_attributes_have_a_ground_truth():
     assert 0.3 < np.mean([t["verbosity"] > 0 for t in truth]) < 0.7 and any(t["correctness"] == 0 for t in truth)
 
 
+def test_labelled_worked_answers_are_their_own_working():
+    """The regression RM's labelled data: a worked answer is its working carried out (right, or with the carry
+    error in its steps), never a wrong final number after right working -- the tiny RM cannot check a sum, so
+    those made every right worked answer ambiguous (benchmarks/demos.py, issue 14). Per prompt: right and carry
+    error, terse and worked, and one terse wrong digit."""
+    from collections import Counter
+
+    from jalign.data.tiny import has_carry
+    from jalign.data.tiny_steer import addition_steer_rm
+
+    examples = addition_steer_rm("feedback", 30, seed=1)
+    per_prompt = Counter(ex.prompt for ex in examples)
+    assert len(per_prompt) == 30 and set(per_prompt.values()) == {5}
+    for ex in examples:
+        a, b = (int(x) for x in ex.prompt[:-1].split("+"))
+        if ex.attributes["verbosity"] > 0:
+            assert ex.response in (working(a, b), working(a, b, carry=not has_carry(a, b)))
+    forms = Counter((ex.attributes["correctness"], ex.attributes["verbosity"]) for ex in examples)
+    assert forms == {(4.0, 0.0): 30, (4.0, 4.0): 30, (0.0, 4.0): 30, (0.0, 0.0): 60}
+
+
 # ---- annotation -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def reward_run(tmp_path_factory):

@@ -7,12 +7,19 @@ Registered in ``jalign.data.tiny.BUILTIN`` (same splits and prompts as the rest 
     rejected one labelled undesirable (so the right answer of a prompt appears once per pair).
 ``addition_steer_rm`` (reward)  labelled data for the attribute regression model. Two attributes with a
     ground truth: ``correctness`` (4 the right sum, 0 a wrong one) and ``verbosity`` (0 the answer alone,
-    4 the answer with its working). Per prompt: the right answer, a carry error (dropped or invented,
-    its working consistent with the error) and one wrong digit, each said tersely and with working::
+    4 the answer with its working). Per prompt: the right answer and a carry error (dropped or invented),
+    each said tersely and with its working, and one wrong digit said tersely::
 
         37+48=  "85"                                   correctness 4, verbosity 0
                 "7+8=15, carry 1, 3+4+1=8 -> 85"       correctness 4, verbosity 4
                 "75" / "7+8=15, 3+4=7 -> 75"           correctness 0 (the carry forgotten)
+                "82"                                   correctness 0 (a wrong digit)
+
+    A worked answer is always its own working carried out (a wrong one has the carry error in its steps).
+    A wrong final digit after correct working is left out on purpose: the tiny regression model learns what
+    it can see in the text (a "=15," without "carry 1") within a few hundred steps but not to check a sum,
+    so such items made every correctly worked answer ambiguous (it scored them all ~2 of 4). Terse answers
+    can only be judged by doing the sum, which it learns only a little (see benchmarks/demos.py).
 
 ``addition_steer_sloppy`` (sft)  SteerLM's SFT data before annotation: ``addition_sloppy``'s five
     demonstrators per prompt (three forget the carry), each demonstration said tersely or with its working
@@ -96,8 +103,7 @@ def addition_steer_rm(split: str = "feedback", n: Optional[int] = None, seed: in
         items = _both_forms(right, working(a, b), True)
         items += _both_forms(_carry_error(a, b), working(a, b, carry=not has_carry(a, b)), False)
         wrong = wrong_answer(a, b, int(rng.integers(1, 4)), int(rng.integers(0, 1 << 30)))
-        # a wrong final digit after correct working: the answer, not the working, decides correctness
-        items += _both_forms(wrong, working(a, b).rsplit(_ARROW, 1)[0] + _ARROW + wrong, False)
+        items.append((wrong, {"correctness": WRONG, "verbosity": TERSE}))
         out += [RewardExample(prompt_for(a, b), text, dict(attrs), source=f"builtin:addition_steer_rm:{split}")
                 for text, attrs in items]
     order = rng.permutation(len(out))
