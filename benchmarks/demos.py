@@ -23,7 +23,7 @@ the same 512 held-out prompts as the pipeline table, greedy and sampled, RM rewa
 seed's SFT and DPO. SteerLM and the KD students are scored by their runs' final evaluation on the same
 held-out prompts (``eval.prompts=512``): SteerLM's final-answer correctness and response length per attribute
 setting; the students' exact match and their KL to the teacher. A finished run (its ``metrics.jsonl`` has
-the last step) is not rerun. Writes OUT/demos.md and OUT/demos.json.
+the last step, and its stamp says it was made with the same config and overrides: ``finished``) is not rerun. Writes OUT/demos.md and OUT/demos.json.
 """
 from __future__ import annotations
 
@@ -65,17 +65,36 @@ def last_row(run: Path) -> dict:
     return evals[-1] if evals else {}
 
 
-def finished(run: Path, steps: int) -> bool:
+def finished(run: Path, config: str, overrides: list) -> bool:
+    """Whether ``run`` is a finished ``jalign train CONFIG OVERRIDES`` (its metrics have the last step).
+
+    The config file's text and the overrides are stamped beside the run (``RUN.args.json``) when it is first
+    started; a run directory made by another configuration (or by an older script, without a stamp) stops the
+    script with its path named instead of being reused or resumed under a different schedule, and is never
+    deleted: the user decides."""
+    from jalign.config import load_config
+
+    stamp = run.parent / f"{run.name}.args.json"
+    want = {"config": str(config), "config_text": (CONFIGS / config).read_text(), "overrides": list(map(str, overrides))}
+    if stamp.is_file():
+        if json.loads(stamp.read_text()) != want:
+            raise SystemExit(f"{run}: made by another configuration than this script now asks for (see {stamp}); "
+                             "delete it (and the stamp) or pass another --out")
+    elif run.exists() and any(run.iterdir()):
+        raise SystemExit(f"{run}: exists but was not started by this script (no {stamp.name}); delete it or pass "
+                         "another --out")
+    else:
+        run.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps(want, indent=1))
+        return False
+    steps = load_config(CONFIGS / config, overrides).train.steps
     p = run / "metrics.jsonl"
     return p.is_file() and any(json.loads(x).get("step") == steps for x in p.read_text().splitlines() if x.strip())
 
 
 def train(name: str, config: str, overrides: list, out: Path, times: dict, log=print) -> Path:
-    from jalign.config import load_config
-
     run = out / name
-    steps = load_config(CONFIGS / config, overrides).train.steps
-    if not finished(run, steps):
+    if not finished(run, config, overrides):
         log(f"  {name}: jalign train {config} ...")
         times[name] = round(jalign(["train", CONFIGS / config, f"train.out_dir={run}", *QUIET, *overrides],
                                    out / f"{name}.log"))

@@ -63,7 +63,6 @@ def runs_for(pipe: Path, out: Path) -> dict:
 
 
 def run_seed(pipe: Path, seed: int, out: Path, log=print) -> dict:
-    from jalign.config import load_config
     from jalign.pipeline import evaluate_policies
 
     base = [f"model.init_from=run:{pipe / 'sft'}", f"train.seed={seed}", f"data.seed={seed}", *QUIET]
@@ -71,7 +70,7 @@ def run_seed(pipe: Path, seed: int, out: Path, log=print) -> dict:
     walls = {}
     for label, (config, run, extra) in runs_for(pipe, out).items():
         overrides = [*base, *extra, f"train.out_dir={run}"]  # a later init_from (CAI RLAIF) wins over base's
-        if not finished(run, load_config(CONFIGS / config, overrides).train.steps):
+        if not finished(run, config, overrides):
             log(f"  {label.lstrip('_')}: jalign train {config} ...")
             walls[label] = round(jalign(["train", CONFIGS / config, *overrides], out / f"{run.name}.log"))
         if not label.startswith("_"):

@@ -36,11 +36,8 @@ def lora_overrides(rank: int, alpha: float, lr: float) -> list:
 
 
 def one_run(config: str, overrides: list, run: Path, log) -> dict:
-    from jalign.config import load_config
-
-    steps = load_config(CONFIGS / config, overrides).train.steps
     wall = None
-    if not finished(run, steps):
+    if not finished(run, config, overrides):
         log(f"  jalign train {config} {' '.join(o for o in overrides if o.startswith(('model.lora.rank', 'optim.lr')))}")
         wall = jalign(["train", CONFIGS / config, *overrides], run.parent / f"{run.name}.log")
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
