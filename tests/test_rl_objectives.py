@@ -201,6 +201,19 @@ def test_impossible_combinations_are_config_errors():
             build(overrides)
 
 
+def test_reinforce_over_several_epochs_warns_and_one_epoch_does_not():
+    """Unclipped REINFORCE has no importance ratio: a second epoch reuses an older policy's samples
+    uncorrected (RLOO drifted so on the tiny task); the run says so once at start, naming the keys."""
+    for epochs, warned in ((2, True), (1, False)):
+        rt = runtime(rl("rloo", "algorithm.reward_fn=odd_length", f"algorithm.ppo_epochs={epochs}"))
+        lines = []
+        rt.log = lines.append
+        with use_rules(rt.mesh, rt.rules):
+            resolve("rloo")(rt)
+        hits = [x for x in lines if "policy_loss=reinforce" in x and f"ppo_epochs={epochs}" in x]
+        assert len(hits) == int(warned), lines
+
+
 # ---- DAPO == today's GRPO with equal bounds -------------------------------------------------------
 def _todays_grpo_actor_loss(algo):
     """GRPO's actor loss as it was before the objectives became selectable (jalign/algorithms/grpo.py)."""

@@ -196,6 +196,12 @@ class RLAlgorithm(Algorithm):
         self.terms = reward_terms(cfg)
         check_reward_keys(a, src)
         self.objective, self.estimator, self.mismatch = check_objectives(a, src, has_critic_keys=hasattr(a, "lam"))
+        if a.policy_loss == "reinforce" and a.ppo_epochs > 1:
+            # no importance ratio: later epochs take -A log pi on samples of an older policy, uncorrected
+            rt.log(f"warning: {src}: algorithm.policy_loss=reinforce has no importance ratio, so ppo_epochs="
+                   f"{a.ppo_epochs} trains every epoch after the first on samples of an older policy without "
+                   "correction (RLOO with 2 epochs drifted on the tiny task: README); use ppo_epochs=1 (as "
+                   "configs/rloo_tiny.yaml) or a ratio loss (policy_loss=ppo_clip)")
         self.sizes = check_sizes(cfg, rt.mesh, max(self.min_per_prompt, self.estimator.min_per_prompt))
         self.trainable = Trainable(cfg.model, tfm.declare_params(cfg.model))
         self.decls = self.trainable.decls  # every parameter, or (LoRA) the adapters
