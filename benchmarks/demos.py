@@ -182,11 +182,14 @@ def _pick(keys: dict, suffix: str):
     return hits[0]
 
 
-def spread(xs: list) -> str:
+def spread(xs: list, fmt: str = "{:.3f}") -> str:
+    """``mean [min, max]`` of the values that exist (one value: itself; none: n/a)."""
     xs = [x for x in xs if x is not None]
     if not xs:
         return "n/a"
-    return f"{xs[0]:.3f}" if len(xs) == 1 else f"{statistics.mean(xs):.3f} [{min(xs):.3f}, {max(xs):.3f}]"
+    if len(xs) == 1:
+        return fmt.format(xs[0])
+    return f"{fmt.format(statistics.mean(xs))} [{fmt.format(min(xs))}, {fmt.format(max(xs))}]"
 
 
 def table(figs: dict) -> str:

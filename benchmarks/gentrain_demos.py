@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demos import CONFIGS, finished, jalign  # noqa: E402  (the same subprocess runner as the demonstrations)
+from demos import CONFIGS, finished, jalign, spread  # noqa: E402  (the same subprocess runner as the demonstrations)
 
 QUIET = ["train.progress=false", "train.tensorboard=false"]
 # SFT continued on SPIN's data with SPIN's optimisation (the baseline SPIN must beat)
@@ -81,15 +80,6 @@ def run_seed(pipe: Path, seed: int, out: Path, log=print) -> dict:
     for p, w in walls.items():
         fig.setdefault(p, {})["wall"] = w
     return fig
-
-
-def spread(xs: list, fmt: str = "{:.3f}") -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "n/a"
-    if len(xs) == 1:
-        return fmt.format(xs[0])
-    return f"{fmt.format(statistics.mean(xs))} [{fmt.format(min(xs))}, {fmt.format(max(xs))}]"
 
 
 def table(figs: dict) -> str:

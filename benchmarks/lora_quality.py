@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demos import CONFIGS, finished, jalign  # noqa: E402  (the same subprocess runner as the demonstrations)
+from demos import CONFIGS, finished, jalign, spread  # noqa: E402  (the same subprocess runner as the demonstrations)
 
 STAGES = {"DPO": "dpo_tiny.yaml", "GRPO": "grpo_tiny.yaml"}
 QUIET = ["train.progress=false", "train.tensorboard=false"]
@@ -67,15 +66,6 @@ def run_seed(pipe: Path, seed: int, out: Path, rank: int, alpha: float, lr_scale
     for label in policies:
         fig.setdefault(label, {}).update({k: ev[label][k] for k in ("exact_match", "sampled_exact_match", "kl")})
     return fig
-
-
-def spread(xs: list, fmt: str = "{:.3f}") -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "n/a"
-    if len(xs) == 1:
-        return fmt.format(xs[0])
-    return f"{fmt.format(statistics.mean(xs))} [{fmt.format(min(xs))}, {fmt.format(max(xs))}]"
 
 
 def table(figs: dict) -> str:

@@ -50,6 +50,20 @@ def setting_name(values: dict) -> str:
     return "steer_" + "_".join(f"{k}{v}" for k, v in values.items())
 
 
+def eval_reward_fn(spec, src: str):
+    """``algorithm.eval_reward`` (a rule's import path or registered name) as a ``GenerationEval`` reward
+    function, or None; an unknown rule is one ConfigError naming the key."""
+    if not spec:
+        return None
+    from jalign.rewards import get_reward
+
+    try:
+        rule = get_reward(spec, key="algorithm.eval_reward")
+    except ValueError as err:
+        raise ConfigError(f"{src}: {err}") from None
+    return lambda p, r, ref, ex: rule(p, r, ref, fields=None)
+
+
 class SteeredEvals:
     """Several generation evals of one policy (the data's own attributes, then each chosen setting); the
     loop calls it like one ``GenerationEval``."""
@@ -94,15 +108,7 @@ class SteerLM(SFT):
         e, src = self.cfg.eval, self.cfg.source or "<config>"
         if e.prompts <= 0 or not self.data.has_eval:
             return None
-        reward_fn = None
-        if self.a.eval_reward:
-            from jalign.rewards import get_reward
-
-            try:
-                rule = get_reward(self.a.eval_reward, key="algorithm.eval_reward")
-            except ValueError as err:
-                raise ConfigError(f"{src}: {err}") from None
-            reward_fn = lambda p, r, ref, ex: rule(p, r, ref, fields=None)  # noqa: E731
+        reward_fn = eval_reward_fn(self.a.eval_reward, src)
         # the prompt texts a rule reward sees, in the order of the eval examples (those with a text response)
         texts = [prompt_text(ex.prompt) for ex in self.data.eval_examples_raw if isinstance(ex.response, str)]
         evals = []

@@ -361,21 +361,13 @@ class SteerLM2(GenTrainAlgorithm):
 
     # ---- evaluation and plan --------------------------------------------------------------------
     def _generation_evals(self):
-        from jalign.algorithms.steerlm import SteeredEvals, setting_name
+        from jalign.algorithms.steerlm import SteeredEvals, eval_reward_fn, setting_name
         from jalign.evaluation import GenerationEval
 
         d, e = self.cfg.data, self.cfg.eval
         if not d.eval or e.prompts <= 0:
             return None
-        reward_fn = None
-        if self.a.eval_reward:
-            from jalign.rewards import get_reward
-
-            try:
-                rule = get_reward(self.a.eval_reward, key="algorithm.eval_reward")
-            except ValueError as err:
-                raise ConfigError(f"{self.cfg.source or '<config>'}: {err}") from None
-            reward_fn = lambda p, r, ref, ex: rule(p, r, ref, fields=None)  # noqa: E731
+        reward_fn = eval_reward_fn(self.a.eval_reward, self.cfg.source or "<config>")
         settings = self.settings or [None]  # None: the eval prompts under their own labels
         evals = []
         for values in settings[:1] if self.rt.abstract else settings:
