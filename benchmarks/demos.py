@@ -12,8 +12,9 @@ in its own subprocess (1 CPU device unless XLA_FLAGS says otherwise) with ``trai
   (lambda 0.1, its own NLL term): reference-free, no reference model is built;
 - ``steerlm``: the attribute regression RM on labelled data (correctness, verbosity), ``jalign annotate``
   of the sloppy SFT data with it (the seed's order), then configs/steerlm_tiny.yaml, evaluated with chosen
-  attribute values; its figures also give the RM's held-out MAE per attribute and the annotation against the
-  ground truth (right/wrong final answer, terse/worked: ``annotation_histogram``);
+  attribute values, against ``steer_plain``: SFT on the same annotated responses without attributes (the
+  unconditioned baseline, SteerLM's schedule, the same final-answer rule on the same prompts); its figures
+  also give the RM's held-out MAE per attribute and the annotation against the ground truth (right/wrong final answer, terse/worked: ``annotation_histogram``);
 - ``kd``: configs/distill_tiny.yaml, a 2-layer student (half the teacher's depth) from scratch taught by the
   seed's 4-layer DPO policy (top-8 forward KL + NLL, 400 steps), and ``kd_baseline``: the same student, data
   and steps with ``kd_weight=0`` (plain SFT on the sloppy demonstrations).
@@ -41,6 +42,9 @@ CONFIGS = REPO / "configs"
 QUIET = ["train.progress=false", "train.tensorboard=false", "eval.prompts=512"]
 STEER_SETTINGS = ("correctness=4,verbosity=0", "correctness=0,verbosity=0", "correctness=4,verbosity=4",
                   "correctness=0,verbosity=4")  # algorithm.eval_attributes of configs/steerlm_tiny.yaml
+STEER_PLAIN = ["data.eval=builtin:addition:eval",  # the prompts and gold answers of addition_steer:eval
+               "data.seq_len=96", "train.eval_every=200",
+               "eval.max_new_tokens=40", "eval.reward=jalign.data.tiny_steer:answer_correct"]
 
 
 def jalign(args: list, log_file: Path) -> float:
@@ -124,6 +128,9 @@ def run_seed(pipe: Path, seed: int, out: Path, log=print) -> dict:
         times["annotate"] = round(jalign(["annotate", "--model", rm, "--input", "builtin:addition_steer_sloppy:train",
                                           "--output", annotated, "--seed", seed], out / "annotate.log"))
     steer = train("steerlm", "steerlm_tiny.yaml", [*sft, f"data.train={annotated}"], out, times, log)
+    # the unconditioned baseline: SFT on the same annotated responses without their attributes, SteerLM's
+    # schedule (sft_tiny's lr, steps and batch are steerlm_tiny's), scored by the same rule on the same prompts
+    plain = train("steer_plain", "sft_tiny.yaml", [*sft, f"data.train={annotated}", *STEER_PLAIN], out, times, log)
     teacher = [f"roles.teacher=run:{pipe / 'dpo'}", *seeds]
     kd = train("kd", "distill_tiny.yaml", teacher, out, times, log)
     kd_base = train("kd_baseline", "distill_tiny.yaml", [*teacher, "algorithm.kd_weight=0"], out, times, log)
@@ -133,6 +140,8 @@ def run_seed(pipe: Path, seed: int, out: Path, log=print) -> dict:
     res = evaluate_policies(pipe, policies, CONFIGS, fast=False, log=lambda *_: None, seed=seed)
     fig = {p: {k: res[p][k] for k in ("exact_match", "sampled_exact_match", "greedy_reward", "kl")} for p in policies}
     fig.update(steer_figures(rm, annotated, steer))
+    r = last_row(plain)
+    fig["steer_plain"] = {"correct": r.get("eval/greedy_reward"), "length": r.get("eval/greedy_response_length")}
     for name, run in (("kd", kd), ("kd_baseline", kd_base)):
         r = last_row(run)
         fig[name] = {"exact_match": r.get("eval/exact_match"), "kl_to_teacher": r.get("eval/kd_loss")}
@@ -219,7 +228,9 @@ def steer_rows(g) -> list:
     held-out prompts (the pipeline's, plain prompts), then the attribute RM and its annotation."""
     md = [f"| `{s}` | {spread(g('steerlm', s, 'correct'))} | {spread(g('steerlm', s, 'length'))} |"
           for s in STEER_SETTINGS]
-    md.append(f"| the pipeline's SFT policy, no attributes | {spread(g('SFT', 'exact_match'))} | |")
+    md.append(f"| no attributes: SFT on the same annotated data, same schedule | {spread(g('steer_plain', 'correct'))} | "
+              f"{spread(g('steer_plain', 'length'))} |")
+    md.append(f"| the pipeline's SFT policy (terse data; exact match, plain prompts) | {spread(g('SFT', 'exact_match'))} | |")
     maes = ", ".join(f"{a} {spread(g('steer_rm', a))}" for a in ("correctness", "verbosity"))
     md += ["", f"Attribute RM, held-out MAE (0-4 scale): {maes}.", "",
            "| annotated correctness of the sloppy SFT data (seed-wise counts) | 0 | 1 | 2 | 3 | 4 |",

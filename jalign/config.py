@@ -262,6 +262,9 @@ class EvalConfig:
     temperature: float = 1.0  # sampling temperature of the sampled answers
     at_start: bool = True  # evaluate the starting model (step 0) so every run records its own "before"
     log_samples: int = 4  # completions per evaluation written to RUN_DIR/samples.jsonl (0 = none)
+    # a rule (a jalign.rewards name or an import path module:function) scored on every answer: greedy_reward /
+    # reward; for the algorithms without a reward of their own (SFT, DPO family, KTO, SteerLM, KD, CAI, OPD)
+    reward: Optional[str] = None
 
 
 @dataclass

@@ -81,6 +81,31 @@ class _Term:
     attribute: int = 0
 
 
+def rule_reward_fn(spec: Optional[str], key: str, src: str) -> Optional[Callable]:
+    """A rule of ``jalign.rewards`` (a registered name or an import path ``module:function``) as a
+    ``GenerationEval`` reward function, or None; an unknown rule is one ConfigError naming ``key``."""
+    if not spec:
+        return None
+    from jalign.config import ConfigError
+    from jalign.rewards import get_reward
+
+    try:
+        rule = get_reward(spec, key=key)
+    except ValueError as err:
+        raise ConfigError(f"{src}: {err}") from None
+    return lambda p, r, ref, ex: rule(p, r, ref, fields=None)
+
+
+def no_eval_reward(cfg, why: str) -> None:
+    """``eval.reward`` set for an algorithm that scores its evaluation with its own reward: one ConfigError
+    (a rule the run would silently not score is a wrong figure)."""
+    if cfg.eval.reward:
+        from jalign.config import ConfigError
+
+        raise ConfigError(f"{cfg.source or '<config>'}: eval.reward={cfg.eval.reward!r} is not used: {why} "
+                          "(eval.reward is for algorithms without a reward of their own); remove it")
+
+
 def _terms(rewards, reward_fn, reward_role, reward_attribute) -> list[_Term]:
     """The terms from ``rewards`` (``jalign.algorithms.rl_rewards.RewardTerm``s) or the one-term shorthands."""
     if rewards is not None:
@@ -134,11 +159,12 @@ class GenerationEval:
             self.monitor, self.train_monitor = monitors.HackingMonitor(**kw), monitors.HackingMonitor(**kw)
 
     @classmethod
-    def for_examples(cls, algo, examples, **kw) -> Optional["GenerationEval"]:
-        """For supervised algorithms: ``examples`` are ``(prompt_ids, reference)`` of held-out data."""
+    def for_examples(cls, algo, examples, texts=None, **kw) -> Optional["GenerationEval"]:
+        """For supervised algorithms: ``examples`` are ``(prompt_ids, reference)`` of held-out data, ``texts``
+        their prompts' texts (what a rule reward sees)."""
         if algo.cfg.eval.prompts <= 0 or not examples:
             return None
-        return cls(algo.rt, algo.tokenizer, PromptSet.from_pairs(examples), **kw)
+        return cls(algo.rt, algo.tokenizer, PromptSet.from_pairs(examples, texts), **kw)
 
     @property
     def model_roles(self) -> list[str]:

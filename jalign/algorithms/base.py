@@ -340,9 +340,15 @@ class SupervisedAlgorithm(Algorithm):
         self._train_step = make_train_step(self._trained_loss, self.normalizers, self.trained, with_rng=dropout,
                                            statistics_fn=None if stats is None else self._trained_statistics)
         self._eval_step = jax.jit(self._eval_sums)
-        from jalign.evaluation import GenerationEval
+        from jalign.evaluation import GenerationEval, rule_reward_fn
 
-        self.generation_eval = GenerationEval.for_examples(self, self.eval_examples())
+        reward_fn = rule_reward_fn(cfg.eval.reward, "eval.reward", cfg.source or "<config>")
+        if reward_fn is None or rt.abstract:
+            self.generation_eval = GenerationEval.for_examples(self, self.eval_examples())
+        else:
+            rows = self.eval_examples(with_texts=True)
+            self.generation_eval = GenerationEval.for_examples(self, [r[:2] for r in rows], [r[2] for r in rows],
+                                                               reward_fn=reward_fn)
 
     # -- to implement --
     def declare(self) -> dict:
@@ -366,9 +372,12 @@ class SupervisedAlgorithm(Algorithm):
         :func:`make_train_step`); a subclass that uses them also computes them in its eval step."""
         return None
 
-    def eval_examples(self) -> list:
-        """(prompt_ids, reference answer) of held-out examples for the generation-based evaluation."""
-        return self.data.eval_examples() if hasattr(self.data, "eval_examples") else []
+    def eval_examples(self, with_texts: bool = False) -> list:
+        """(prompt_ids, reference answer) of held-out examples for the generation-based evaluation; with_texts:
+        (prompt_ids, reference answer, prompt text)."""
+        if not hasattr(self.data, "eval_examples"):
+            return []
+        return self.data.eval_examples(with_texts=True) if with_texts else self.data.eval_examples()
 
     def _trained_statistics(self, params, roles, batch):
         """``batch_statistics`` on the model's forward params (no dropout: they are constants of the batch)."""

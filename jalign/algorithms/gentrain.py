@@ -517,15 +517,19 @@ class GenTrainAlgorithm(Algorithm):
     def generation_eval_for(self, reward: bool = True, kl_role: str = "reference"):
         """The loop's generation-based eval on ``data.eval``: exact match, the reward (reward model or rule) and
         the KL to ``kl_role`` of the answers (when the run has that role)."""
-        from jalign.evaluation import GenerationEval
+        from jalign.evaluation import GenerationEval, no_eval_reward, rule_reward_fn
 
         if self.eval_set is None or self.cfg.eval.prompts <= 0:
             return None
         rule = getattr(self, "rule", None) if reward else None
-        return GenerationEval(self.rt, self.tokenizer, self.eval_set, kl_role=kl_role,
-                              reward_role="reward" if reward and "reward" in self.cfg.roles else None,
-                              reward_attribute=getattr(self.a, "reward_attribute", 0),
-                              reward_fn=self.rule_fn() if rule is not None else None)
+        reward_role = "reward" if reward and "reward" in self.cfg.roles else None
+        if rule is not None or reward_role is not None:
+            no_eval_reward(self.cfg, f"{self.a.name} scores its evaluation with its own reward")
+            reward_fn = self.rule_fn() if rule is not None else None
+        else:  # no reward of its own (CAI, OPD, ...): the config's eval.reward, if any
+            reward_fn = rule_reward_fn(self.cfg.eval.reward, "eval.reward", self.cfg.source or "<config>")
+        return GenerationEval(self.rt, self.tokenizer, self.eval_set, kl_role=kl_role, reward_role=reward_role,
+                              reward_attribute=getattr(self.a, "reward_attribute", 0), reward_fn=reward_fn)
 
     # ---- to implement ---------------------------------------------------------------------------
     def loss(self, params, mb, norms, roles):

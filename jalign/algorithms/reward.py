@@ -94,7 +94,7 @@ class RewardModel(PackedPairs, SupervisedAlgorithm):
             return {k: (2,) for k, axes in fields.pair_fields("score").items() if None in axes}
         return {"attributes": (self.a.num_attributes,), "attribute_mask": (self.a.num_attributes,)}
 
-    def eval_examples(self):
+    def eval_examples(self, with_texts: bool = False):
         return []  # a reward model does not generate
 
     # -- math --

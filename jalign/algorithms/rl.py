@@ -45,7 +45,7 @@ from jalign.algorithms.rl_rewards import (REWARD_ROLE, check_reward_keys, model_
 from jalign.algorithms.rl_sampling import Sampler
 from jalign.algorithms.trainable import BASE, Trainable
 from jalign.config import ConfigError
-from jalign.evaluation import GenerationEval, MonitorConfig
+from jalign.evaluation import GenerationEval, MonitorConfig, no_eval_reward
 from jalign.losses import entropy_bonus, kl_k1, rollout_mismatch_metrics
 from jalign.models import params as params_lib
 from jalign.models import transformer as tfm
@@ -224,6 +224,7 @@ class RLAlgorithm(Algorithm):
         self.build_update(self.actor_loss)
         self._host_step = 0
         self._penalty_checked = False
+        no_eval_reward(cfg, f"{a.name} scores its evaluation with its reward (algorithm.reward_fn / roles.reward)")
         self.generation_eval = (GenerationEval(rt, self.tokenizer, self.eval_set, kl_role=self.reference_role,
                                                rewards=self.terms, monitor=a.monitor,
                                                standardize=(a.reward_offset, a.reward_scale, a.reward_clip))

@@ -50,18 +50,12 @@ def setting_name(values: dict) -> str:
     return "steer_" + "_".join(f"{k}{v}" for k, v in values.items())
 
 
-def eval_reward_fn(spec, src: str):
-    """``algorithm.eval_reward`` (a rule's import path or registered name) as a ``GenerationEval`` reward
-    function, or None; an unknown rule is one ConfigError naming the key."""
-    if not spec:
-        return None
-    from jalign.rewards import get_reward
+def eval_reward_fn(cfg, a):
+    """The rule scored on every eval answer: ``algorithm.eval_reward``, else ``eval.reward`` (or None)."""
+    from jalign.evaluation import rule_reward_fn
 
-    try:
-        rule = get_reward(spec, key="algorithm.eval_reward")
-    except ValueError as err:
-        raise ConfigError(f"{src}: {err}") from None
-    return lambda p, r, ref, ex: rule(p, r, ref, fields=None)
+    key = "algorithm.eval_reward" if a.eval_reward else "eval.reward"
+    return rule_reward_fn(a.eval_reward or cfg.eval.reward, key, cfg.source or "<config>")
 
 
 class SteeredEvals:
@@ -108,7 +102,7 @@ class SteerLM(SFT):
         e, src = self.cfg.eval, self.cfg.source or "<config>"
         if e.prompts <= 0 or not self.data.has_eval:
             return None
-        reward_fn = eval_reward_fn(self.a.eval_reward, src)
+        reward_fn = eval_reward_fn(self.cfg, self.a)
         # the prompt texts a rule reward sees, in the order of the eval examples (those with a text response)
         texts = [prompt_text(ex.prompt) for ex in self.data.eval_examples_raw if isinstance(ex.response, str)]
         evals = []

@@ -367,7 +367,7 @@ class SteerLM2(GenTrainAlgorithm):
         d, e = self.cfg.data, self.cfg.eval
         if not d.eval or e.prompts <= 0:
             return None
-        reward_fn = eval_reward_fn(self.a.eval_reward, self.cfg.source or "<config>")
+        reward_fn = eval_reward_fn(self.cfg, self.a)
         settings = self.settings or [None]  # None: the eval prompts under their own labels
         evals = []
         for values in settings[:1] if self.rt.abstract else settings:

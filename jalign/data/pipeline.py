@@ -330,14 +330,17 @@ class ConfigData:
         path = getattr(self.tokenizer, "path", None)
         return None if path is None else str(path.parent)
 
-    def eval_examples(self) -> list[tuple[list[int], str]]:
-        """``(prompt_ids, reference_text)`` of held-out examples, for generation-based evaluation."""
+    def eval_examples(self, with_texts: bool = False) -> list[tuple]:
+        """``(prompt_ids, reference_text)`` of held-out examples, for generation-based evaluation; with_texts:
+        ``(prompt_ids, reference_text, prompt_text)`` (the prompt's text is what a rule reward sees)."""
         from jalign.data.chat import encode_prompt
+        from jalign.data.prompts import prompt_text
 
         out = []
         for prompt, ref in (self._prompt_reference(ex) for ex in self.eval_examples_raw):
             if isinstance(ref, str):
-                out.append((encode_prompt(prompt, self.cfg.data.chat_template, self.tokenizer), ref))
+                ids = encode_prompt(prompt, self.cfg.data.chat_template, self.tokenizer)
+                out.append((ids, ref, prompt_text(prompt)) if with_texts else (ids, ref))
         return out
 
     def eval_iterator(self):

@@ -133,13 +133,13 @@ class UnpairedData(_RowData):
     def _prompt_reference(ex):
         return ex.prompt, (ex.completion if ex.label else None)
 
-    def eval_examples(self) -> list:
+    def eval_examples(self, with_texts: bool = False) -> list:
         """Held-out prompts with a desirable completion as the reference, each (prompt, reference) once."""
         out, seen = [], set()
-        for ids, ref in super().eval_examples():
-            if (tuple(ids), ref) not in seen:
-                seen.add((tuple(ids), ref))
-                out.append((ids, ref))
+        for row in super().eval_examples(with_texts):
+            if (tuple(row[0]), row[1]) not in seen:
+                seen.add((tuple(row[0]), row[1]))
+                out.append(row)
         return out
 
     def make_row(self, rec):
