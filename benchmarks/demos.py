@@ -58,7 +58,8 @@ def jalign(args: list, log_file: Path) -> float:
         proc = subprocess.run([sys.executable, "-m", "jalign", *map(str, args)], env=env, cwd=REPO,
                               stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode:
-        raise RuntimeError(f"`jalign {' '.join(map(str, args))}` failed (exit {proc.returncode}); see {log_file}")
+        last = (log_file.read_text().strip().splitlines() or [""])[-1]
+        raise RuntimeError(f"`jalign {' '.join(map(str, args))}` failed (exit {proc.returncode}): {last} (see {log_file})")
     return time.time() - t0
 
 

@@ -32,3 +32,8 @@ class ChatTemplateError(JalignError, ValueError):
 
 class TokenizerError(JalignError, ValueError):
     """A tokenizer that cannot be loaded or does not fit the model; the message names the file."""
+
+
+class NothingToTrain(JalignError, RuntimeError):
+    """A generate-then-train run whose filter (a threshold, margin, judge confidence, ...) masked out every
+    training row for several steps in a row: the message names the key; the checkpoints written are kept."""

@@ -151,7 +151,7 @@ def test_online_dpo_pairs_best_against_worst_and_its_loss_is_dpo(tmp_path, start
 # ---- SPIN -----------------------------------------------------------------------------------------
 def test_spin_opponent_is_the_previous_iterate_and_its_loss_is_spin(tmp_path, start_dir):
     out = run("spin_tiny.yaml", tmp_path / "spin", *TINY_MODEL, f"model.init_from={start_dir}", "train.steps=4",
-              "algorithm.spin_iterations=2", "train.checkpoint_every=1", "algorithm.lam=0.5",
+              "algorithm.spin_iterations=2", "train.checkpoint_every=1", "algorithm.lam=0.5", "algorithm.sft_weight=0",
               "data.train=builtin:addition:train:64")
     logged, m = rollouts(out), metrics(out)
     iterate = load_params(out / "iterates", step=1)

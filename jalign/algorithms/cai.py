@@ -296,6 +296,10 @@ class CAISupervised(GenTrainAlgorithm):
     def normalizers(batch):
         return {"num_tokens": jnp.sum(batch["loss_mask"])}
 
+    def empty_reason(self, metrics):
+        return ("every revision was empty, longer than data.seq_len, or did not end within algorithm.max_new_tokens "
+                f"(algorithm.truncated_revision={self.a.truncated_revision} drops those)")
+
 
 def _sharding(mesh, rules, axes):
     from jalign.algorithms.base import field_sharding
@@ -401,3 +405,8 @@ class CAIFeedback(OnlineDPO):
                                     "rejected": rejected, "principle": principles[j].name,
                                     "confidence": float(judged["confidence"][j]),
                                     "step": self._host_step}) + "\n")
+
+    def empty_reason(self, metrics):
+        return (f"the judge's confidence |2p - 1| (mean {float(metrics.get('judge_confidence', 0)):.3g}) was not above "
+                f"algorithm.min_confidence={self.a.min_confidence} for any pair whose two answers differ: the judge "
+                "cannot tell the answers apart; train it further, or lower algorithm.min_confidence")

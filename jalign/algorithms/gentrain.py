@@ -52,6 +52,9 @@ from jalign.rollout import experience as xp
 from jalign.state import TrainedModel
 
 ROW_KEYS = ("tokens", "targets", "positions", "segment_ids")
+# consecutive steps that train on no token before a run stops (fewer if the run is shorter): a run whose
+# filter keeps nothing would otherwise go on with a zero loss and exit 0, looking trained
+EMPTY_PATIENCE = 10
 
 
 @dataclass
@@ -248,7 +251,7 @@ class GenTrainAlgorithm(Algorithm):
         self.trained = TrainedModel(self.decls, cfg.optim, cfg.train.steps, rt.mesh, rt.rules,
                                     params_lib.DTYPES[cfg.model.param_dtype])
         self.store = IterateStore(rt, self.decls)
-        self._host_step, self._round = 0, None
+        self._host_step, self._round, self._empty_steps = 0, None, 0
         self.load_data()
         dropout = self.trainable.is_lora and cfg.model.lora.dropout > 0
         self._train_step = make_train_step(self._trained_loss, self.normalizers, self.trained, with_rng=dropout)
@@ -424,7 +427,29 @@ class GenTrainAlgorithm(Algorithm):
         out = self.rollout(state, roles, batch)
         state, metrics = self.learn(state, roles, batch, out)
         self._host_step += 1
+        self.check_trained(metrics)
         return state, metrics
+
+    def check_trained(self, metrics: dict) -> None:
+        """Stop with one message naming the filter when ``EMPTY_PATIENCE`` steps in a row trained on no token
+        (``num_tokens`` of the update is 0: every row masked out)."""
+        if "num_tokens" not in metrics:
+            return
+        if float(metrics["num_tokens"]) > 0:
+            self._empty_steps = 0
+            return
+        self._empty_steps += 1
+        if self._empty_steps >= min(EMPTY_PATIENCE, self.cfg.train.steps):
+            from jalign.errors import NothingToTrain
+
+            raise NothingToTrain(
+                f"{self.cfg.source or '<config>'}: algorithm {self.a.name}: the last {self._empty_steps} steps "
+                f"(to step {self._host_step}) trained on nothing: {self.empty_reason(metrics)}; the checkpoints "
+                f"written so far are kept in {self.rt.run_dir}")
+
+    def empty_reason(self, metrics: dict) -> str:
+        """Why no row was trained on, naming the config key that filtered them (each algorithm says)."""
+        return "every training row was masked out"
 
     def learn(self, state, roles, batch, out) -> tuple:
         raise NotImplementedError

@@ -195,3 +195,8 @@ class OnlineDPO(GenTrainAlgorithm):
     @staticmethod
     def normalizers(batch):
         return pair_normalizers(batch)
+
+    def empty_reason(self, metrics):
+        return (f"no prompt's best and worst samples differed by more than algorithm.min_margin={self.a.min_margin} "
+                "(ties of the ranker, or no sample ended within algorithm.max_new_tokens under "
+                f"algorithm.truncated_response={self.a.truncated_response})")

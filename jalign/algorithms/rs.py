@@ -131,3 +131,11 @@ class RejectionSampling(GenTrainAlgorithm):
     @staticmethod
     def normalizers(batch):
         return {"num_tokens": jnp.sum(batch["weight"])}
+
+    def empty_reason(self, metrics):
+        a = self.a
+        why = [f"none scored at least algorithm.threshold={a.threshold}"] if a.threshold is not None else []
+        if a.truncated_response == "last":
+            why.append("none ended within algorithm.max_new_tokens (algorithm.truncated_response=last never keeps "
+                       f"one that did not; ended_with_eos {float(metrics.get('ended_with_eos', 0)):.2f})")
+        return "no sample was kept: " + (" or ".join(why) or "every sample's score was -inf")

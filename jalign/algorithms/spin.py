@@ -9,7 +9,8 @@ each step's P SFT prompts it generates a response y', and the loss is :func:`jal
     L = mean_i l( lam log[pi(y_i|x_i) / pi_t(y_i|x_i)] - lam log[pi(y'_i|x_i) / pi_t(y'_i|x_i)] ),  l(z) = log(1+e^-z)
 
 with y the gold response and pi_t the opponent (whose log-probs of both sides are computed when the pairs are
-built). Gold and generation are one pair [P, 2, T] built on device in the rollout layout (side 0 gold, 1 the
+built). ``sft_weight`` > 0 adds ``sft_weight`` x the token-mean NLL of every gold response, identical pairs'
+too: SFT on the same data plus L_SPIN, so a comparison with SFT on that data isolates the SPIN term (an extension: the NLL anchor of RPO, Pang et al. 2024, eq. 3; neither the paper nor NeMo-Aligner has it). Gold and generation are one pair [P, 2, T] built on device in the rollout layout (side 0 gold, 1 the
 opponent's). A generation identical to the gold response carries nothing to learn and is masked out
 (``identical_fraction``). ``data.train`` is SFT data (``{"prompt","response"}`` or conversations); the response
 block holds the longest gold response (and ``max_new_tokens`` for the generation). Under ``model.lora`` the
@@ -27,11 +28,11 @@ from jalign.algorithms.dpo import pair_sequence_logps
 from jalign.algorithms.gentrain import ROW_KEYS, GenTrainAlgorithm, GenTrainConfig, place_rows
 from jalign.algorithms.online_dpo import pair_normalizers
 from jalign.algorithms.registry import register
-from jalign.algorithms.reward import pair_valid
+from jalign.algorithms.reward import pair_valid, unstack_pairs
 from jalign.config import ConfigError
-from jalign.config_values import VALUE_RANGES, _AT_LEAST_1, _POSITIVE
+from jalign.config_values import VALUE_RANGES, _AT_LEAST_1, _NON_NEGATIVE, _POSITIVE
 from jalign.data import fields
-from jalign.losses import spin_loss
+from jalign.losses import dpo_sft_term, spin_loss
 from jalign.rollout import experience as xp
 
 SPIN_FIELDS = {**{k: fields.PAIR_ROW for k in ROW_KEYS + ("loss_mask",)}, "valid": fields.PER_ROW,
@@ -43,9 +44,13 @@ class SPINConfig(GenTrainConfig):
     name: str = "spin"
     spin_iterations: int = 1  # rounds over train.steps; each rebuilds the opponent from the previous iterate
     lam: float = 0.1  # lambda of L_SPIN (NeMo-Aligner's ref_policy_kl_penalty)
+    # + sft_weight x token-mean NLL of every gold response (not in the paper or NeMo-Aligner:
+    # the NLL anchor of RPO / TRL's rpo_alpha, which keeps the gold answers' likelihood from falling with the
+    # generations' -- what pure L_SPIN did on the tiny task)
+    sft_weight: float = 0.0
 
 
-VALUE_RANGES.setdefault("SPINConfig", {"spin_iterations": _AT_LEAST_1, "lam": _POSITIVE})
+VALUE_RANGES.setdefault("SPINConfig", {"spin_iterations": _AT_LEAST_1, "lam": _POSITIVE, "sft_weight": _NON_NEGATIVE})
 
 
 def stack_sides(gold: dict, generated: dict) -> dict:
@@ -135,12 +140,24 @@ class SPIN(GenTrainAlgorithm):
         return self.to_train_batch(pairs), metrics
 
     def loss(self, params, mb, norms, roles):
-        sums, _, _ = pair_sequence_logps(params, mb, self.cfg.model)
+        sums, lp, mask = pair_sequence_logps(params, mb, self.cfg.model)
         v = pair_valid(mb)
         loss, m = spin_loss(sums[:, 0], sums[:, 1], mb["ref_logps"][:, 0], mb["ref_logps"][:, 1], v,
                             norms["num_pairs"], lam=self.a.lam)
-        return loss, dict(m, num_tokens=jnp.sum(v[:, None] * jnp.sum(mb["loss_mask"], axis=1)))
+        pair_tokens = jnp.sum(mb["loss_mask"], axis=-1)  # [b, 2]
+        m = dict(m, num_tokens=jnp.sum(v * jnp.sum(pair_tokens, -1)))
+        if self.a.sft_weight:  # SFT on every gold response (an identical pair still has a gold answer to learn)
+            (lp_gold, _), (mask_gold, _) = unstack_pairs(lp), unstack_pairs(mask)
+            sft, _ = dpo_sft_term(lp_gold, mask_gold, norms["num_gold_tokens"])
+            loss = loss + self.a.sft_weight * sft
+            m.update(loss=loss, spin_loss=m["loss"], sft_loss=sft,
+                     num_tokens=m["num_tokens"] + jnp.sum((1.0 - v) * pair_tokens[:, 0]))
+        return loss, m
 
     @staticmethod
     def normalizers(batch):
-        return pair_normalizers(batch)
+        return dict(pair_normalizers(batch), num_gold_tokens=jnp.sum(batch["loss_mask"][..., 0, :]))
+
+    def empty_reason(self, metrics):
+        return ("every opponent generation equals its gold response, so no pair has two sides (identical_fraction "
+                f"{float(metrics.get('identical_fraction', 1)):.2f}): sample at a higher algorithm.temperature")
