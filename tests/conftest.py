@@ -14,13 +14,19 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# Many tests build the same small programs in fresh jit wrappers (e.g. several train() calls of a
+# resume test); the persistent compilation cache turns those repeat compiles into cache hits. Set through
+# jax's environment variables (read when jax is imported), so the processes tests start inherit it too:
+# the notebook's kernel, the 2-process workers and `python -m jalign` (which keeps a cache directory
+# given to jax) compile into and load from the same cache instead of compiling from scratch every run.
+TEST_CACHE = os.environ.get("JALIGN_TEST_JAX_CACHE", "/tmp/jalign-test-jax-cache")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = TEST_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-
-# Many tests build the same small programs in fresh jit wrappers (e.g. several train() calls of a
-# resume test); the persistent compilation cache turns those repeat compiles into cache hits.
-jax.config.update("jax_compilation_cache_dir", os.environ.get("JALIGN_TEST_JAX_CACHE", "/tmp/jalign-test-jax-cache"))
+jax.config.update("jax_compilation_cache_dir", TEST_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 

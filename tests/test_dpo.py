@@ -216,6 +216,7 @@ def test_new_losses_through_the_algorithm_match_their_formulas(reference, tmp_pa
 
     batch = reference["batches"][0]
     policy, ref = jax.device_get(reference["params"]), reference["ref_before"]
+    sums = {}  # the independent log-prob sums: one batch, the same for every loss (the first algorithm's layout)
     for name in NEW_LOSSES:
         algo = make_algo(tmp_path / name, None, f"algorithm.loss={name}", "algorithm.label_smoothing=0.1",
                          "algorithm.margin=0.7", "algorithm.gamma=0.3", "algorithm.beta=0.5")
@@ -223,12 +224,13 @@ def test_new_losses_through_the_algorithm_match_their_formulas(reference, tmp_pa
         with use_rules(algo.rt.mesh, algo.rt.rules):
             placed = algo.global_batch(batch, accum=1)
             flat = jax.tree.map(lambda x: x[0], placed)
-            sums = {}
             for who, params in (("pi", policy), ("ref", ref)):
                 for s in (0, 1):
-                    rows = {k: flat[k][:, s] for k in ("tokens", "targets", "positions", "segment_ids", "loss_mask")}
-                    lp = np.asarray(token_logps(params, rows, cfg))
-                    sums[who, s] = (lp * np.asarray(rows["loss_mask"])).sum(-1)
+                    if (who, s) not in sums:
+                        rows = {k: flat[k][:, s] for k in ("tokens", "targets", "positions", "segment_ids",
+                                                           "loss_mask")}
+                        lp = np.asarray(token_logps(params, rows, cfg))
+                        sums[who, s] = (lp * np.asarray(rows["loss_mask"])).sum(-1)
             lengths = np.asarray(batch["loss_mask"]).sum(-1)
             want = _numpy_preference(name, algo.a, sums["pi", 0], sums["pi", 1], sums["ref", 0], sums["ref", 1],
                                      lengths[:, 0], lengths[:, 1])
