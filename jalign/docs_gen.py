@@ -162,7 +162,10 @@ def type_name(tp) -> str:
     if origin is Literal:
         return " \\| ".join(f'"{a}"' if isinstance(a, str) else str(a) for a in args)
     if origin in (Union, types.UnionType):
-        names = [type_name(a) for a in args if a is not type(None)]
+        # a fixed order (scalars first, then lists, mappings, sections): typing caches a Union by its members'
+        # set, so Union[str, list[str]] can come back as Union[list[str], str] if that one was built first
+        names = sorted((type_name(a) for a in args if a is not type(None)),
+                       key=lambda n: (n.startswith(("list of", "mapping", "section")), n))
         return " or ".join(names) + (" or null" if type(None) in args else "")
     if origin is list:
         return f"list of {type_name(args[0])}"

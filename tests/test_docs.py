@@ -22,6 +22,19 @@ def test_configuration_md_is_up_to_date():
     assert current == docs_gen.markdown(), f"docs/configuration.md is out of date: regenerate it with `{REGENERATE}`"
 
 
+def test_a_union_type_reads_the_same_whichever_order_typing_cached():
+    """typing caches a Union by its members' set, so the order of its args depends on which spelling was built
+    first in the process (docs/configuration.md changed with the order tests ran in)."""
+    import subprocess
+    import sys
+
+    code = ("from typing import Optional, Union\nfrom jalign.docs_gen import type_name\n"
+            "Union[{first}]\nprint(type_name(Optional[Union[str, list[str]]]))")
+    got = {subprocess.run([sys.executable, "-c", code.format(first=f)], capture_output=True, text=True,
+                          check=True).stdout.strip() for f in ("list[str], str", "str, list[str]")}
+    assert got == {"str or list of str or null"}
+
+
 def test_every_documented_key_has_a_type_and_a_meaning():
     for title, _, rows in docs_gen.sections():
         for key, tp, default, meaning in rows:
