@@ -162,8 +162,8 @@ def type_name(tp) -> str:
     if origin is Literal:
         return " \\| ".join(f'"{a}"' if isinstance(a, str) else str(a) for a in args)
     if origin in (Union, types.UnionType):
-        # a fixed order (scalars first, then lists, mappings, sections): typing caches a Union by its members'
-        # set, so Union[str, list[str]] can come back as Union[list[str], str] if that one was built first
+        # a fixed order (scalars first, then lists, mappings, sections): typing caches Optional[X] by X, and
+        # Unions with the same members in any order are equal, so the first spelling built sets the order
         names = sorted((type_name(a) for a in args if a is not type(None)),
                        key=lambda n: (n.startswith(("list of", "mapping", "section")), n))
         return " or ".join(names) + (" or null" if type(None) in args else "")

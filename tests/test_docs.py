@@ -23,13 +23,14 @@ def test_configuration_md_is_up_to_date():
 
 
 def test_a_union_type_reads_the_same_whichever_order_typing_cached():
-    """typing caches a Union by its members' set, so the order of its args depends on which spelling was built
-    first in the process (docs/configuration.md changed with the order tests ran in)."""
+    """typing caches Optional[X] by X, and a Union equals another with the same members in any order, so
+    Optional[Union[str, list[str]]] comes back with the members in the order of the first spelling built in
+    the process (docs/configuration.md changed with the order the tests ran in)."""
     import subprocess
     import sys
 
     code = ("from typing import Optional, Union\nfrom jalign.docs_gen import type_name\n"
-            "Union[{first}]\nprint(type_name(Optional[Union[str, list[str]]]))")
+            "Optional[Union[{first}]]\nprint(type_name(Optional[Union[str, list[str]]]))")
     got = {subprocess.run([sys.executable, "-c", code.format(first=f)], capture_output=True, text=True,
                           check=True).stdout.strip() for f in ("list[str], str", "str, list[str]")}
     assert got == {"str or list of str or null"}
