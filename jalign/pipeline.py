@@ -41,7 +41,9 @@ FULL = {
 }
 # Smoke run (tests): a few steps each, small evaluations.
 FAST = {
-    "sft": ["train.steps=30", "train.eval_every=30", "train.checkpoint_every=30", "eval.prompts=16"],
+    # a smaller model too (the later stages take the architecture from the SFT run): a smoke run, not a result
+    "sft": ["train.steps=30", "train.eval_every=30", "train.checkpoint_every=30", "eval.prompts=16",
+            "model.hidden=64", "model.mlp=192", "model.layers=2"],
     "rm": ["train.steps=10", "train.eval_every=10", "train.eval_batches=2", "train.checkpoint_every=10"],
     "ppo": ["train.steps=3", "train.eval_every=3", "train.checkpoint_every=3", "train.global_batch=8",
             "algorithm.minibatch_size=16", "eval.prompts=16"],
