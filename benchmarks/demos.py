@@ -14,7 +14,8 @@ in its own subprocess (1 CPU device unless XLA_FLAGS says otherwise) with ``trai
   of the sloppy SFT data with it (the seed's order), then configs/steerlm_tiny.yaml, evaluated with chosen
   attribute values, against ``steer_plain``: SFT on the same annotated responses without attributes (the
   unconditioned baseline, SteerLM's schedule, the same final-answer rule on the same prompts); its figures
-  also give the RM's held-out MAE per attribute and the annotation against the ground truth (right/wrong final answer, terse/worked: ``annotation_histogram``);
+  also give the RM's held-out MAE per attribute and the annotation against the ground truth (right/wrong
+  final answer, terse/worked: ``annotation_histogram``);
 - ``kd``: configs/distill_tiny.yaml, a 2-layer student (half the teacher's depth) from scratch taught by the
   seed's 4-layer DPO policy (top-8 forward KL + NLL, 400 steps), and ``kd_baseline``: the same student, data
   and steps with ``kd_weight=0`` (plain SFT on the sloppy demonstrations).

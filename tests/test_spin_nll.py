@@ -1,4 +1,5 @@
-"""SPIN with ``algorithm.sft_weight``: the loss is L_SPIN + w x the token-mean NLL of every gold response, recomputed in NumPy from the logged batch and the checkpointed params (as the plain SPIN test)."""
+"""SPIN with ``algorithm.sft_weight``: the loss is L_SPIN + w x the token-mean NLL of every gold response,
+both recomputed in NumPy from the logged batch and the checkpointed params (as the plain SPIN test)."""
 import numpy as np
 import pytest
 

@@ -9,12 +9,15 @@ each step's P SFT prompts it generates a response y', and the loss is :func:`jal
     L = mean_i l( lam log[pi(y_i|x_i) / pi_t(y_i|x_i)] - lam log[pi(y'_i|x_i) / pi_t(y'_i|x_i)] ),  l(z) = log(1+e^-z)
 
 with y the gold response and pi_t the opponent (whose log-probs of both sides are computed when the pairs are
-built). ``sft_weight`` > 0 adds ``sft_weight`` x the token-mean NLL of every gold response, identical pairs'
-too: SFT on the same data plus L_SPIN, so a comparison with SFT on that data isolates the SPIN term (an extension: the NLL anchor of RPO, Pang et al. 2024, eq. 3; neither the paper nor NeMo-Aligner has it). Gold and generation are one pair [P, 2, T] built on device in the rollout layout (side 0 gold, 1 the
-opponent's). A generation identical to the gold response carries nothing to learn and is masked out
-(``identical_fraction``). ``data.train`` is SFT data (``{"prompt","response"}`` or conversations); the response
-block holds the longest gold response (and ``max_new_tokens`` for the generation). Under ``model.lora`` the
-opponent is the frozen base with a snapshot of the previous iterate's adapters (``jalign.algorithms.gentrain``).
+built). Gold and generation are one pair [P, 2, T] built on device in the rollout layout (side 0 gold, 1 the
+opponent's). A generation identical to the gold response carries nothing to contrast and is masked out of
+L_SPIN (``identical_fraction``). ``sft_weight`` > 0 adds ``sft_weight`` x the token-mean NLL of every gold
+response, those of identical pairs too: SFT on the same data plus L_SPIN, so a comparison with SFT on that
+data isolates the SPIN term. That is an extension (the NLL anchor of RPO, Pang et al. 2024, "Iterative
+Reasoning Preference Optimization"); neither the SPIN paper nor NeMo-Aligner has it. ``data.train`` is SFT
+data (``{"prompt","response"}`` or conversations); the response block holds the longest gold response (and
+``max_new_tokens`` for the generation). Under ``model.lora`` the opponent is the frozen base with a snapshot
+of the previous iterate's adapters (``jalign.algorithms.gentrain``).
 """
 from __future__ import annotations
 
