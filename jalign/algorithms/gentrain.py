@@ -251,7 +251,7 @@ class GenTrainAlgorithm(Algorithm):
         self.trained = TrainedModel(self.decls, cfg.optim, cfg.train.steps, rt.mesh, rt.rules,
                                     params_lib.DTYPES[cfg.model.param_dtype])
         self.store = IterateStore(rt, self.decls)
-        self._host_step, self._round, self._empty_steps = 0, None, 0
+        self._host_step, self._round, self._empty_steps, self._pending_metrics = 0, None, 0, None
         self.load_data()
         dropout = self.trainable.is_lora and cfg.model.lora.dropout > 0
         self._train_step = make_train_step(self._trained_loss, self.normalizers, self.trained, with_rng=dropout)
@@ -424,16 +424,21 @@ class GenTrainAlgorithm(Algorithm):
 
     def step(self, state, roles, batch):
         self.begin_round(state, roles)
+        self.check_trained()  # the previous step's count: its update has finished by now
         out = self.rollout(state, roles, batch)
         state, metrics = self.learn(state, roles, batch, out)
         self._host_step += 1
-        self.check_trained(metrics)
+        self._pending_metrics = metrics
+        if self._host_step >= self.cfg.train.steps:
+            self.check_trained()
         return state, metrics
 
-    def check_trained(self, metrics: dict) -> None:
+    def check_trained(self) -> None:
         """Stop with one message naming the filter when ``EMPTY_PATIENCE`` steps in a row trained on no token
-        (``num_tokens`` of the update is 0: every row masked out)."""
-        if "num_tokens" not in metrics:
+        (``num_tokens`` of the update is 0: every row masked out). Reads the last step's metrics one step late
+        (or at the last step), so the count's device-to-host copy never waits on an update in flight."""
+        metrics, self._pending_metrics = self._pending_metrics, None
+        if metrics is None or "num_tokens" not in metrics:
             return
         if float(metrics["num_tokens"]) > 0:
             self._empty_steps = 0
