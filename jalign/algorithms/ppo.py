@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from jalign.algorithms.packed_rows import forward_rows
 from jalign.algorithms.registry import register
 from jalign.algorithms.rl import KlIn, RLAlgorithm, RLConfig
 from jalign.losses import ppo_value_loss
@@ -30,7 +31,7 @@ class PPOConfig(RLConfig):
 @register("ppo", config=PPOConfig)
 class PPO(RLAlgorithm):
     def critic_loss(self, params, mb, norms, roles):
-        v = token_values(params, mb, self.critic_cfg)
+        v = forward_rows(lambda r: token_values(params, r, self.critic_cfg), mb)  # packed rows when mb has them
         loss, m = ppo_value_loss(v, mb["values"], mb["returns"], mb["weight"], self.a.value_clip, norms["n"])
         return loss, {"loss": loss, "value_clip_fraction": m["value_clip_fraction"], "value_mean": m["value_mean"],
                       "return_mean": m["return_mean"]}

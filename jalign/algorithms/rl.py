@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jalign.algorithms import packed_rows as pk
 from jalign.algorithms.base import (Algorithm, field_sharding, initial_policy_params, make_train_step,
                                     require_mesh_context, state_rng)
 from jalign.algorithms.rl_objectives import AdvantageInputs, check_objectives, kl_loss_term, with_is_weight
@@ -53,6 +54,7 @@ from jalign.models.heads import token_logps, token_values
 from jalign.roles import RoleSpec
 from jalign.rollout import experience as xp
 from jalign.state import TrainedModel
+from sharding.rules import constrain
 
 ROW_KEYS = ("tokens", "targets", "positions", "segment_ids")
 KlIn = Literal["reward", "loss", "none"]  # where the KL to the reference goes (jalign.algorithms.rl_objectives)
@@ -120,6 +122,15 @@ class RLConfig:
     # over data/fsdp, compute dtype) instead of all-gathering fsdp-sharded weights at every decode step
     # (jalign.rollout.layout; `jalign plan` shows both).
     rollout_layout: Literal["train", "tensor"] = "train"
+    # Packed rows (jalign.algorithms.packed_rows): the score pass and the updates run their forwards on rows of
+    # several whole samples (segment ids, positions restarting per sample) instead of one row per sample; the
+    # per-token results are read back per sample, so every objective is unchanged. Static shapes: each
+    # accumulation step's micro_batch_size samples go into pack_rows_per_micro rows of pack_row_len tokens (the
+    # score pass: the same ratio over the whole rollout); a step whose samples do not fit runs unpacked and
+    # logs a line (no sample is ever dropped).
+    pack_rows: bool = False
+    pack_row_len: Optional[int] = None  # tokens per packed row; None = the rollout row (prompt block + response block)
+    pack_rows_per_micro: Optional[int] = None  # None = half the micro-batch, rounded up to mesh.data*mesh.fsdp
 
 
 # ---- sizes --------------------------------------------------------------------------------------
@@ -220,7 +231,11 @@ class RLAlgorithm(Algorithm):
 
         self.rollout = RolloutLayout(a.rollout_layout, self.decls, cfg.model, rt.mesh, rt.rules)
         self.sampler = Sampler(self)
-        self._score = jax.jit(self._score_impl)
+        self.pack = pk.pack_shape(cfg, self.sizes, self.P + self.N, rt.mesh.shape["sequence"])
+        self._score_unpacked = jax.jit(functools.partial(self._score_impl, packed=False))
+        self._score_packed = jax.jit(functools.partial(self._score_impl, packed=True)) if self.pack else None
+        self._score = self._score_packed or self._score_unpacked  # the configured layout (tests, jalign plan)
+        self._pack_fits = jax.jit(self._pack_fits_impl, out_shardings=self.replicated) if self.pack else None
         self.build_update(self.actor_loss)
         self._host_step = 0
         self._penalty_checked = False
@@ -414,22 +429,27 @@ class RLAlgorithm(Algorithm):
         if timing:
             jax.block_until_ready(roll.out)
         t1 = time.perf_counter()
+        order = self.update_order(step)
+        packed = self.packs_this_step(roll.out, order, step)
+        score = self._score_packed if packed else self._score_unpacked
         critic = state.extra["critic"]["params"] if self.has_critic else None
-        prep, metrics, new_kl = self._score(state.params, critic, self.scoring_roles(roles), roll.out, roll.given,
-                                            state.extra["kl_coef"], roll.row_valid)
+        prep, metrics, new_kl = score(state.params, critic, self.scoring_roles(roles), roll.out, roll.given,
+                                      state.extra["kl_coef"], roll.row_valid)
         if not self._penalty_checked:
             self._check_truncation_penalty(metrics)
         metrics = {k: v for k, v in metrics.items() if k != "reward_ended_min"}
         if timing:
             jax.block_until_ready(prep)
         t2 = time.perf_counter()
-        state, train_metrics = self.update(state, prep, step, self.actor_roles(roles))
+        state, train_metrics = self.update(state, prep, step, self.actor_roles(roles), packed=packed, order=order)
         state = state.replace(step=state.step + 1, extra=dict(state.extra, kl_coef=new_kl))
         if timing:
             jax.block_until_ready(state.params)
         t3 = time.perf_counter()
         self._host_step = step + 1
         metrics = dict(metrics, **train_metrics, **roll.metrics, kl_coef=jnp.copy(new_kl))  # state's buffer is donated next
+        if self.pack:
+            metrics["pack_fallback"] = jnp.float32(not packed)
         if timing:
             metrics.update(time_rollout=t1 - t0, time_score=t2 - t1, time_train=t3 - t2)
         return state, metrics
@@ -454,26 +474,31 @@ class RLAlgorithm(Algorithm):
                          rollout=self.cfg.rollout)
 
     # ---- scoring (one jitted program) -----------------------------------------------------------
-    def _score_impl(self, params, critic, roles, out, given, kl_coef, row_valid=None):
+    def _score_impl(self, params, critic, roles, out, given, kl_coef, row_valid=None, *, packed: bool = False):
         """Rows, log-probs, values, the shaped reward, advantages and mismatch weights of one rollout.
 
         ``given``: reward components already scored (rules, and with dynamic sampling the reward models);
-        ``row_valid`` [N]: 0 for rows that must not train (dynamic sampling's unfilled slots)."""
+        ``row_valid`` [N]: 0 for rows that must not train (dynamic sampling's unfilled slots). ``packed``: the
+        forwards run on packed rows (``self.pack.score_rows`` x ``row_len``), their results read back per sample."""
         require_mesh_context("the RL scoring program")
         a, T = self.a, self.a.temperature
         rows = xp.rollout_rows(out, self.tokenizer.pad_id)
+        view = pk.packed_view(rows, self.pack.score_rows, self.pack.row_len) if packed else None
+        if view is not None:
+            view["rows"] = {k: _constrain_rows(v) for k, v in view["rows"].items()}
+        on_rows = (lambda fn: pk.per_token(fn, view)) if packed else (lambda fn: fn(rows))
         mask0 = rows["mask"] if row_valid is None else rows["mask"] * row_valid[:, None]
         ended = rows["ended"] > 0
-        ref = token_logps(roles[self.reference_role], rows, self.cfg.model, T)
+        ref = on_rows(lambda r: token_logps(roles[self.reference_role], r, self.cfg.model, T))
         policy = self.trainable.forward_params(params, roles)
-        old = None if self.old_from_update else token_logps(policy, rows, self.cfg.model, T)
+        old = None if self.old_from_update else on_rows(lambda r: token_logps(policy, r, self.cfg.model, T))
         raw = dict(given or {})
-        raw.update(model_components(self.terms, roles, self.rm_cfgs, rows, raw))
+        raw.update(model_components(self.terms, roles, self.rm_cfgs, rows, raw, view))
         _, score, reward_metrics = shape_rewards(self.terms, a, raw, rows["lengths"], ended)
         mask = mask0
         if a.truncated_response == "mask":
             mask = mask0 * ended[:, None].astype(mask0.dtype)
-        values = token_values(critic, rows, self.critic_cfg) if self.has_critic else None
+        values = on_rows(lambda r: token_values(critic, r, self.critic_cfg)) if self.has_critic else None
         seq_kl = jnp.sum(kl_k1(old, ref, mask0), axis=-1) if old is not None else None
         extra, metrics, new_kl = self.estimator.fn(a, self.sizes, AdvantageInputs(old, ref, values, score, mask,
                                                                                   seq_kl, kl_coef))
@@ -491,6 +516,8 @@ class RLAlgorithm(Algorithm):
                        ended_with_eos=jnp.mean(rows["ended"]),
                        truncated_fraction=1.0 - jnp.mean(rows["ended"]),
                        trained_fraction=jnp.mean((jnp.sum(mask, -1) > 0).astype(jnp.float32)))
+        if self.pack:  # the share of the positions the score forwards ran on that are padding
+            metrics["padding_fraction"] = pk.padding_fraction((view["rows"] if packed else rows)["segment_ids"])
         if seq_kl is not None:
             metrics["kl"] = jnp.mean(seq_kl)
             metrics["logprob_max_diff"] = jnp.max(jnp.where(mask0 > 0, jnp.abs(old - rows["sampler_logps"]), 0.0))
@@ -511,24 +538,31 @@ class RLAlgorithm(Algorithm):
 
     def policy_terms(self, params, mb, norms):
         """(token log-probs at T, entropy-bonus loss, entropy metric or None): entropy only when it is trained."""
+        cfg, T = self.cfg.model, self.a.temperature
         if self.a.entropy_coef:
-            logps, ent = token_logps(params, mb, self.cfg.model, self.a.temperature, return_entropy=True)
+            logps, ent = pk.forward_rows(lambda r: token_logps(params, r, cfg, T, return_entropy=True), mb)
             e_loss, em = entropy_bonus(ent, mb["weight"], self.a.entropy_coef, norms["n"])
             return logps, e_loss, em["entropy"]
-        return token_logps(params, mb, self.cfg.model, self.a.temperature), 0.0, None
+        return pk.forward_rows(lambda r: token_logps(params, r, cfg, T), mb), 0.0, None
 
     @staticmethod
     def old_logps(mb, logps):
         """The behaviour log-probs: scored before the update, or (one update per rollout) this very forward."""
         return mb["old_logps"] if "old_logps" in mb else jax.lax.stop_gradient(logps)
 
-    def _update_impl(self, state, prep, idx, actor_roles):
+    def _update_impl(self, state, prep, idx, actor_roles, *, packed: bool = False):
         s = self.sizes
         mb = {}
         for k, x in prep.items():
             axes = ("batch",) + (("seq",) if x.ndim > 1 else ()) + (None,) * max(x.ndim - 2, 0)
             mb[k] = jax.lax.with_sharding_constraint(
                 x[idx].reshape((s.accum, s.micro) + x.shape[1:]), field_sharding(self.rt.mesh, self.rt.rules, axes))
+        if packed:  # each accumulation step's samples into pack.micro_rows rows (the plan: packed_rows)
+            views = jax.vmap(lambda r: pk.packed_view(r, self.pack.micro_rows, self.pack.row_len))(
+                {k: mb[k] for k in ROW_KEYS})
+            sharding = field_sharding(self.rt.mesh, self.rt.rules, ("batch", "seq"))
+            mb["packed"] = {k: jax.lax.with_sharding_constraint(v, sharding) for k, v in views["rows"].items()}
+            mb["pack_dest"] = views["dest"]
         sub = state.replace(extra={})
         new, m = self._actor_step(sub, actor_roles, mb)
         out = state.replace(params=new.params, opt_state=new.opt_state)
@@ -545,21 +579,46 @@ class RLAlgorithm(Algorithm):
         metrics["skipped"] = metrics["policy_skipped"] + metrics.get("critic_skipped", 0)
         return out, metrics
 
-    def update(self, state, prep, step: int, actor_roles=None):
-        """``ppo_epochs`` shuffled passes of minibatch updates; metrics averaged over the updates (on device)."""
+    def update_order(self, step: int) -> np.ndarray:
+        """[ppo_epochs * minibatches, minibatch] row indices of the step's updates: a shuffle per epoch."""
+        s, order = self.sizes, np.random.default_rng([self.cfg.train.seed, step])
+        perms = [order.permutation(s.rollout) for _ in range(self.a.ppo_epochs)]
+        return np.stack([p[i * s.minibatch:(i + 1) * s.minibatch] for p in perms for i in range(s.minibatches)])
+
+    def packs_this_step(self, out, order: np.ndarray, step: int) -> bool:
+        """Whether this step's rollout fits the packed shapes (``algorithm.pack_rows``), for the score pass and
+        every accumulation step of ``order``; when it does not, says so: the step then runs unpacked."""
+        if self.pack is None:
+            return False
+        if bool(jax.device_get(self._pack_fits(out, jax.device_put(jnp.asarray(order, jnp.int32), self.replicated)))):
+            return True
+        p = self.pack
+        self.rt.log(f"step {step}: the rollout's samples do not fit algorithm.pack_rows_per_micro={p.micro_rows} "
+                    f"packed rows of algorithm.pack_row_len={p.row_len} tokens per {self.sizes.micro} samples: this "
+                    "step scores and trains on unpacked rows (raise either key to pack every step)")
+        return False
+
+    def _pack_fits_impl(self, out, order):
+        s, p = self.sizes, self.pack
+        seg = xp.rollout_rows(out, self.tokenizer.pad_id)["segment_ids"]
+        micro = seg[order.reshape(-1)].reshape((-1, s.micro, seg.shape[-1]))
+        return pk.plan_fits(seg, p.score_rows, p.row_len) & jnp.all(
+            jax.vmap(lambda x: pk.plan_fits(x, p.micro_rows, p.row_len))(micro))
+
+    def update(self, state, prep, step: int, actor_roles=None, packed: Optional[bool] = None,
+               order: Optional[np.ndarray] = None):
+        """``ppo_epochs`` shuffled passes of minibatch updates; metrics averaged over the updates (on device).
+        ``packed``: on packed rows (default: as configured; the caller has checked they fit)."""
         s = self.sizes
         rows = prep["tokens"].shape[0]
         if rows != s.rollout:  # an index past the rows would be clamped silently inside jit
             raise ValueError(f"rollout has {rows} rows, expected {s.rollout} (prompts x samples per prompt)")
-        order = np.random.default_rng([self.cfg.train.seed, step])
+        order = self.update_order(step) if order is None else order
+        fn = self._update_packed if (self.pack is not None if packed is None else packed) else self._update_unpacked
         collected = []
-        for _ in range(self.a.ppo_epochs):
-            perm = order.permutation(s.rollout)
-            for i in range(s.minibatches):
-                idx = jax.device_put(jnp.asarray(perm[i * s.minibatch:(i + 1) * s.minibatch], jnp.int32),
-                                     self.replicated)
-                state, m = self._update(state, prep, idx, actor_roles)
-                collected.append(m)
+        for chosen in order:
+            state, m = fn(state, prep, jax.device_put(jnp.asarray(chosen, jnp.int32), self.replicated), actor_roles)
+            collected.append(m)
         return state, _reduce_minibatch_metrics(collected, self.a.ppo_epochs)
 
     def build_update(self, actor_loss) -> None:
@@ -572,8 +631,15 @@ class RLAlgorithm(Algorithm):
         dropout = self.trainable.is_lora and self.cfg.model.lora.dropout > 0
         self._actor_step = make_train_step(trained_loss, self.normalizers, self.actor, with_rng=dropout)
         shardings = self._state_shardings()
-        self._update = jax.jit(self._update_impl, in_shardings=(shardings, None, self.replicated, None),
-                               out_shardings=(shardings, self.replicated), donate_argnums=(0,))
+
+        def jitted(packed):
+            return jax.jit(functools.partial(self._update_impl, packed=packed),
+                           in_shardings=(shardings, None, self.replicated, None),
+                           out_shardings=(shardings, self.replicated), donate_argnums=(0,))
+
+        self._update_unpacked = jitted(False)
+        self._update_packed = jitted(True) if self.pack else None
+        self._update = self._update_packed or self._update_unpacked  # the configured layout (jalign plan)
 
     def actor_loss(self, params, mb, norms, roles):
         """``algorithm.policy_loss`` on the (mismatch-weighted) advantages, + kl_coef * k3 with ``kl_in: loss``,
@@ -648,6 +714,11 @@ def _reduce_minibatch_metrics(collected: list, ppo_epochs: int) -> dict:
     out["skipped"] = jnp.max(stacked["skipped"])
     out["num_tokens"] = jnp.sum(stacked["num_tokens"]) / ppo_epochs
     return out
+
+
+def _constrain_rows(x):
+    """Packed rows [R, C] sharded like the rollout's rows (batch over data/fsdp, seq over sequence)."""
+    return constrain(x, ("batch", "seq"))
 
 
 def _mean_std(score, row_valid) -> dict:

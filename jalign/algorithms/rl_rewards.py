@@ -107,14 +107,20 @@ def rule_components(terms, tokenizer, out: dict, row_prompts, prompts) -> dict:
 
 
 # ---- device: reward-model scores and shaping (jittable) ---------------------------------------------
-def model_components(terms, rm_params: dict, rm_cfgs: dict, rows: dict, given: dict) -> dict:
-    """{name: raw score [B] float32} of the reward-model terms not already in ``given``."""
+def model_components(terms, rm_params: dict, rm_cfgs: dict, rows: dict, given: dict, view=None) -> dict:
+    """{name: raw score [B] float32} of the reward-model terms not already in ``given``. ``view``: the packed
+    rows of ``rows`` (``jalign.algorithms.packed_rows.packed_view``) the forwards run on instead."""
+    from jalign.algorithms.packed_rows import packed_sequence_scores
+
     out = {}
     for t in model_terms(terms):
         if t.name in given:
             continue
-        s = sequence_scores(rm_params[t.role], rows["tokens"], rows["positions"], rows["segment_ids"],
-                            rm_cfgs[t.role])
+        if view is not None:
+            s = packed_sequence_scores(rm_params[t.role], rows, view, rm_cfgs[t.role])
+        else:
+            s = sequence_scores(rm_params[t.role], rows["tokens"], rows["positions"], rows["segment_ids"],
+                                rm_cfgs[t.role])
         out[t.name] = s[:, t.attribute].astype(jnp.float32)
     return out
 
