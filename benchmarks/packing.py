@@ -1,8 +1,10 @@
-"""Packing preference pairs (``data.pack_pairs``): padding waste and DPO step throughput, one pair per [2, T] row
-against packed rows (``pack_pairs``), on a long-tailed length mix.
+"""Packing preference pairs (``data.pack_pairs``) and RL rows (``algorithm.pack_rows``): padding waste and step
+throughput, one sample per row against packed rows, on long-tailed length mixes.
 
     python benchmarks/packing.py [--pairs 2000] [--side-len 1024] [--packed-len 2048] [--max-pairs 16]
                                  [--scale 0.25] [--step-rows 8] [--steps 3] [--rounds 2] [--no-throughput]
+                                 [--rl] [--rl-only] [--rl-prompts 4] [--rl-samples 8] [--rl-new 256]
+                                 [--rl-rows-per-micro 4]
 
 Each side's length (prompt + response) is drawn log-normally and clipped to [32, side-len] (median ~150
 tokens, a long tail to side-len, like chat preference data).
@@ -16,6 +18,13 @@ tokens, a long tail to side-len, like chat preference data).
    ``--step-rows`` rows of 2T tokens (the same positions per step) holding up to ``--max-pairs`` whole pairs
    each. Rounds alternate the two layouts (``--steps`` steps each after a compile step), so a load change on a
    shared machine hits both; pairs/s = pairs trained / wall time, with the process CPU time beside it.
+3. RL (``--rl``): a GRPO step without its rollout (score pass: reference and old log-probs; two minibatch
+   updates with the k3 KL term; the tiny-llama, 1 device) on synthetic rollouts of ``--rl-prompts`` x
+   ``--rl-samples`` samples whose response lengths are log-normal (median ~30 tokens, a tail to ``--rl-new``),
+   a new rollout every step: unpacked (one row of prompt block + ``--rl-new`` slots per sample) against packed
+   (``algorithm.pack_rows``, ``--rl-rows-per-micro`` rows of the same length per minibatch of half the
+   samples), alternated in rounds. Printed: the padding fraction of the rows the score forwards ran on,
+   seconds per step (score + update), samples/s, and how many steps fell back to unpacked rows.
 """
 from __future__ import annotations
 
@@ -184,6 +193,108 @@ def throughput(a) -> None:
 MODEL_NOTE = "(vocab 8192, hidden 256, 4 layers, f32)"
 
 
+# ---- RL rows (algorithm.pack_rows) ------------------------------------------------------------------
+def rl_algo(a, packed: bool, run_dir: str):
+    from jalign.algorithms import base
+    from jalign.algorithms.grpo import GRPO
+    from jalign.config import load_config
+    from sharding import make_mesh, make_rules
+
+    from dpo import MODEL
+
+    import jax
+
+    n = a.rl_prompts * a.rl_samples
+    cfg = load_config(None, MODEL + [
+        "algorithm.name=grpo", "algorithm.reward_fn=exact_match", "data.train=builtin:addition_prompts:train",
+        "data.eval=null", "eval.prompts=0", f"train.global_batch={a.rl_prompts}",
+        f"algorithm.num_rollouts_per_prompt={a.rl_samples}", f"algorithm.max_new_tokens={a.rl_new}",
+        f"algorithm.minibatch_size={n // 2}", "algorithm.truncated_response=keep",
+        f"algorithm.pack_rows={str(packed).lower()}", f"algorithm.pack_rows_per_micro={a.rl_rows_per_micro}",
+        f"train.out_dir={run_dir}", "mesh.data=1"])
+    mesh = make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
+    rt = base.Runtime(cfg=cfg, mesh=mesh, rules=make_rules(), run_dir=Path(run_dir), log=print)
+    return rt, GRPO(rt)
+
+
+def rl_rollout(algo, seed: int) -> dict:
+    """A sampler output with varied prompt lengths and log-normal response lengths (median ~30 tokens)."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(seed)
+    B, P, N, mx = algo.sizes.rollout, algo.P, algo.N, algo.a.max_new_tokens
+    pl = rng.integers(max(1, P // 2), P + 1, B)
+    lens = np.clip(np.round(rng.lognormal(np.log(30), 1.0, B)), 1, mx).astype(np.int32)
+    seg = (np.arange(P)[None, :] >= P - pl[:, None]).astype(np.int32)
+    out = {"prompt_tokens": np.where(seg > 0, rng.integers(3, 100, (B, P)), 0), "prompt_segment_ids": seg,
+           "prompt_positions": np.where(seg > 0, np.arange(P)[None, :] - (P - pl[:, None]), 0),
+           "prompt_lengths": pl, "tokens": rng.integers(3, 8000, (B, N)), "lengths": lens,
+           "logprobs_tempered": -rng.uniform(0.5, 6.0, (B, N)), "ended_with_eos": lens < mx}
+    return {k: jnp.asarray(v, jnp.float32 if k == "logprobs_tempered" else (bool if k == "ended_with_eos" else jnp.int32))
+            for k, v in out.items()}
+
+
+def rl_throughput(a) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from jalign.algorithms.rl_rewards import rule_terms
+    from jalign.algorithms.rl_sampling import Rollout
+    from jalign.roles import build_roles
+    from sharding import use_rules
+
+    layouts, n = {}, a.rl_prompts * a.rl_samples
+    for name, packed in (("unpacked", False), ("packed", True)):
+        rt, algo = rl_algo(a, packed, tempfile.mkdtemp(prefix=f"jalign_bench_rlpack_{name}_"))
+        feed = {"out": None}
+        given = lambda: {t.name: jnp.asarray(np.random.default_rng(0).random(n), jnp.float32)  # noqa: E731
+                         for t in rule_terms(algo.terms)}
+        algo.sampler = lambda *args, _f=feed, _g=given: Rollout(_f["out"], np.arange(n) // a.rl_samples, _g())
+        with use_rules(rt.mesh, rt.rules):
+            roles = build_roles(rt.cfg, algo.role_specs(), rt.mesh, rt.rules, log=lambda *_: None)
+            state = algo.init_state(roles)
+            feed["out"] = rl_rollout(algo, 0)
+            t = time.perf_counter()
+            state, m = algo.step(state, roles, {"prompt_index": np.arange(a.rl_prompts)})
+            jax.block_until_ready(m)
+        layouts[name] = dict(rt=rt, algo=algo, roles=roles, state=state, feed=feed, compile=time.perf_counter() - t,
+                             wall=0.0, cpu=0.0, steps=0, pad=[], fallback=0)
+    seed = 1
+    for _ in range(a.rounds):
+        outs = [rl_rollout(layouts["unpacked"]["algo"], seed + i) for i in range(a.steps)]
+        seed += a.steps
+        for name, L in layouts.items():
+            algo = L["algo"]
+            with use_rules(L["rt"].mesh, L["rt"].rules):
+                t, c = time.perf_counter(), cpu_seconds()
+                for out in outs:
+                    L["feed"]["out"] = out
+                    L["state"], m = algo.step(L["state"], L["roles"], {"prompt_index": np.arange(a.rl_prompts)})
+                    jax.block_until_ready(m)
+                    if algo.pack:
+                        L["pad"].append(float(m["padding_fraction"]))
+                        L["fallback"] += int(m["pack_fallback"])
+                    else:
+                        real = np.asarray(out["prompt_lengths"] + out["lengths"]).sum()
+                        L["pad"].append(1.0 - real / (n * (algo.P + algo.N)))
+                L["wall"] += time.perf_counter() - t
+                L["cpu"] += cpu_seconds() - c
+            L["steps"] += a.steps
+    algo = layouts["packed"]["algo"]
+    print(f"\nRL: GRPO score + update (no rollout), tiny-llama {MODEL_NOTE}, 1 device; {a.rl_prompts} prompts x "
+          f"{a.rl_samples} samples, prompt block {algo.P}, responses log-normal (median ~30, max {a.rl_new}); "
+          f"{a.rounds} alternated rounds of {a.steps} steps per layout, a new rollout per step:")
+    for name, L in layouts.items():
+        rows = f"{n} x [{algo.P + algo.N}]" if name == "unpacked" else (
+            f"score {algo.pack.score_rows} x [{algo.pack.row_len}], update {algo.pack.micro_rows} per {algo.sizes.micro}")
+        fb = f", {L['fallback']}/{L['steps']} steps fell back to unpacked" if name == "packed" else ""
+        print(f"  {name:8s} {rows}: padding {np.mean(L['pad']):.1%}, step {L['wall'] / L['steps']:.2f} s, "
+              f"{n * L['steps'] / L['wall']:.2f} samples/s ({n * L['steps'] / L['cpu']:.2f} per CPU-s), first step "
+              f"{L['compile']:.1f} s{fb}")
+    u, p = layouts["unpacked"], layouts["packed"]
+    print(f"  packed / unpacked: {u['wall'] / p['wall']:.2f}x samples/s ({u['cpu'] / p['cpu']:.2f}x per CPU-s)")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", type=int, default=2000)
@@ -196,12 +307,21 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=3, help="throughput: timed steps per round and layout")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--no-throughput", action="store_true", help="only the counts")
+    ap.add_argument("--rl", action="store_true", help="also the RL section (algorithm.pack_rows)")
+    ap.add_argument("--rl-only", action="store_true", help="only the RL section")
+    ap.add_argument("--rl-prompts", type=int, default=4)
+    ap.add_argument("--rl-samples", type=int, default=8)
+    ap.add_argument("--rl-new", type=int, default=256, help="RL: max_new_tokens (the response block)")
+    ap.add_argument("--rl-rows-per-micro", type=int, default=4, help="RL: algorithm.pack_rows_per_micro")
     a = ap.parse_args(argv)
     if a.packed_len < 2 * a.side_len:
         ap.error("--packed-len must hold the longest pair: at least 2 x --side-len")
-    padding_counts(a)
-    if not a.no_throughput:
-        throughput(a)
+    if not a.rl_only:
+        padding_counts(a)
+        if not a.no_throughput:
+            throughput(a)
+    if a.rl or a.rl_only:
+        rl_throughput(a)
 
 
 if __name__ == "__main__":
