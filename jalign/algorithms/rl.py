@@ -130,7 +130,7 @@ class RLConfig:
     # logs a line (no sample is ever dropped).
     pack_rows: bool = False
     pack_row_len: Optional[int] = None  # tokens per packed row; None = the rollout row (prompt block + response block)
-    pack_rows_per_micro: Optional[int] = None  # None = half the micro-batch, rounded up to mesh.data*mesh.fsdp
+    pack_rows_per_micro: Optional[int] = None  # packed rows per accumulation step; None = half its samples (rounded up to mesh.data*mesh.fsdp)
 
 
 # ---- sizes --------------------------------------------------------------------------------------
