@@ -209,6 +209,7 @@ def rl_algo(a, packed: bool, run_dir: str):
         "algorithm.name=grpo", "algorithm.reward_fn=exact_match", "data.train=builtin:addition_prompts:train",
         "data.eval=null", "eval.prompts=0", f"train.global_batch={a.rl_prompts}",
         f"algorithm.num_rollouts_per_prompt={a.rl_samples}", f"algorithm.max_new_tokens={a.rl_new}",
+        f"data.seq_len={a.rl_new + 64}",
         f"algorithm.minibatch_size={n // 2}", "algorithm.truncated_response=keep",
         f"algorithm.pack_rows={str(packed).lower()}", f"algorithm.pack_rows_per_micro={a.rl_rows_per_micro}",
         f"train.out_dir={run_dir}", "mesh.data=1"])

@@ -689,12 +689,15 @@ class RLAlgorithm(Algorithm):
             return state.params, critic, score_roles, out, given, state.extra["kl_coef"]
 
         progs["score"] = Program(self._score, score_args, uses=("params",) + (("critic",) if self.has_critic else ())
-                                 + tuple(f"role:{n}" for n in score_roles), note=f"{s.rollout} rows")
+                                 + tuple(f"role:{n}" for n in score_roles), note=f"{s.rollout} rows" if not self.pack else
+                                 f"{s.rollout} samples packed into {self.pack.score_rows} rows of {self.pack.row_len}")
         idx = jax.ShapeDtypeStruct((s.minibatch,), jnp.int32, sharding=self.replicated)
         actor_roles = {BASE: roles[BASE]} if self.trainable.is_lora and BASE in roles else None
         progs["update"] = Program(self._update, lambda outs: (state, outs["score"][0], idx, actor_roles),
                                   uses=state_uses(state),
-                                  note=f"{s.accum} x {s.micro} rows, {s.minibatches * a.ppo_epochs} per step")
+                                  note=(f"{s.accum} x {s.micro} rows" if not self.pack else f"{s.accum} x {s.micro} samples "
+                                        f"packed into {self.pack.micro_rows} rows of {self.pack.row_len}")
+                                  + f", {s.minibatches * a.ppo_epochs} per step")
         progs.update(self.actor.update_phase_programs("update/actor"))
         if self.has_critic:
             progs.update(self.critic.update_phase_programs("update/critic"))
