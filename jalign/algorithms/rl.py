@@ -614,7 +614,10 @@ class RLAlgorithm(Algorithm):
         if rows != s.rollout:  # an index past the rows would be clamped silently inside jit
             raise ValueError(f"rollout has {rows} rows, expected {s.rollout} (prompts x samples per prompt)")
         order = self.update_order(step) if order is None else order
-        fn = self._update_packed if (self.pack is not None if packed is None else packed) else self._update_unpacked
+        packed = self.pack is not None if packed is None else packed
+        if packed and self.pack is None:
+            raise ValueError("update(packed=True) needs algorithm.pack_rows: true")
+        fn = self._update_packed if packed else self._update_unpacked
         collected = []
         for chosen in order:
             state, m = fn(state, prep, jax.device_put(jnp.asarray(chosen, jnp.int32), self.replicated), actor_roles)
