@@ -15,6 +15,11 @@ One ``step(state, roles, {"prompt_index"})`` is:
             actor's (and a critic's) train step with accumulation and the global count of that minibatch; the
             actor's loss is ``algorithm.policy_loss`` (+ the k3 KL term when ``kl_in: loss``, + entropy bonus).
 
+Packed rows (``algorithm.pack_rows``, :mod:`jalign.algorithms.packed_rows`): the forwards of steps 2 and 3 run on
+rows of several whole samples instead of one padded row per sample, their per-token results read back per sample,
+so every objective and metric is computed on the same arrays; a step whose samples do not fit the configured
+packed shapes runs unpacked and logs a line.
+
 Train state: ``TrainState(step, params=actor, opt_state, rng, extra={"kl_coef", "critic": {...}})``. The
 reference and reward models are roles (``roles.reference``, ``roles.reward``, one ``reward_NAME`` per other
 reward-model term): frozen, never in an optimizer, never donated, never checkpointed.
