@@ -108,6 +108,14 @@ def plan_fits(segment_ids, num_rows: int, row_len: int) -> jax.Array:
     return jnp.all(first_fit_decreasing(sample_lengths(segment_ids), num_rows, row_len)[2])
 
 
+def rollout_fits(segment_ids, order, micro: int, shape: PackShape) -> jax.Array:
+    """True when the rollout rows [N, S] fit the packed score pass and every accumulation step of the updates:
+    ``order`` [U, M] holds each update's row indices, split into accumulation steps of ``micro`` rows."""
+    steps = segment_ids[order.reshape(-1)].reshape((-1, micro, segment_ids.shape[-1]))
+    per_step = jax.vmap(lambda x: plan_fits(x, shape.micro_rows, shape.row_len))(steps)
+    return plan_fits(segment_ids, shape.score_rows, shape.row_len) & jnp.all(per_step)
+
+
 def destinations(segment_ids, num_rows: int, row_len: int) -> jax.Array:
     """[n, S] flat index into the packed [num_rows * row_len] tokens of every real token of rows [n, S]
     (``num_rows * row_len``, one past the end, for padding and for a sample that was not placed)."""

@@ -604,11 +604,8 @@ class RLAlgorithm(Algorithm):
         return False
 
     def _pack_fits_impl(self, out, order):
-        s, p = self.sizes, self.pack
-        seg = xp.rollout_rows(out, self.tokenizer.pad_id)["segment_ids"]
-        micro = seg[order.reshape(-1)].reshape((-1, s.micro, seg.shape[-1]))
-        return pk.plan_fits(seg, p.score_rows, p.row_len) & jnp.all(
-            jax.vmap(lambda x: pk.plan_fits(x, p.micro_rows, p.row_len))(micro))
+        return pk.rollout_fits(xp.rollout_rows(out, self.tokenizer.pad_id)["segment_ids"], order, self.sizes.micro,
+                               self.pack)
 
     def update(self, state, prep, step: int, actor_roles=None, packed: Optional[bool] = None,
                order: Optional[np.ndarray] = None):
