@@ -227,16 +227,23 @@ def test_packed_score_and_update_equal_unpacked(name, rm_dir):
         assert_trees_close(p["critic"], u["critic"])
 
 
-def test_packed_update_on_a_sharded_mesh_equals_unsharded(rm_dir):
-    extra = CASES["grpo"] + [f"roles.reward=run:{rm_dir}", "algorithm.pack_rows=true"]
+@pytest.mark.parametrize("name", ["grpo", "ppo"])
+def test_packed_update_on_a_sharded_mesh_equals_unsharded(name, rm_dir):
+    extra = CASES[name] + [f"roles.reward=run:{rm_dir}", "algorithm.pack_rows=true"]
     single = build(extra)
     out = long_tailed_rollout(single)
     ref = score_and_update(single, out, packed=True)
-    sharded = build(extra + ["algorithm.pack_rows_per_micro=2"], mesh=make_mesh(2, 1, 2, 1, devices=jax.devices()[:4]))
+    rows = single.pack.micro_rows  # the same packed shapes on the sharded mesh
+    sharded = build(extra + [f"algorithm.pack_rows_per_micro={rows}"],
+                    mesh=make_mesh(2, 1, 2, 1, devices=jax.devices()[:4]))
     r = score_and_update(sharded, out, packed=True)
-    for k in ("actor_loss", "policy_loss", "kl_loss", "entropy"):
+    for k in ("actor_loss", "policy_loss") + (("value_loss",) if name == "ppo" else ("kl_loss", "entropy")):
         np.testing.assert_allclose(r["um"][k], ref["um"][k], atol=2e-5, rtol=1e-4, err_msg=k)
-    assert_trees_close(r["actor"], ref["actor"])
+    # PPO: two epochs of Adam (eps 1e-4) on whitened advantages amplify f32 reduction-order noise; unpacked
+    # rows on the same two meshes differ by 7e-6 of the scale, packed by 1.8e-5 (a misplaced sample is O(1))
+    assert_trees_close(r["actor"], ref["actor"], rtol=5e-5 if name == "ppo" else 1e-5)
+    if name == "ppo":
+        assert_trees_close(r["critic"], ref["critic"])
 
 
 def test_a_rollout_that_does_not_fit_runs_unpacked_and_says_so(rm_dir):
