@@ -16,6 +16,10 @@ sides, written once by the coordinator with ``save_hf``):
   eps 1e-8, weight decay 0.01, global-norm clip 1.0, warmup 20 + cosine) -- jalign's OptimConfig defaults.
 * dpo: 8 pairs x (64 prompt + 192 response), live reference (forward only), sigmoid DPO beta 0.1, same AdamW.
 * decode: greedy, batch 8, prompt 64, exactly 192 new tokens (EOS off).
+
+Sides: ``jalign`` (one CPU device: XLA:CPU spreads each op over the cores), ``jalign-dp`` (one CPU device per
+core, ``--xla_force_host_platform_device_count``, the batch data-parallel over them: each device runs its
+half of the batch's ops concurrently, gradients all-reduced), ``jalign-engine`` (decode), ``torch``.
 """
 from __future__ import annotations
 
@@ -109,7 +113,7 @@ def jalign_model(model_dir: str, dtype: str = "float32"):
     return load_hf_params(model_dir, cfg), cfg
 
 
-def jalign_sft(model_dir: str):
+def jalign_sft(model_dir: str, devices: int = 1):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -123,7 +127,7 @@ def jalign_sft(model_dir: str):
     from sharding import make_mesh, make_rules, use_rules
 
     params, cfg = jalign_model(model_dir)
-    mesh, rules = make_mesh(1, 1, 1, 1, devices=jax.devices()[:1]), make_rules()
+    mesh, rules = make_mesh(devices, 1, 1, 1, devices=jax.devices()[:devices]), make_rules()
     trained = TrainedModel(tfm.declare_params(cfg), OptimConfig(), OPTIM["steps"], mesh, rules, jnp.float32)
 
     def loss_fn(p, mb, norms, roles):
@@ -147,7 +151,7 @@ def jalign_sft(model_dir: str):
     return run
 
 
-def jalign_dpo(model_dir: str):
+def jalign_dpo(model_dir: str, devices: int = 1):
     import pathlib
     import tempfile
 
@@ -167,8 +171,8 @@ def jalign_dpo(model_dir: str):
                              "algorithm.name=dpo", "algorithm.reference=live", f"algorithm.beta={DPO['beta']}",
                              "eval.prompts=0", "data.train=builtin:addition_pairs:train:64", "data.eval=null",
                              f"data.seq_len={T}", f"train.global_batch={DPO['pairs']}", f"train.steps={OPTIM['steps']}",
-                             f"train.out_dir={run_dir}", "mesh.data=1"])
-    mesh = make_mesh(1, 1, 1, 1, devices=jax.devices()[:1])
+                             f"train.out_dir={run_dir}", f"mesh.data={devices}"])
+    mesh = make_mesh(devices, 1, 1, 1, devices=jax.devices()[:devices])
     rt = base.Runtime(cfg=cfg, mesh=mesh, rules=make_rules(), run_dir=pathlib.Path(run_dir), log=lambda *_: None)
     tokens, targets, mask = dpo_data()
     n = DPO["pairs"]
@@ -313,6 +317,15 @@ def torch_decode(model_dir: str):
     return run
 
 
+def host_devices() -> int:
+    """CPU devices for the data-parallel jalign side: one per core (``--xla_force_host_platform_device_count``;
+    the batch of 8 rows / pairs must divide by it)."""
+    n = os.cpu_count() or 1
+    while n > 1 and 8 % n:
+        n -= 1
+    return n
+
+
 # ---- the worker loop ------------------------------------------------------------------------------
 def serve(run, first_step_s: float) -> None:
     print("ready " + json.dumps({"first_step_s": first_step_s}), flush=True)
@@ -331,6 +344,8 @@ def serve(run, first_step_s: float) -> None:
 
 BUILDERS = {("jalign", "sft"): jalign_sft, ("jalign", "dpo"): jalign_dpo, ("jalign", "decode"): jalign_decode,
             ("jalign-engine", "decode"): lambda d: jalign_decode(d, engine=True),
+            ("jalign-dp", "sft"): lambda d: jalign_sft(d, devices=host_devices()),
+            ("jalign-dp", "dpo"): lambda d: jalign_dpo(d, devices=host_devices()),
             ("torch", "sft"): torch_sft, ("torch", "dpo"): torch_dpo, ("torch", "decode"): torch_decode}
 
 
@@ -342,6 +357,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.side.startswith("jalign"):
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if a.side == "jalign-dp":  # before jax is imported (the builders import it)
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={host_devices()}")
     t = time.perf_counter()
     run = BUILDERS[(a.side, a.workload)](a.model_dir)
     run()

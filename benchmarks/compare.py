@@ -12,6 +12,10 @@ model GFLOP/s of each side and its MFU against the f32 matmul rate measured here
 JAX, best of a few; the same matmul in torch is printed beside it). Without transformers / torch (the ``[hf]``
 extra) only jalign runs. Figures only: nothing is asserted.
 
+jalign runs as two sides for training: on one CPU device (XLA:CPU spreads each op over the cores; what a
+plain ``jalign train`` gets) and on one CPU device per core with the batch data-parallel over them
+(``--xla_force_host_platform_device_count``, ``mesh.data`` = cores), the way to use a multi-core CPU fully.
+
 Workloads: ``sft`` tokens/s (8 rows x 256 tokens), ``dpo`` pairs/s (8 pairs x (64 + 192), live reference),
 ``decode`` generated tokens/s (greedy, batch 8, prompt 64, 192 new; jalign's static sampler and its rollout
 engine). Rates per CPU-second (user + system time of the worker, all threads) are printed beside wall rates:
@@ -32,8 +36,9 @@ sys.path.insert(0, HERE)
 
 UNITS = {"sft": ("tokens/s", 8 * 256), "dpo": ("pairs/s", 8), "decode": ("tokens/s", 8 * 192)}
 PEERS = {"sft": ("torch",), "dpo": ("torch",), "decode": ("torch",)}
-JALIGN_SIDES = {"sft": ("jalign",), "dpo": ("jalign",), "decode": ("jalign", "jalign-engine")}
-LABELS = {"jalign": "jalign", "jalign-engine": "jalign rollout engine", "torch": "PyTorch/transformers loop"}
+JALIGN_SIDES = {"sft": ("jalign", "jalign-dp"), "dpo": ("jalign", "jalign-dp"), "decode": ("jalign", "jalign-engine")}
+LABELS = {"jalign": "jalign", "jalign-dp": "jalign, a device per core", "jalign-engine": "jalign rollout engine",
+          "torch": "PyTorch/transformers loop"}
 
 
 def have(module: str) -> bool:

@@ -1,6 +1,7 @@
 """Log-prob and masking ops shared by every loss."""
 from __future__ import annotations
 
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -37,13 +38,69 @@ def token_logps(logits: jax.Array, labels: jax.Array, temperature: float = 1.0) 
     return picked - lse
 
 
+def _chunk_logits(h, w, temperature):
+    return jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32) / temperature
+
+
+def _picked(z, labels):
+    # compare-and-sum, not a gather: vocabulary-sharded z reduces locally (see token_logps)
+    vocab_ids = jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
+    return jnp.sum(jnp.where(vocab_ids == labels[..., None], z, 0.0), axis=-1), vocab_ids
+
+
+def _chunk_stats(h, w, labels, temperature, entropy):
+    z = _chunk_logits(h, w, temperature)
+    lse = jax.nn.logsumexp(z, axis=-1)
+    picked, _ = _picked(z, labels)
+    ent = lse - jnp.sum(jnp.exp(z - lse[..., None]) * z, axis=-1) if entropy else jnp.zeros_like(lse)
+    return picked - lse, ent, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _chunk_logps(h, w, labels, temperature, entropy):
+    lp, ent, _ = _chunk_stats(h, w, labels, temperature, entropy)
+    return lp, ent
+
+
+def _chunk_logps_fwd(h, w, labels, temperature, entropy):
+    lp, ent, lse = _chunk_stats(h, w, labels, temperature, entropy)
+    return (lp, ent), (h, w, labels, lse, ent)
+
+
+def _chunk_logps_bwd(temperature, entropy, res, cts):
+    """Hand-written backward of one chunk: recompute z = h w / T from the saved h and logsumexp, then
+
+        d lp / d z_v = 1[v = y] - p_v,    d H / d z_v = -p_v (log p_v + H),   p = softmax(z),
+
+    scaled by 1/T, and two matmuls for dh and dw. Written out (not autodiff of a rematerialised chunk) because
+    XLA:CPU lowered the autodiff version to a transposed [V, tokens] softmax-gradient fusion and slower dots
+    (benchmarks/compare.py: the head's forward + backward took ~1.9x the time of this one on the tiny model).
+    """
+    h, w, labels, lse, ent = res
+    g_lp, g_ent = cts
+    z = _chunk_logits(h, w, temperature)
+    p = jnp.exp(z - lse[..., None])
+    _, vocab_ids = _picked(z, labels)
+    dz = jnp.where(vocab_ids == labels[..., None], g_lp[..., None], 0.0) - p * g_lp[..., None]
+    if entropy:
+        dz = dz - g_ent[..., None] * p * (z - lse[..., None] + ent[..., None])
+    dz = (dz / temperature).astype(h.dtype)
+    dh = jnp.einsum("bcv,dv->bcd", dz, w, preferred_element_type=jnp.float32).astype(h.dtype)
+    dw = jnp.einsum("bcd,bcv->dv", h, dz, preferred_element_type=jnp.float32).astype(w.dtype)
+    return dh, dw, None
+
+
+_chunk_logps.defvjp(_chunk_logps_fwd, _chunk_logps_bwd)
+
+
 def chunked_token_logps(hidden: jax.Array, unembed: jax.Array, labels: jax.Array, chunk_size: int = 512,
                         temperature: float = 1.0, return_entropy: bool = False):
     """``token_logps(hidden @ unembed, labels)`` computed ``chunk_size`` positions at a time.
 
     hidden [B, T, D], unembed [D, V], labels [B, T]. Only [B, chunk, V] logits exist at once, in the
-    forward pass and (through rematerialisation) in the backward pass. With ``return_entropy`` also
-    returns the per-token entropy of softmax(logits / T).
+    forward pass and in the backward pass (which recomputes each chunk's logits from its hidden states and
+    saved logsumexp: a fused linear + log-softmax, see ``_chunk_logps_bwd``). With ``return_entropy`` also
+    returns the per-token entropy of softmax(logits / T), differentiable too.
     """
     B, T, D = hidden.shape
     c = min(chunk_size, T)
@@ -54,17 +111,13 @@ def chunked_token_logps(hidden: jax.Array, unembed: jax.Array, labels: jax.Array
     n = (T + pad) // c
     hs = hidden.reshape(B, n, c, D).swapaxes(0, 1)
     ls = labels.reshape(B, n, c).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def one(h, lab):
-        z = jnp.einsum("bcd,dv->bcv", h, unembed.astype(h.dtype), preferred_element_type=jnp.float32)
-        lp = token_logps(z, lab, temperature)
-        if not return_entropy:
-            return lp, jnp.zeros_like(lp)
-        logp_all = jax.nn.log_softmax(z / temperature, axis=-1)
-        return lp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-
-    lps, ents = jax.lax.map(lambda a: one(*a), (hs, ls))
+    w = unembed.astype(hidden.dtype)
+    temperature = float(temperature)
+    if n == 1:  # one chunk: no loop (a length-1 map still costs a loop's copies on XLA:CPU)
+        lps, ents = _chunk_logps(hs[0], w, ls[0], temperature, return_entropy)
+        lps, ents = lps[None], ents[None]
+    else:
+        lps, ents = jax.lax.map(lambda a: _chunk_logps(a[0], w, a[1], temperature, return_entropy), (hs, ls))
     lps = lps.swapaxes(0, 1).reshape(B, n * c)[:, :T]
     if return_entropy:
         return lps, ents.swapaxes(0, 1).reshape(B, n * c)[:, :T]
