@@ -178,3 +178,36 @@ def test_fp8_sft_reaches_the_f32_loss(tmp_path):
     assert end32 < 0.6 * f32[0] and end8 < 0.6 * f8[0], (f32, f8)
     assert abs(end8 - end32) <= REL_TOL * end32, (end32, end8, f32, f8)
     assert f8 != f32  # fp8 took effect
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1, 1), (2, 2, 2, 1)])
+def test_fp8_sharded_equals_unsharded(shape):
+    """The per-tensor scales are global (amax over the whole sharded tensor, an all-reduce), so a sharded fp8
+    forward and its gradients equal the unsharded ones up to float reduction order."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jalign.models import params as params_lib
+    from sharding import make_mesh, make_rules, use_rules
+
+    cfg = ModelConfig(vocab_size=64, hidden=32, mlp=48, layers=2, heads=4, kv_heads=2, max_seq_len=16)
+    decls = tfm.declare_params(cfg)
+    params = init_params(decls, 0)
+    rng = np.random.default_rng(3)
+    tokens = jnp.asarray(rng.integers(0, 64, (8, 8)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (8, 8))
+    seg = jnp.ones((8, 8), jnp.int32)
+
+    def loss(p, t):
+        return jnp.mean(_logits(fp8.with_fp8(p), cfg, t, pos, seg) ** 2)
+
+    want_loss, want_grad = jax.jit(jax.value_and_grad(loss))(params, tokens)
+    mesh, rules = make_mesh(*shape), make_rules()
+    sh = params_lib.param_shardings(decls, mesh, rules)
+    batch_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    with use_rules(mesh, rules):
+        got_loss, got_grad = jax.jit(jax.value_and_grad(loss), in_shardings=(sh, batch_sh), out_shardings=(None, sh))(
+            jax.device_put(params, sh), jax.device_put(tokens, batch_sh))
+    np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                                         atol=1e-4 * float(np.abs(np.asarray(b)).max())),
+                 got_grad, want_grad)
