@@ -2,7 +2,7 @@
 
     python benchmarks/gpu.py [--shape 1b|8b|tiny] [--workloads sft,dpo] [--attention xla|cudnn|pallas]
                              [--dtype bfloat16] [--batch 8] [--seq 2048] [--steps 5] [--remat full]
-                             [--peak-tflops 989]
+                             [--peak-tflops 989] [--fp8]
 
 Per workload: first step (compile + run), step time, tokens/s, model TFLOP/s and MFU against (a) a measured
 bf16 (or --dtype) matmul rate on one device (8192^3) and (b) ``--peak-tflops`` per device if given (the
@@ -13,6 +13,12 @@ over the same tokens. Recomputation (``--remat``) is not counted (MFU, not HFU).
 The mesh is FSDP over every local device (one data-parallel group), enough for 8B with AdamW on 8 x 80 GB.
 On a host without an accelerator the 1B/8B shapes are refused (the figures would mean nothing and the
 compile alone takes minutes); ``--shape tiny`` runs everywhere to check the script. Figures only.
+
+``--fp8``: the policy's layer matmuls run in fp8 (``model.matmul_fp8``, ``jalign.models.fp8``: e4m3 weights and
+activations, e5m2 output gradients, per-tensor current scaling); the DPO reference stays in --dtype, as in a
+jalign run. MFU is then also given against a measured fp8 matmul rate (e4m3 x e4m3 -> f32, 8192^3). XLA runs
+fp8 dots on fp8 tensor cores from compute capability 8.9 (Ada, Hopper); elsewhere it converts the operands
+back up, so a GPU below 8.9 gets a warning and the CPU only ``--shape tiny`` (the script check).
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from jalign.algorithms.reward import flatten_pairs  # noqa: E402
 from jalign.config import ModelConfig, OptimConfig  # noqa: E402
 from jalign.data.fields import SFT_FIELDS, pair_fields  # noqa: E402
 from jalign.losses import dpo_loss, sequence_logps, sft_loss  # noqa: E402
+from jalign.models import fp8 as fp8_lib  # noqa: E402
 from jalign.models import params as params_lib  # noqa: E402
 from jalign.models import transformer as tfm  # noqa: E402
 from jalign.state import TrainedModel  # noqa: E402
@@ -56,7 +63,7 @@ def forward_flops_per_token(cfg: ModelConfig, seq: int) -> float:
 
 
 def measured_matmul_tflops(dtype, n: int = 8192, reps: int = 5) -> float:
-    a = jnp.ones((n, n), dtype)
+    a = jnp.ones((n, n), dtype)  # fp8 dtypes too: XLA emits the fp8 GEMM for fp8 operands with an f32 result
     f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     f(a).block_until_ready()
     best = float("inf")
@@ -67,9 +74,14 @@ def measured_matmul_tflops(dtype, n: int = 8192, reps: int = 5) -> float:
     return 2 * n**3 / best / 1e12
 
 
+def policy(p, cfg):
+    """The params the policy's forward takes: fp8-wrapped layer weights under --fp8 (as Trainable.forward_params)."""
+    return fp8_lib.with_fp8(p) if cfg.matmul_fp8 else p
+
+
 def sft_setup(cfg, trained, B, T):
     def loss_fn(p, mb, norms, roles):
-        loss, m = sft_loss(base.policy_token_logps(p, mb, cfg), mb["loss_mask"], norms["num_tokens"])
+        loss, m = sft_loss(base.policy_token_logps(policy(p, cfg), mb, cfg), mb["loss_mask"], norms["num_tokens"])
         return loss, {"loss": loss}
 
     rng = np.random.default_rng(0)
@@ -90,7 +102,7 @@ def dpo_setup(cfg, trained, B, T, beta=0.1):
         return sequence_logps(base.policy_token_logps(p, both, cfg), both["loss_mask"]).reshape(-1, 2)
 
     def loss_fn(p, mb, norms, roles):
-        pi = sums(p, mb)
+        pi = sums(policy(p, cfg), mb)
         ref = jax.lax.stop_gradient(sums(roles["reference"], mb))
         loss, m = dpo_loss(pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1], mb["valid"], norms["num_pairs"], beta=beta)
         return loss, {"loss": loss}
@@ -114,7 +126,9 @@ def run(workload, cfg, mesh, rules, B, T, steps):
     setup = sft_setup if workload == "sft" else dpo_setup
     step, rows, fields, ref_role, flops = setup(cfg, trained, B, T)
     params = params_lib.init_params(decls, 0, shardings=trained.param_shardings)
-    roles = {ref_role: jax.tree.map(lambda x: x.astype(tfm.DTYPES[cfg.dtype]), params)} if ref_role else None
+    # A copy: with --dtype float32 astype would return the very buffers the step donates with the state.
+    roles = ({ref_role: jax.tree.map(lambda x: jnp.array(x, tfm.DTYPES[cfg.dtype], copy=True), params)}
+             if ref_role else None)
     state = trained.new_state(params, jax.random.key(0))
     batch = base.to_global_batch(rows, fields, mesh, rules, 1)
     t0 = time.perf_counter()
@@ -142,6 +156,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--peak-tflops", type=float, help="datasheet peak per device (e.g. 989 for H100 bf16)")
+    ap.add_argument("--fp8", action="store_true", help="the policy's layer matmuls in fp8 (model.matmul_fp8)")
     a = ap.parse_args(argv)
     backend = jax.default_backend()
     if backend == "cpu" and a.shape != "tiny":
@@ -151,30 +166,42 @@ def main(argv=None) -> None:
     bad = [w for w in workloads if w not in ("sft", "dpo")]
     if bad:
         ap.error(f"--workloads: unknown {', '.join(bad)} (known: sft, dpo)")
+    if a.fp8 and backend == "cpu":
+        print("note: --fp8 on CPU: XLA emulates fp8 dots in f32 (a correctness path; the figures mean nothing)")
+    elif a.fp8 and backend == "gpu":
+        cc = getattr(jax.devices()[0], "compute_capability", None)
+        if cc is not None and tuple(int(c) for c in str(cc).split(".")[:2]) < (8, 9):
+            print(f"warning: --fp8 on compute capability {cc} (< 8.9: no fp8 tensor cores); XLA converts the "
+                  "operands up, so expect no speed-up")
     attention = a.attention
     if backend == "cpu" and attention == "pallas":
         print("note: on CPU the Pallas kernel runs in interpret mode (a correctness path, very slow); using xla")
         attention = "xla"
     n = jax.device_count()
-    cfg = ModelConfig(**SHAPES[a.shape], dtype=a.dtype, param_dtype="float32", remat=a.remat, attention=attention)
+    cfg = ModelConfig(**SHAPES[a.shape], dtype=a.dtype, param_dtype="float32", remat=a.remat, attention=attention,
+                      matmul_fp8=a.fp8)
     if a.seq > cfg.max_seq_len:
         ap.error(f"--seq {a.seq} is longer than the shape's max_seq_len {cfg.max_seq_len}")
     B = a.batch or 2 * n
     if B % n:
         ap.error(f"--batch {B} must be divisible by the {n} devices")
     mesh, rules = make_mesh(1, n, 1, 1), make_rules()
-    measured = measured_matmul_tflops(jnp.dtype(a.dtype)) if backend != "cpu" else measured_matmul_tflops(
-        jnp.dtype(a.dtype), n=1024)
+    size = 8192 if backend != "cpu" else 1024
+    measured = measured_matmul_tflops(jnp.dtype(a.dtype), n=size)
+    measured8 = measured_matmul_tflops(jnp.dtype(fp8_lib.FORWARD_DTYPE), n=size) if a.fp8 else None
     print(f"{a.shape}: {matmul_params(cfg) / 1e6:,.1f} M matmul params, {n} x {jax.devices()[0].device_kind} "
           f"({backend}), {a.dtype} compute / f32 master weights, attention {attention}, remat {a.remat}, "
-          f"FSDP over {n}")
+          f"FSDP over {n}" + (", fp8 layer matmuls (e4m3/e5m2, per-tensor current scaling)" if a.fp8 else ""))
     print(f"measured {a.dtype} matmul: {measured:.3g} TFLOP/s per device"
+          + (f"; fp8 (e4m3) matmul: {measured8:.3g}" if a.fp8 else "")
           + (f"; datasheet peak {a.peak_tflops:.0f}" if a.peak_tflops else ""))
     with use_rules(mesh, rules):
         for w in workloads:
             r = run(w, cfg, mesh, rules, B, a.seq, a.steps)
             per_dev = r["tflops"] / n
-            mfu = f"MFU {per_dev / measured:.1%} of measured"
+            mfu = f"MFU {per_dev / measured:.1%} of measured {a.dtype}"
+            if measured8:
+                mfu += f", {per_dev / measured8:.1%} of measured fp8"
             if a.peak_tflops:
                 mfu += f", {per_dev / a.peak_tflops:.1%} of datasheet"
             unit = "pairs" if w == "dpo" else "rows"

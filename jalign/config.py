@@ -80,6 +80,11 @@ class ModelConfig:
     # block scales quantised again ("double quantisation").
     lora: Optional[LoRAConfig] = None
     quantize_base: Optional[Literal["int8", "nf4", "nf4_dq"]] = None  # QLoRA: store the frozen base quantised
+    # Run the layers' linear matmuls (q, k, v, o, gate, up, down) in fp8 with per-tensor current scaling:
+    # e4m3 weights and activations, e5m2 output gradients, f32 accumulation (jalign.models.fp8). Fast on
+    # GPUs with fp8 tensor cores (Hopper, Ada); on CPU an emulation (same numbers, slower). Embedding, LM
+    # head, attention scores and the loss stay in model.dtype. Not with model.quantize_base.
+    matmul_fp8: bool = False
     max_seq_len: int = 4096  # longest sequence the model is run on (RoPE tables, checks of data.seq_len)
     # Sliding-window attention (Mistral, Qwen2/3 use_sliding_window): query t sees key s only if
     # t - s < sliding_window, in layers [sliding_window_start_layer, layers); earlier layers attend

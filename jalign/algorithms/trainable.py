@@ -19,6 +19,7 @@ from typing import Optional
 import jax
 
 from jalign.config import ModelConfig
+from jalign.models import fp8 as fp8_lib
 from jalign.models import lora as lora_lib
 from jalign.models import params as params_lib
 from jalign.roles import RoleSpec
@@ -36,6 +37,11 @@ class Trainable:
 
             raise ConfigError("model.quantize_base stores a frozen base quantised: it needs model.lora (the adapters "
                               "are what trains)")
+        if cfg.matmul_fp8 and cfg.quantize_base:
+            from jalign.config import ConfigError
+
+            raise ConfigError(f"model.matmul_fp8 with model.quantize_base={cfg.quantize_base!r}: the frozen base is "
+                              "already stored quantised and would be quantised a second time for fp8; use one of them")
         if self.lora is None:
             self.decls = decls
             return
@@ -56,10 +62,14 @@ class Trainable:
 
     def forward_params(self, params, roles, key: Optional[jax.Array] = None):
         """The params the model's forward pass takes: ``params`` itself, or the base with the adapters
-        applied (``key`` turns on LoRA dropout; None in evaluation and generation)."""
+        applied (``key`` turns on LoRA dropout; None in evaluation and generation). With ``model.matmul_fp8``
+        the layers' linear weights (under LoRA: the base's; the adapters stay in the compute dtype) are
+        wrapped to run their matmuls in fp8 (``jalign.models.fp8``)."""
+        fp8_on = self.cfg.matmul_fp8
         if not self.is_lora:
-            return params
-        return lora_lib.with_adapters(roles[BASE], params, self.lora, key=key)
+            return fp8_lib.with_fp8(params) if fp8_on else params
+        base = fp8_lib.with_fp8(roles[BASE]) if fp8_on else roles[BASE]
+        return lora_lib.with_adapters(base, params, self.lora, key=key)
 
     def reference(self, roles):
         """The reference policy: the ``reference`` role, else under LoRA the base with the adapters off."""

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jalign.config import LoRAConfig, ModelConfig
-from jalign.models import quant
+from jalign.models import fp8, quant
 from jalign.models.params import ParamDecl, is_decl
 
 TARGETS = tuple(quant.LINEARS)  # q, k, v, o, gate, up, down
@@ -141,7 +141,10 @@ def _split_einsum(eq: str) -> tuple[str, str, str, str]:
 
 
 def linear(eq: str, x: jax.Array, w, dtype) -> jax.Array:
-    """``einsum(eq, x, W)`` for a plain array, a quantised node (dequantised here) or a LoRAWeight."""
+    """``einsum(eq, x, W)`` for a plain array, a quantised node (dequantised here), a LoRAWeight or an
+    ``fp8.Fp8Weight`` (``model.matmul_fp8``: the matmul runs in fp8, see ``jalign.models.fp8``)."""
+    if isinstance(w, fp8.Fp8Weight):
+        return fp8.fp8_einsum(eq, x, w.w, dtype)
     if isinstance(w, LoRAWeight):
         y = linear(eq, x, w.base, dtype)
         lhs, ins, outs, out = _split_einsum(eq)
