@@ -147,11 +147,14 @@ def make_train_step(loss_fn: LossFn, normalizers_fn: Callable[[dict], dict], tra
             return (jax.tree.map(jnp.add, g_acc, grads), jax.tree.map(jnp.add, m_acc, metrics)), None
 
         first = jax.tree.map(lambda x: x[0], batch)
-        metric_shapes = jax.eval_shape(lambda: loss_fn(state.params, first, micro_norms(0), roles)[1])
-        zeros = (jax.tree.map(jnp.zeros_like, state.params),
-                 jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
         accum = jax.tree.leaves(batch)[0].shape[0]
-        (grads, metrics), _ = jax.lax.scan(micro, zeros, (batch, jnp.arange(accum)))
+        if accum == 1:  # no accumulator: zeros + g is g exactly, without materialising a zero copy of the params
+            (_, metrics), grads = grad_fn(state.params, first, micro_norms(0), roles)
+        else:
+            metric_shapes = jax.eval_shape(lambda: loss_fn(state.params, first, micro_norms(0), roles)[1])
+            zeros = (jax.tree.map(jnp.zeros_like, state.params),
+                     jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
+            (grads, metrics), _ = jax.lax.scan(micro, zeros, (batch, jnp.arange(accum)))
         grad_norm = optax.tree.norm(grads)
         opt_state = trained.opt_to_device(state.opt_state)  # offloaded moments come in only now
         updates, new_opt = optimizer.update(grads, opt_state, state.params)
