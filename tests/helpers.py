@@ -18,3 +18,23 @@ def roles_for(algo):
     from jalign.roles import build_roles
 
     return build_roles(algo.cfg, algo.role_specs(), algo.rt.mesh, algo.rt.rules, log=lambda *_: None)
+
+
+def make_reward_run(directory, model_overrides: list, seed: int = 3) -> str:
+    """A reward-model run dir (config.yaml + checkpoint) with a random trunk and score head, for RL tests that
+    need a ``roles.reward``."""
+    import jax.numpy as jnp
+
+    from jalign.checkpoint import Checkpointer
+    from jalign.config import dump_config, load_config
+    from jalign.models import params as params_lib
+    from jalign.models import transformer as tfm
+
+    cfg = load_config(None, ["algorithm.name=reward", *model_overrides, f"train.out_dir={directory}"])
+    directory.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, directory / "config.yaml")
+    params = params_lib.init_params(tfm.declare_params(cfg.model, lm_head=False, score_outputs=1), seed)
+    ck = Checkpointer(directory / "checkpoints", async_save=False)
+    ck.save(1, {"step": jnp.int32(1), "params": params}, force=True)
+    ck.close()
+    return str(directory)

@@ -7,7 +7,6 @@
 - The tiny SFT with fp8 matmuls reaches the f32 run's loss within a stated tolerance (CPU: XLA emulates fp8 by
   converting the operands back to f32, so this is about the numbers, not speed).
 """
-import json
 from pathlib import Path
 
 import jax
@@ -147,37 +146,6 @@ def test_matmul_fp8_is_a_config_key(tmp_path):
     cfg = load_config(ROOT / "configs/sft_tiny.yaml", ["model.matmul_fp8=true"])
     assert cfg.model.matmul_fp8 is True
     assert load_config(ROOT / "configs/sft_tiny.yaml", []).model.matmul_fp8 is False
-
-
-STEPS = 60
-SMALL = ["model.layers=2", "model.hidden=64", "model.mlp=192", "data.seq_len=32", "train.global_batch=16"]
-REL_TOL = 0.05
-
-
-def _sft_losses(out: Path, extra: list) -> list:
-    from jalign.trainer import train
-
-    cfg = load_config(ROOT / "configs/sft_tiny.yaml", [
-        f"train.out_dir={out}", f"train.steps={STEPS}", "train.log_every=10", f"train.checkpoint_every={STEPS}",
-        "data.eval=null", "train.progress=false", "train.tensorboard=false", *SMALL, *extra])
-    train(cfg)
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return [r["loss"] for r in rows if "loss" in r]
-
-
-@pytest.mark.slow
-def test_fp8_sft_reaches_the_f32_loss(tmp_path):
-    """Tolerance: the mean training loss over the last three logged rows (steps 40-60) within 5% of the f32
-    run's (e4m3 rounds each matmul input by up to 2^-4 relative, e5m2 the gradients by 2^-3; the errors are
-    unbiased and average out over the contraction, as the model test's ~1-3% logit error shows), and both
-    runs must have learnt."""
-    f32 = _sft_losses(tmp_path / "f32", [])
-    f8 = _sft_losses(tmp_path / "fp8", ["model.matmul_fp8=true"])
-    assert len(f32) == len(f8) == STEPS // 10
-    end32, end8 = np.mean(f32[-3:]), np.mean(f8[-3:])
-    assert end32 < 0.6 * f32[0] and end8 < 0.6 * f8[0], (f32, f8)
-    assert abs(end8 - end32) <= REL_TOL * end32, (end32, end8, f32, f8)
-    assert f8 != f32  # fp8 took effect
 
 
 @pytest.mark.parametrize("shape", [(8, 1, 1, 1), (2, 2, 2, 1)])

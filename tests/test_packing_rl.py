@@ -12,14 +12,13 @@ import pytest
 from jalign.algorithms import base
 from jalign.algorithms import packed_rows as pk
 from jalign.algorithms.rl_sampling import Rollout
-from jalign.checkpoint import Checkpointer
-from jalign.config import ConfigError, dump_config, load_config
+from jalign.config import ConfigError, load_config
 from jalign.models import params as params_lib
 from jalign.models import transformer as tfm
 from jalign.models.heads import token_logps
-from jalign.rollout.experience import rollout_rows
 from sharding import make_mesh, make_rules, use_rules
 
+import helpers
 from helpers import assert_trees_close, roles_for
 
 MODEL = ["model.vocab_size=288", "model.hidden=32", "model.mlp=64", "model.layers=2", "model.heads=4",
@@ -113,14 +112,7 @@ def test_no_attention_across_packed_samples():
 
 # ---- RL algorithms: packed == unpacked -------------------------------------------------------------
 def make_reward_run(directory: Path, seed: int = 3) -> str:
-    cfg = load_config(None, ["algorithm.name=reward", *MODEL, f"train.out_dir={directory}"])
-    directory.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, directory / "config.yaml")
-    params = params_lib.init_params(tfm.declare_params(cfg.model, lm_head=False, score_outputs=1), seed)
-    ck = Checkpointer(directory / "checkpoints", async_save=False)
-    ck.save(1, {"step": jnp.int32(1), "params": params}, force=True)
-    ck.close()
-    return str(directory)
+    return helpers.make_reward_run(directory, MODEL, seed)
 
 
 @pytest.fixture(scope="module")

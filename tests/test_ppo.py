@@ -11,14 +11,12 @@ from jalign.algorithms import base
 from jalign.algorithms.grpo import GRPO
 from jalign.algorithms.ppo import PPO
 from jalign.algorithms.rloo import RLOO
-from jalign.checkpoint import Checkpointer
-from jalign.config import ConfigError, dump_config, load_config
-from jalign.models import params as params_lib
-from jalign.models import transformer as tfm
+from jalign.config import ConfigError, load_config
 from jalign.rewards import REWARDS, register_reward
 from jalign.rollout.experience import rollout_rows
 from sharding import make_mesh, make_rules, use_rules
 
+import helpers
 from helpers import assert_trees_close, roles_for
 
 MODEL = ["model.vocab_size=288", "model.hidden=32", "model.mlp=64", "model.layers=2", "model.heads=4",
@@ -29,15 +27,7 @@ DATA = ["data.train=builtin:addition_prompts:train", "data.eval=null"]
 
 
 def make_reward_run(directory: Path, seed: int = 3) -> str:
-    """A reward-model run dir (config.yaml + checkpoint) with a random trunk and score head."""
-    cfg = load_config(None, ["algorithm.name=reward", *MODEL, f"train.out_dir={directory}"])
-    directory.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, directory / "config.yaml")
-    params = params_lib.init_params(tfm.declare_params(cfg.model, lm_head=False, score_outputs=1), seed)
-    ck = Checkpointer(directory / "checkpoints", async_save=False)
-    ck.save(1, {"step": jnp.int32(1), "params": params}, force=True)
-    ck.close()
-    return str(directory)
+    return helpers.make_reward_run(directory, MODEL, seed)
 
 
 def runtime(overrides, mesh):
