@@ -74,7 +74,8 @@ def _chunk_logps_bwd(temperature, entropy, res, cts):
 
     scaled by 1/T, and two matmuls for dh and dw. Written out (not autodiff of a rematerialised chunk) because
     XLA:CPU lowered the autodiff version to a transposed [V, tokens] softmax-gradient fusion and slower dots
-    (benchmarks/compare.py: the head's forward + backward took ~1.9x the time of this one on the tiny model).
+    (the tiny model's head, [2048, 256] x [256, 8192], forward + backward in isolation: 600 ms that way, 250 ms
+    this way). ``temperature`` is a Python number (a static argument of the VJP).
     """
     h, w, labels, lse, ent = res
     g_lp, g_ent = cts
